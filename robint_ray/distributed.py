@@ -1,0 +1,84 @@
+"""Ray at the edge: start or join a cluster, and fan a pure function out over shards.
+
+The math modules (attacks, attributions, visualisation, FID) know nothing about Ray; this module runs
+them as Ray tasks. Large shared objects (a model, a background set) go into the object store once;
+results come back in shard order; a task whose worker dies is retried; a progress bar counts images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster at `address` (or $RAY_ADDRESS, as set by `ray job submit`), or start a
+    local Ray instance whose sockets, dashboard included, bind to 127.0.0.1 only. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # A single local node: keep every Ray socket on loopback (Ray otherwise binds the first
+    # interface's address; this setting makes it use 127.0.0.1 and refuse other nodes).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
+             configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], *values: Any) -> Any:
+    import torch
+
+    torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
+    return fn(shard, **dict(zip(names, values)))
+
+
+def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
+            num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3, sizes: Sequence[int] | None = None,
+            desc: str = "", unit: str = "img", progress: bool = True) -> list[Any]:
+    """[fn(shard, **shared) for shard in shards], each call a Ray task, results in shard order.
+
+    shared: keyword arguments common to every call (a model, say); each is put into the object store
+    once. num_cpus / num_gpus: resources per task (torch in the task uses int(num_cpus) threads).
+    max_retries: how often a task lost with its worker (process killed, node gone) is run again; an
+    exception raised by fn itself is not retried and propagates. sizes: what each shard counts for in
+    the progress bar (images); by default 1 per shard.
+    """
+    import ray
+    from tqdm import tqdm
+
+    init_ray()
+    names = tuple((shared or {}).keys())
+    # Top-level ObjectRef arguments are resolved by Ray in the worker (nested ones would not be).
+    refs = [ray.put(value) for value in (shared or {}).values()]
+    remote = ray.remote(_run_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
+                                            retry_exceptions=False)
+    threads = max(1, int(num_cpus))
+    pending = {remote.remote(fn, shard, threads, names, *refs): i for i, shard in enumerate(shards)}
+    sizes = list(sizes) if sizes is not None else [1] * len(shards)
+    results: list[Any] = [None] * len(shards)
+    bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
+    try:
+        waiting = list(pending)
+        while waiting:
+            done, waiting = ray.wait(waiting, num_returns=1)
+            for ref in done:
+                i = pending[ref]
+                results[i] = ray.get(ref)
+                bar.update(sizes[i])
+    finally:
+        bar.close()
+    return results
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    """[(start, stop), ...] covering range(n) in consecutive pieces of at most shard_size."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
