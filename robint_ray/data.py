@@ -23,6 +23,7 @@ Every item is (image, label): a float tensor (C, H, W) in [0, 1] and an int.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,6 +79,7 @@ class ArrayDataset(Dataset):
         return image.float() / 255, int(self.labels[i])
 
     def subset(self, positions: np.ndarray, transform: Callable | None = None) -> "ArrayDataset":
+        """The items at `positions`, with `transform` (None: none)."""
         return ArrayDataset(self.images[positions], self.labels[positions], self.classes,
                             self.indices[positions], transform, self.source)
 
@@ -111,6 +113,7 @@ class FolderDataset(Dataset):
         return self.transform(image), label
 
     def subset(self, positions: np.ndarray, transform: Callable | None = None) -> "FolderDataset":
+        """The items at `positions`, with `transform` (None: this dataset's)."""
         out = FolderDataset([self.samples[p] for p in positions], self.classes,
                             transform or self.transform, self.source)
         out.indices = self.indices[positions]
@@ -170,7 +173,7 @@ def _read_npz(path: Path) -> Arrays:
                 f["x_train"], f["y_train"].astype(np.int64), f["x_test"], f["y_test"].astype(np.int64),
                 classes, get("idx_train", np.arange(len(f["y_train"]))), get("idx_test", np.arange(len(f["y_test"]))),
             )
-    except (OSError, ValueError, EOFError) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, InputError):
             raise
         raise InputError(f"cannot read array file {path}: {err}") from err
@@ -215,8 +218,8 @@ def load_split(path: str | Path, split: str, *, augment: bool = False, val_fract
         if split == "test":
             train_classes = _folder_samples(path / "train")[1]
             check(classes == train_classes, f"{root}: class folders differ from {path / 'train'}")
-        data = FolderDataset(samples, classes, folder_transform(augment), str(path))
-        eval_transform = folder_transform(False)
+        train_transform, eval_transform = folder_transform(True), folder_transform(False)
+        data = FolderDataset(samples, classes, train_transform if augment else eval_transform, str(path))
     else:
         if path.is_file():
             check(path.suffix == ".npz", f"{path}: not a .npz array file, an ImageFolder root or a CIFAR-10 folder")
@@ -229,15 +232,18 @@ def load_split(path: str | Path, split: str, *, augment: bool = False, val_fract
                 "cifar-10-batches-py/, or an ImageFolder root with train/<class>/ and val/<class>/"
             )
         test = split == "test"
+        train_transform, eval_transform = cifar_train_transform(), None
         data = ArrayDataset(
             arrays.x_test if test else arrays.x_train, arrays.y_test if test else arrays.y_train,
             arrays.classes, arrays.idx_test if test else arrays.idx_train,
-            cifar_train_transform() if augment else None, str(path),
+            train_transform if augment else None, str(path),
         )
-        eval_transform = None
     if split in ("fit", "val"):
         fit, val = holdout_indices(data.labels, val_fraction=val_fraction, seed=seed)
-        data = data.subset(fit) if split == "fit" else data.subset(val, eval_transform)
+        if split == "fit":
+            data = data.subset(fit, train_transform if augment else eval_transform)
+        else:
+            data = data.subset(val, eval_transform)
     return data
 
 
@@ -246,7 +252,7 @@ def take(dataset: ArrayDataset | FolderDataset, n: int | None) -> ArrayDataset |
     if n is None or n >= len(dataset):
         return dataset
     check(n >= 1, f"n must be >= 1, got {n}")
-    return dataset.subset(np.arange(n))
+    return dataset.subset(np.arange(n), dataset.transform)
 
 
 def stack(dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

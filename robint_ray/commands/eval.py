@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = take(load_split(args.data, args.split), args.n)
     model, source = load_model(args)
-    check(int(dataset.labels.max()) < model.num_classes,
-          f"the data has labels up to {int(dataset.labels.max())}, the model only {model.num_classes} classes")
+    check(len(dataset.classes) == model.num_classes,
+          f"the data has {len(dataset.classes)} classes, the model {model.num_classes}")
     torch.manual_seed(args.seed)
     result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size,
                       device=resolve_device(args.device), progress=True)

@@ -1,0 +1,95 @@
+"""Models and checkpoints: normalisation inside, R(x), our format, foreign weights, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from robint_ray.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from robint_ray.errors import InputError
+from robint_ray.models import Representation, build_model
+
+
+@pytest.mark.parametrize("arch,size,dim", [("cifar_resnet8", 32, 64), ("cifar_resnet18", 32, 512), ("resnet18", 128, 512)])
+def test_forward_and_representation(arch, size, dim):
+    torch.manual_seed(0)
+    model = build_model(arch, 7).eval()
+    x = torch.rand(2, 3, size, size)
+    r = model.representation(x)
+    assert r.shape == (2, dim) and model.representation_dim == dim
+    torch.testing.assert_close(model(x), model.head(r))
+    torch.testing.assert_close(Representation(model)(x), r)
+
+
+def test_resnet50_is_the_paper_model():
+    model = build_model("resnet50")
+    assert model.num_classes == 150 and model.representation_dim == 2048 and model.input_size == 128
+    assert sum(p.numel() for p in model.parameters()) > 23e6
+
+
+def test_pretrained_resnet20_classifies(resnet20, cifar_exact):
+    from robint_ray.data import load_split, stack
+
+    x, y = stack(load_split(cifar_exact, "test"))
+    with torch.no_grad():
+        accuracy = (resnet20(x).argmax(1) == y).float().mean().item()
+    assert accuracy == pytest.approx(0.9164, abs=1e-3)  # the shared README's figure
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet8").eval()
+    save_checkpoint(tmp_path / "ck", model, classes=list("abcdefghij"), config={"lr": 0.1}, metrics={"acc": 0.5})
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["meta.json", "model.safetensors"]
+    loaded, meta = load_checkpoint(tmp_path / "ck")
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model(x))
+    assert meta["config"] == {"lr": 0.1} and meta["classes"][1] == "b" and meta["arch"] == "cifar_resnet8"
+
+
+def test_checkpoint_errors(tmp_path):
+    model = build_model("cifar_resnet8")
+    save_checkpoint(tmp_path / "ck", model)
+    with pytest.raises(InputError, match="is a cifar_resnet8, not a cifar_resnet20"):
+        load_checkpoint(tmp_path / "ck", arch="cifar_resnet20")
+    with pytest.raises(InputError, match="has 10 classes, not 100"):
+        load_checkpoint(tmp_path / "ck", num_classes=100)
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "meta.json").read_text())
+    meta.pop("sha256")
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="corrupt or truncated"):
+        load_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "meta.json").write_text("{not json")
+    with pytest.raises(InputError, match="corrupt metadata"):
+        load_checkpoint(tmp_path / "ck")
+    with pytest.raises(InputError, match="not a robint checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_foreign_weights(tmp_path, resnet20_path):
+    with pytest.raises(InputError, match="does not fit architecture cifar_resnet32"):
+        load_weights("cifar_resnet32", resnet20_path)
+    with pytest.raises(InputError, match="does not fit architecture cifar_resnet18"):
+        load_weights("cifar_resnet18", resnet20_path)
+    truncated = tmp_path / "t.th"
+    truncated.write_bytes(resnet20_path.read_bytes()[:5000])
+    with pytest.raises(InputError, match="corrupt, truncated or not a weights file"):
+        load_weights("cifar_resnet20", truncated)
+    with pytest.raises(InputError, match="unknown architecture"):
+        load_weights("resnet7", resnet20_path)
+
+
+def test_weights_are_loaded_without_pickle(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"state_dict": {"x": Evil()}}, tmp_path / "evil.pt")
+    with pytest.raises(InputError, match="not a weights file"):
+        load_weights("cifar_resnet8", tmp_path / "evil.pt")
