@@ -5,4 +5,13 @@ Training": PGD adversarial training, Integrated Gradients and SHAP expected grad
 inversion, class-specific generation, feature visualisation, and FID, with Ray at the edges.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# A local Ray instance keeps every socket on 127.0.0.1. Ray reads this setting once, when it is first
+# imported, so it is made here, before anything imports ray. Joining a cluster ($RAY_ADDRESS, as set by
+# `ray job submit`) leaves it alone, and so does ROBINT_LOOPBACK=0 (for a driver that will join a
+# multi-node cluster by an explicit address).
+if not os.environ.get("RAY_ADDRESS") and os.environ.get("ROBINT_LOOPBACK", "1") != "0":
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

@@ -25,30 +25,40 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # A single local node: keep every Ray socket on loopback (Ray otherwise binds the first
-    # interface's address; this setting makes it use 127.0.0.1 and refuse other nodes).
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # A single local node: every Ray socket on 127.0.0.1 (robint_ray/__init__.py sets Ray's switch for
+    # that before ray is first imported).
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
              configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
 
 
-def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], *values: Any) -> Any:
+_NODES_USED: set[str] = set()
+
+
+def nodes_used() -> list[str]:
+    """The Ray node ids on which fan_out tasks of this process have run (for reports)."""
+    return sorted(_NODES_USED)
+
+
+def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], *values: Any) -> tuple[Any, str]:
+    import ray
     import torch
 
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
-    return fn(shard, **dict(zip(names, values)))
+    return fn(shard, **dict(zip(names, values))), ray.get_runtime_context().get_node_id()
 
 
 def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
             num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3, sizes: Sequence[int] | None = None,
-            desc: str = "", unit: str = "img", progress: bool = True) -> list[Any]:
+            desc: str = "", unit: str = "img", progress: bool = True,
+            max_in_flight: int | None = None) -> list[Any]:
     """[fn(shard, **shared) for shard in shards], each call a Ray task, results in shard order.
 
     shared: keyword arguments common to every call (a model, say); each is put into the object store
     once. num_cpus / num_gpus: resources per task (torch in the task uses int(num_cpus) threads).
     max_retries: how often a task lost with its worker (process killed, node gone) is run again; an
     exception raised by fn itself is not retried and propagates. sizes: what each shard counts for in
-    the progress bar (images); by default 1 per shard.
+    the progress bar (images); by default 1 per shard. max_in_flight: at most this many tasks
+    submitted at once (a fixed number of workers on a larger cluster); by default all at once.
     """
     import ray
     from tqdm import tqdm
@@ -57,21 +67,38 @@ def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, 
     names = tuple((shared or {}).keys())
     # Top-level ObjectRef arguments are resolved by Ray in the worker (nested ones would not be).
     refs = [ray.put(value) for value in (shared or {}).values()]
+    # SPREAD: shards go to every node of a cluster, not first to fill the driver's node.
     remote = ray.remote(_run_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                                            retry_exceptions=False)
+                                            retry_exceptions=False, scheduling_strategy="SPREAD")
     threads = max(1, int(num_cpus))
-    pending = {remote.remote(fn, shard, threads, names, *refs): i for i, shard in enumerate(shards)}
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    limit = len(shards) if max_in_flight is None else max_in_flight
+    pending: dict[Any, int] = {}
+    next_shard = 0
+
+    def submit_until_full(waiting: list) -> None:
+        nonlocal next_shard
+        while next_shard < len(shards) and len(waiting) < limit:
+            ref = remote.remote(fn, shards[next_shard], threads, names, *refs)
+            pending[ref] = next_shard
+            waiting.append(ref)
+            next_shard += 1
+
     sizes = list(sizes) if sizes is not None else [1] * len(shards)
     results: list[Any] = [None] * len(shards)
     bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
     try:
-        waiting = list(pending)
+        waiting: list = []
+        submit_until_full(waiting)
         while waiting:
             done, waiting = ray.wait(waiting, num_returns=1)
             for ref in done:
-                i = pending[ref]
-                results[i] = ray.get(ref)
+                i = pending.pop(ref)
+                results[i], node = ray.get(ref)
+                _NODES_USED.add(node)
                 bar.update(sizes[i])
+            submit_until_full(waiting)
     finally:
         bar.close()
     return results

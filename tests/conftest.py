@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import robint_ray  # noqa: F401  (first: it keeps a local Ray instance on 127.0.0.1, see its __init__)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CIFAR_EXACT = SHARED / "data" / "cifar10" / "cifar10_exact_subset.npz"

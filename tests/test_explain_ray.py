@@ -1,0 +1,133 @@
+"""The attribution fan-out for real on Ray: 2 workers give exactly the single-process result, a task
+whose worker dies is retried, and `robint explain` writes its files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robint_ray import explain as ex
+from robint_ray.errors import InputError
+from robint_ray.models import build_model
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("cifar_resnet8").eval()
+
+
+@pytest.fixture(scope="module")
+def few(sample_test):
+    x, y = sample_test
+    return x[:7], y[:7], np.arange(100, 107)
+
+
+def config(method="ig", workers=2, **kwargs):
+    return ex.ExplainConfig(method=method, workers=workers, shards_per_worker=2, batch_size=40, metric_steps=8,
+                            ig=ex.IGConfig(steps=8, baseline="uniform", num_baselines=2),
+                            shap=ex.ShapConfig(nsamples=16, background=10), **kwargs)
+
+
+def assert_same(a: ex.Explanation, b: ex.Explanation):
+    np.testing.assert_array_equal(a.attributions, b.attributions)
+    np.testing.assert_array_equal(a.targets, b.targets)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    assert a.metrics.keys() == b.metrics.keys()
+    for name in a.metrics:
+        np.testing.assert_array_equal(a.metrics[name], b.metrics[name], err_msg=name)
+
+
+def test_shards_are_aligned_to_whole_passes():
+    cfg = config()  # 2 x 9 = 18 points per image: 2 images per pass of 40; metrics 2 x 9 = 18 -> 2
+    assert ex.alignment(cfg, 40) == 2
+    shards = ex.plan_shards(7, cfg, 40)
+    assert shards[0][0] == 0 and shards[-1][1] == 7
+    assert all(start % 2 == 0 for start, _ in shards)
+    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+
+
+@pytest.mark.parametrize("method", ["ig", "shap"])
+def test_two_workers_equal_one_process(ray_local, tiny, few, sample_test, method):
+    x, y, indices = few
+    background = sample_test[0][200:210] if method == "shap" else None
+    local = ex.explain(tiny, x, y, config=config(method, workers=0), indices=indices, background=background)
+    fanned = ex.explain(tiny, x, y, config=config(method, workers=2), indices=indices, background=background,
+                        progress=False)
+    assert len(ex.plan_shards(len(x), config(method), 40)) > 2  # several tasks, not one
+    assert fanned.attributions.shape == x.shape
+    assert_same(local, fanned)
+    if method == "ig":
+        assert np.isfinite(fanned.metrics["completeness_gap"]).all()
+
+
+def test_a_task_whose_worker_dies_is_retried(ray_local, tiny, few, tmp_path):
+    x, y, indices = few
+    marker = str(tmp_path / "killed-once")
+
+    def die_once(bounds, **shared):
+        # the first attempt of the shard starting at image 2 kills its worker process outright
+        if bounds[0] == 2 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+        return ex.explain_shard(bounds, **shared)
+
+    local = ex.explain(tiny, x, y, config=config(workers=0), indices=indices)
+    fanned = ex.explain(tiny, x, y, config=config(workers=2), indices=indices, progress=False, task=die_once)
+    assert os.path.exists(marker)  # the kill happened, and the task ran again
+    assert_same(local, fanned)
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = config()
+    assert ex.ExplainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(InputError, match="stpes"):
+        ex.ExplainConfig.from_dict({"ig": {"stpes": 3}})
+    with pytest.raises(InputError, match="wokers"):
+        ex.ExplainConfig.from_dict({"wokers": 3})
+    with pytest.raises(InputError, match="black baseline"):
+        ex.IGConfig(baseline="black", num_baselines=10)
+
+
+def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
+    from robint_ray.checkpoint import save_checkpoint
+    from robint_ray.cli import main
+
+    torch.manual_seed(1)
+    save_checkpoint(tmp_path / "a", build_model("cifar_resnet8"))
+    save_checkpoint(tmp_path / "b", build_model("cifar_resnet8"))
+    out = tmp_path / "out"
+    code = main(["explain", "--method", "shap", "--checkpoint", str(tmp_path / "a"),
+                 "--compare-checkpoint", str(tmp_path / "b"), "--data", "sample", "--split", "test", "--n", "5",
+                 "--out", str(out), "--workers", "2", "--nsamples", "8", "--background", "6", "--metric-steps", "4"])
+    assert code == 0
+    with np.load(out / "attributions.npz") as f:
+        assert f["attributions"].shape == (5, 3, 32, 32)
+        assert f["robust_attributions"].shape == (5, 3, 32, 32)
+        assert f["indices"].tolist() == list(range(5)) and f["targets"].shape == (5,)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == {"standard", "robust"}
+    assert len(metrics["models"]["standard"]["per_image"]["gini"]) == 5
+    assert "mean" in metrics["difference"]["gini"]
+    for png in ("grid.png", "overlay.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "standard:" in capsys.readouterr().out
+
+
+def test_cli_explain_rejects_bad_input(tmp_path, capsys):
+    from robint_ray.cli import main
+
+    code = main(["explain", "--method", "ig", "--arch", "cifar_resnet8", "--weights", str(tmp_path / "none.th"),
+                 "--data", "sample", "--n", "2", "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert code == 2
+    assert "error" in capsys.readouterr().err
+    code = main(["explain", "--method", "ig", "--arch", "cifar_resnet8", "--weights", str(tmp_path / "none.th"),
+                 "--data", "sample", "--n", "0", "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert code == 2
