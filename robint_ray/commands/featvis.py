@@ -1,0 +1,109 @@
+"""robint featvis: direct feature visualisation (eq. 13-14) and the test images that activate the
+visualised coordinates of R(x) most and least.
+
+    robint featvis --arch cifar_resnet20 --weights resnet20-12fca82f.th \\
+        --data ../shared/data/cifar10/cifar10_exact_subset.npz --features 13 42 3,7 --out runs/featvis
+
+Each --features item is one coordinate of R(x) or several joined by commas (their mean is maximised,
+eq. 14); without --features, --random-features coordinates are drawn with --seed (the paper picks
+them at random). Each is maximised from --starts noise images (or test images, --start image). PGD
+defaults are the paper's: L2 eps 1000, step 1, 400 steps. Writes OUT/featvis.npz (`images` uint8
+(G*P, H, W, C), `labels` = feature group of each image, `features` (G, max |z|) padded with -1,
+`top` / `bottom` positions in the split, their activations, `before` / `after` objective values)
+and OUT/featvis.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..cli import add_model_arguments, load_model
+from .generate import add_pgd_arguments, pgd_settings
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
+    parser.add_argument("--split", default="test", help="split searched for the most/least activating images (default: test)")
+    parser.add_argument("--features", nargs="+", default=None,
+                        help="coordinates of R(x): '130' or '3,7' (mean of several); one visualisation each")
+    parser.add_argument("--random-features", type=int, default=4, help="without --features: how many to draw (default: 4)")
+    parser.add_argument("--start", default="noise", choices=("noise", "image"), help="start from noise (default) or test images")
+    parser.add_argument("--starts", type=int, default=4, help="start images per feature (default: 4)")
+    parser.add_argument("--top", type=int, default=8, help="most and least activating images to show (default: 8)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise starts and of random features")
+    add_pgd_arguments(parser, "1000; step 1, 400 steps")
+
+
+def parse_features(items: list[str] | None, k: int, n_random: int, seed: int) -> list[list[int]]:
+    import torch
+
+    from ..errors import InputError, check
+
+    if not items:
+        check(1 <= n_random <= k, f"--random-features must lie in 1..{k}, got {n_random}")
+        chosen = torch.randperm(k, generator=torch.Generator().manual_seed(seed))[:n_random]
+        return [[int(i)] for i in chosen]
+    groups = []
+    for item in items:
+        try:
+            group = [int(part) for part in item.split(",") if part.strip()]
+        except ValueError:
+            raise InputError(f"--features: {item!r} is not a coordinate or a comma-separated list of them") from None
+        check(group and all(0 <= i < k for i in group), f"--features: {item!r} needs coordinates in 0..{k - 1}")
+        groups.append(group)
+    return groups
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from ..data import load_split
+    from ..distributed import init_ray
+    from ..errors import check
+    from ..generate import (dataset_representation, feature_visualisations, save_featvis_figure, to_uint8,
+                            write_npz)
+    from ..visualize import FEATURE_VIS
+
+    check(args.starts >= 1 and args.top >= 1, "--starts and --top must be >= 1")
+    settings = pgd_settings(args, FEATURE_VIS)
+    model, source = load_model(args)
+    model = model.cpu()
+    groups = parse_features(args.features, model.representation_dim, args.random_features, args.seed)
+    dataset = load_split(args.data, args.split)
+    test_rep = dataset_representation(model, dataset)  # (N, k)
+    shape = dataset[0][0].shape
+    if args.start == "noise":
+        starts = torch.rand((args.starts, *shape), generator=torch.Generator().manual_seed(args.seed))
+    else:
+        starts = torch.stack([dataset[i][0] for i in range(min(args.starts, len(dataset)))])
+    if args.workers and args.workers > 1:
+        init_ray(num_cpus=args.workers)
+    result = feature_visualisations(model, starts, groups, test_rep, settings=settings, top=args.top,
+                                    workers=args.workers)
+    shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
+    test_images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
+    test_images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))
+    figure = save_featvis_figure(args.out / "featvis.png", result, test_images,
+                                 title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})")
+    path = write_npz(args.out / "featvis.npz", images=to_uint8(result["images"]), labels=result["group"].numpy(),
+                     features=result["features"].numpy(), starts=to_uint8(starts),
+                     top=result["top"].numpy(), bottom=result["bottom"].numpy(),
+                     top_values=result["top_values"].numpy(), bottom_values=result["bottom_values"].numpy(),
+                     top_labels=dataset.labels[result["top"].numpy()],
+                     before=result["before"].numpy(), after=result["after"].numpy())
+    for g, z in enumerate(groups):
+        mask = result["group"] == g
+        top_labels = dataset.labels[result["top"][g].numpy()].tolist()
+        print(f"R_{'+'.join(map(str, z))}: activation {result['before'][mask].mean():.3f} -> "
+              f"{result['after'][mask].mean():.3f}; most active test images' labels {top_labels}")
+    summary = dict(model=source, data=str(args.data), split=args.split, settings=settings.__dict__,
+                   features=groups, path=str(path), figure=str(figure))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"-> {path}; figure: {figure}")
+    return 0

@@ -1,0 +1,399 @@
+"""Feature visualisation at scale: class generation sharded over Ray, array files, figures.
+
+`generate(model, seeds, config=..., out_dir=...)` makes `per_class` images of every class (the paper:
+1,000 per class, 10,000 for CIFAR-10, for FID). The images are numbered class-major (image j has class
+j // per_class) and cut into shards of `shard_size`; each shard is a Ray task that
+- draws its seeds from a torch.Generator seeded from (seed, shard index) only, so a shard's images do
+  not depend on which worker runs it, how many workers there are, or which shards ran before;
+- runs the class-logit PGD (`visualize.generate_classes`) on them;
+- writes `shards/shard-NNNNN.npz` atomically (a temporary file, then os.replace) with byte-identical
+  contents for the same inputs (a zip with fixed timestamps), so a rerun skips the shards already done
+  and an interrupted run resumes where it stopped.
+A worker that dies takes its task with it; Ray runs the task again (`fan_out`'s max_retries). When all
+shards are there they are merged into `generated.npz`: `images` (N, H, W, C) uint8, `labels` (N,)
+int64, `seeds` (N, H, W, C) uint8 (the start of each image), `classes` (names): the format the FID
+code reads. The shards are written by the workers, so on a multi-node cluster the output folder must
+be on storage every node sees.
+
+`inversions(...)` and `feature_visualisations(...)` run the other two methods on a handful of images
+(in process, or fanned out over Ray); `save_*_figure` draw the paper's figures.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from .errors import InputError, check
+from .models import Classifier
+from .visualize import (ClassSeeds, PGDSettings, FEATURE_VIS, INVERSION, extreme_activations, feature_activations,
+                        fit_class_seeds, generate_classes, generation_settings, invert, mean_activation,
+                        normalised_distance,
+                        pool_images, representation, sample_class_seeds, seed_pool, visualize_features)
+
+log = logging.getLogger(__name__)
+
+SHARD_DIR, PLAN, OUTPUT = "shards", "plan.json", "generated.npz"
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
+    """Write an uncompressed .npz atomically (tmp file + os.replace) whose bytes depend only on the
+    arrays (np.savez stamps the current time into the zip). np.load reads it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+            archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded to the nearest level."""
+    return (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def from_uint8(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+# --- class seeds from a dataset ------------------------------------------------------------------
+
+
+def fit_seeds(dataset, *, num_classes: int, pool: int | None = None, ridge: float = 1e-4,
+              batch_size: int = 256) -> ClassSeeds:
+    """The class seed distributions of `visualize.fit_class_seeds`, fitted on every image of a dataset
+    split (the paper: the test set), read in batches and pooled on the fly (a 128-px split never
+    sits in memory at full size). pool: default `seed_pool(image size)` (8 x 8 seeds)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    pooled, labels, shape = [], [], None
+    for x, y in loader:
+        shape = tuple(x.shape[1:])
+        pool = pool or seed_pool(shape[-1])
+        pooled.append(pool_images(x, pool))
+        labels.append(y)
+    check(shape is not None, "the dataset is empty: nothing to fit the class seeds on")
+    labels_all = torch.cat(labels)
+    check(int(labels_all.max()) < num_classes, f"the data has labels up to {int(labels_all.max())}, the model only {num_classes} classes")
+    return fit_class_seeds(torch.cat(pooled), labels_all, num_classes=num_classes, pool=pool,
+                           image_shape=shape, ridge=ridge)
+
+
+# --- sharded generation --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """What `generate` makes. per_class images of each of the classes (default: every class of the
+    model), numbered class-major, in shards of shard_size, optimised batch_size at a time; settings:
+    the PGD of eq. 16 (default: the paper's for the model's input size); seed: with the shard index,
+    the only source of randomness."""
+
+    per_class: int = 1000
+    classes: tuple[int, ...] = ()
+    seed: int = 0
+    shard_size: int = 100
+    batch_size: int = 100
+    settings: PGDSettings = field(default_factory=lambda: generation_settings(32))
+    device: str = "cpu"
+
+    def __post_init__(self):
+        check(isinstance(self.per_class, int) and self.per_class >= 1, f"per_class must be >= 1, got {self.per_class!r}")
+        check(len(self.classes) >= 1, "no classes to generate")
+        check(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
+        check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def total(self) -> int:
+        return self.per_class * len(self.classes)
+
+    def plan(self) -> dict[str, Any]:
+        """Everything that fixes the shards' contents (not the device: shards made on any device
+        may be mixed, at the cost of last-digit differences)."""
+        d = asdict(self)
+        d.pop("device")
+        d["classes"] = list(self.classes)
+        return d
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first global image number
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}.npz"
+
+
+def plan_shards(config: GenerationConfig) -> list[Shard]:
+    return [Shard(i, start, min(start + config.shard_size, config.total))
+            for i, start in enumerate(range(0, config.total, config.shard_size))]
+
+
+def shard_classes(config: GenerationConfig, shard: Shard) -> torch.Tensor:
+    """The target class of each image of a shard, (shard.size,) long."""
+    positions = torch.arange(shard.start, shard.stop) // config.per_class
+    return torch.tensor(config.classes, dtype=torch.long)[positions]
+
+
+def shard_generator(seed: int, index: int) -> torch.Generator:
+    """A generator that depends on (seed, shard index) alone (numpy's SeedSequence mixes the pair)."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(state)
+
+
+def generate_shard(shard: Shard, *, model: Classifier, seeds: ClassSeeds, config: GenerationConfig,
+                   out_dir: str) -> str:
+    """Make one shard's images and write them to out_dir/shards/<shard.name>; returns the path. A
+    shard whose file exists already is left alone."""
+    path = Path(out_dir) / SHARD_DIR / shard.name
+    if path.exists():
+        return str(path)
+    device = torch.device(config.device)
+    model = model.to(device)
+    classes = shard_classes(config, shard)
+    starts = sample_class_seeds(seeds, classes, generator=shard_generator(config.seed, shard.index))  # (n, C, H, W)
+    out = []
+    for i in range(0, shard.size, config.batch_size):
+        batch = starts[i:i + config.batch_size].to(device)
+        out.append(generate_classes(model, batch, classes[i:i + config.batch_size], settings=config.settings).cpu())
+    write_npz(path, images=to_uint8(torch.cat(out)), labels=classes.numpy().astype(np.int64),
+              seeds=to_uint8(starts))
+    return str(path)
+
+
+def _check_plan(out_dir: Path, config: GenerationConfig) -> None:
+    plan = config.plan()
+    plan_path = out_dir / PLAN
+    if plan_path.exists():
+        old = json.loads(plan_path.read_text())
+        if old != plan:
+            changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
+            raise InputError(f"{out_dir} holds shards of another run (differs in {', '.join(changed)}); "
+                             "use a new --out folder or delete that one")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = plan_path.with_name(plan_path.name + ".tmp")
+        tmp.write_text(json.dumps(plan, indent=2))
+        os.replace(tmp, plan_path)
+
+
+def missing_shards(out_dir: str | Path, config: GenerationConfig) -> list[Shard]:
+    return [s for s in plan_shards(config) if not (Path(out_dir) / SHARD_DIR / s.name).exists()]
+
+
+def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, out_dir: str | Path,
+             workers: int | None = None, class_names: Sequence[str] | None = None, progress: bool = True,
+             shard_fn: Callable[..., str] = generate_shard) -> dict[str, Any]:
+    """Generate config.total images over Ray (one thread per task, at most `workers` tasks at a time;
+    default: as many as the cluster's CPUs allow), skipping shards already in out_dir, then merge them
+    into out_dir/generated.npz. shard_fn: the per-shard function (generate_shard; tests wrap it to
+    kill their worker). Returns {"path", "images", "shards", "computed"}."""
+    from .distributed import fan_out
+
+    out_dir = Path(out_dir)
+    _check_plan(out_dir, config)
+    check(seeds.num_classes > max(config.classes), "the seed distributions do not cover every class asked for")
+    todo = missing_shards(out_dir, config)
+    log.info("%d of %d shards to compute (%d images)", len(todo), len(plan_shards(config)), sum(s.size for s in todo))
+    if todo:
+        gpu = torch.device(config.device).type == "cuda"
+        # Shipped from the CPU (the caller's model stays where it is); each task moves it to config.device.
+        shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+        fan_out(shard_fn, todo, shared=dict(model=shipped, seeds=seeds, config=config, out_dir=str(out_dir)),
+                num_cpus=1, num_gpus=(1 / workers if workers else 1) if gpu else 0, sizes=[s.size for s in todo],
+                desc="generate", unit="img", progress=progress, max_in_flight=workers)
+    images, labels, starts = merge_shards(out_dir, config)
+    names = np.array(list(class_names) if class_names is not None else [str(c) for c in range(seeds.num_classes)])
+    path = write_npz(out_dir / OUTPUT, images=images, labels=labels, seeds=starts, classes=names)
+    return {"path": str(path), "images": len(images), "shards": len(plan_shards(config)), "computed": len(todo)}
+
+
+def merge_shards(out_dir: str | Path, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every shard's images, labels and seeds, concatenated in image order."""
+    parts = []
+    for shard in plan_shards(config):
+        path = Path(out_dir) / SHARD_DIR / shard.name
+        check(path.exists(), f"shard {path} is missing")
+        with np.load(path, allow_pickle=False) as f:
+            parts.append((f["images"], f["labels"], f["seeds"]))
+    images, labels, starts = (np.concatenate(p) for p in zip(*parts))
+    return images, labels, starts
+
+
+# --- inversion and feature visualisation on a few images ------------------------------------------
+
+
+def _map_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], *, workers: int | None,
+                chunk: int, shared: dict[str, Any], desc: str) -> torch.Tensor:
+    """fn(*[t[i:i+chunk] for t in tensors], **shared) over chunks, concatenated; in process when
+    workers is None or 1, else as Ray tasks (at most `workers` at a time, one thread each)."""
+    n = len(tensors[0])
+    pieces = [tuple(t[i:i + chunk] for t in tensors) for i in range(0, n, chunk)]
+    if not workers or workers <= 1:
+        return torch.cat([fn(piece, **shared) for piece in pieces])
+    from .distributed import fan_out
+
+    return torch.cat(fan_out(fn, pieces, shared=shared, sizes=[len(p[0]) for p in pieces], desc=desc,
+                             max_in_flight=workers))
+
+
+def _invert_chunk(piece, *, model, settings):
+    source, target = piece
+    return invert(model, source, target, settings=settings)
+
+
+def _featvis_chunk(piece, *, model, settings):
+    start, features = piece
+    return visualize_features(model, start, features, settings=settings)
+
+
+def inversions(model: Classifier, sources: torch.Tensor, targets: torch.Tensor, *,
+               settings: PGDSettings = INVERSION, workers: int | None = None, chunk: int = 8) -> dict[str, torch.Tensor]:
+    """Invert R(targets) from sources (eq. 15). Returns {"images", "distance_before", "distance_after"}:
+    the inversions (N, C, H, W) and the normalised representation distances, (N,) each."""
+    images = _map_chunks(_invert_chunk, (sources, targets), workers=workers, chunk=chunk,
+                         shared=dict(model=model, settings=settings), desc="invert")
+    rep_target = representation(model, targets)
+    return {"images": images,
+            "distance_before": normalised_distance(representation(model, sources), rep_target),
+            "distance_after": normalised_distance(representation(model, images), rep_target)}
+
+
+def dataset_representation(model: Classifier, dataset, *, batch_size: int = 256,
+                           device: str | torch.device = "cpu") -> torch.Tensor:
+    """R(x) of every image of a dataset split, read in batches: (N, k) on the CPU."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    model = model.to(device)
+    return torch.cat([representation(model, x.to(device)).cpu() for x, _ in loader])
+
+
+def feature_visualisations(model: Classifier, starts: torch.Tensor, features: Sequence[Sequence[int]],
+                           test_rep: torch.Tensor, *, settings: PGDSettings = FEATURE_VIS, top: int = 8,
+                           workers: int | None = None, chunk: int = 8) -> dict[str, Any]:
+    """For each group z of coordinates (eq. 14; one coordinate: eq. 13), maximise it from every start
+    image, and find the test images that activate it most and least.
+
+    starts: (P, C, H, W), each group is visualised from every start: images (G * P, C, H, W), group by
+    group. test_rep: R of the test images, (N, k) (`dataset_representation`). Returns {"images",
+    "group" (G*P,), "features" (G, max |z|) padded with -1, "before" / "after" (G*P,) objective
+    values, "top" / "bottom" (G, top) positions in the test images, "top_values" / "bottom_values"}."""
+    check(len(features) >= 1, "no features to visualise")
+    groups = [list(map(int, z)) for z in features]
+    width = max(len(z) for z in groups)
+    images, before, after, group_of = [], [], [], []
+    tops, bottoms, top_values, bottom_values = [], [], [], []
+    for g, z in enumerate(groups):
+        zs = torch.tensor(z).view(1, -1).expand(len(starts), -1)  # (P, |z|)
+        out = _map_chunks(_featvis_chunk, (starts, zs), workers=workers, chunk=chunk,
+                          shared=dict(model=model, settings=settings), desc=f"featvis {z}")
+        images.append(out)
+        before.append(feature_activations(model, starts, z))
+        after.append(feature_activations(model, out, z))
+        group_of.append(torch.full((len(starts),), g))
+        acts = mean_activation(test_rep, torch.tensor(z).view(1, -1).expand(len(test_rep), -1))  # (N,)
+        hi, lo = extreme_activations(acts, top)
+        tops.append(hi), bottoms.append(lo), top_values.append(acts[hi]), bottom_values.append(acts[lo])
+    padded = torch.full((len(groups), width), -1, dtype=torch.long)  # (G, max |z|), -1 = no coordinate
+    for g, z in enumerate(groups):
+        padded[g, :len(z)] = torch.tensor(z)
+    return {"images": torch.cat(images), "group": torch.cat(group_of), "features": padded,
+            "before": torch.cat(before), "after": torch.cat(after), "top": torch.stack(tops),
+            "bottom": torch.stack(bottoms), "top_values": torch.stack(top_values),
+            "bottom_values": torch.stack(bottom_values)}
+
+
+# --- figures -------------------------------------------------------------------------------------
+
+
+def save_grid(path: str | Path, rows: Sequence[np.ndarray], *, row_labels: Sequence[str] = (),
+              title: str = "", col_labels: Sequence[str] = (), cell: float = 1.0) -> Path:
+    """A PNG grid: rows[r] is (n_r, H, W, C) uint8; cells left empty where a row is shorter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + (1.2 if row_labels else 0), cell * n_rows + 0.4),
+                             squeeze=False)
+    for r, row in enumerate(rows):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(row):
+                ax.imshow(row[c], interpolation="nearest")
+            if c == 0 and r < len(row_labels):
+                ax.set_ylabel(row_labels[r], rotation=0, ha="right", va="center", fontsize=8)
+            if r == 0 and c < len(col_labels):
+                ax.set_title(col_labels[c], fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_generation_figures(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, starts: np.ndarray,
+                            class_names: Sequence[str], *, per_row: int = 8, title: str = "") -> list[Path]:
+    """Generated images per class (Figs. 3, 7) and their seeds (Figs. 14, 19): one row per class."""
+    classes = sorted(set(labels.tolist()))
+    name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
+    gen_rows = [images[labels == c][:per_row] for c in classes]
+    seed_rows = [starts[labels == c][:per_row] for c in classes]
+    out_dir = Path(out_dir)
+    return [save_grid(out_dir / "classes.png", gen_rows, row_labels=[name(c) for c in classes],
+                      title=title or "class-specific generation"),
+            save_grid(out_dir / "seeds.png", seed_rows, row_labels=[name(c) for c in classes],
+                      title="seeds: draws from each class's multivariate normal")]
+
+
+def save_inversion_figure(path: str | Path, targets: np.ndarray, sources: np.ndarray, inverted: np.ndarray, *,
+                          distance_after: Sequence[float] = (), title: str = "") -> Path:
+    """Figs. 4, 8: per column a target image, the source the inversion started from, the inversion."""
+    cols = [f"d={d:.2f}" for d in distance_after]
+    return save_grid(path, [targets, sources, inverted], row_labels=["target", "source", "inversion"],
+                     col_labels=cols, title=title or "representation inversion")
+
+
+def save_featvis_figure(path: str | Path, result: dict[str, Any], test_images: np.ndarray, *,
+                        title: str = "") -> Path:
+    """Figs. 5, 9: per feature group, its visualisations, then the test images that activate it most,
+    then least. result: the output of `feature_visualisations`; test_images: uint8 (N, H, W, C)."""
+    images = to_uint8(result["images"])
+    rows, labels = [], []
+    for g, z in enumerate(result["features"].tolist()):
+        z = [i for i in z if i >= 0]
+        name = "+".join(map(str, z))
+        rows += [images[result["group"].numpy() == g], test_images[result["top"][g].numpy()],
+                 test_images[result["bottom"][g].numpy()]]
+        labels += [f"R_{name}: visual.", "most active", "least active"]
+    return save_grid(path, rows, row_labels=labels, title=title or "direct feature visualisation")

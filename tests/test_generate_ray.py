@@ -1,0 +1,139 @@
+"""Class generation sharded over a real local Ray instance: determinism, resumption, worker death,
+and the three commands end to end (tiny model, few steps)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robint_ray.errors import InputError
+from robint_ray.generate import GenerationConfig, fit_seeds, generate, generate_shard, plan_shards
+from robint_ray.data import load_split
+from robint_ray.models import build_model
+from robint_ray.visualize import PGDSettings
+
+pytestmark = pytest.mark.ray
+
+# 3 images per class, 10 classes, shards of 8: shards of 8, 8, 8 and 6 images.
+CONFIG = GenerationConfig(per_class=3, classes=tuple(range(10)), seed=7, shard_size=8, batch_size=4,
+                          settings=PGDSettings(eps=30.0, step_size=0.5, steps=3))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return build_model("cifar_resnet8").eval()
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    return fit_seeds(load_split("sample", "test"), num_classes=10)
+
+
+def _shard_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").glob("*.npz"))}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny, seeds, tmp_path_factory):
+    """One run with 2 workers: the images every other run must reproduce."""
+    out = tmp_path_factory.mktemp("gen-2workers")
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, workers=2, progress=False)
+    return out, summary
+
+
+def test_generation_writes_every_shard_and_the_merged_file(reference, tiny):
+    out, summary = reference
+    assert summary == {"path": str(out / "generated.npz"), "images": 30, "shards": 4, "computed": 4}
+    assert sorted(_shard_bytes(out)) == [s.name for s in plan_shards(CONFIG)]
+    with np.load(out / "generated.npz", allow_pickle=False) as f:
+        images, labels, starts = f["images"], f["labels"], f["seeds"]
+    assert images.dtype == np.uint8 and images.shape == (30, 32, 32, 3)
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # Every image lies within eps of its seed (up to the uint8 rounding of both).
+    delta = (images.astype(np.float64) - starts.astype(np.float64)) / 255
+    assert np.sqrt((delta.reshape(30, -1) ** 2).sum(1)).max() <= 30 + 0.5 / 255 * np.sqrt(3072) * 2
+
+
+def test_one_worker_makes_the_same_bytes_as_two(reference, tiny, seeds, tmp_path):
+    out2, _ = reference
+    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=1, progress=False)
+    assert _shard_bytes(tmp_path) == _shard_bytes(out2)
+    assert (tmp_path / "generated.npz").read_bytes() == (out2 / "generated.npz").read_bytes()
+
+
+def test_a_rerun_recomputes_only_the_deleted_shard(reference, tiny, seeds, tmp_path):
+    out2, _ = reference
+    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npz")}
+    (tmp_path / "shards" / "shard-00002.npz").unlink()
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)
+    assert summary["computed"] == 1
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npz")}
+    assert {k for k in stamps if after[k] != stamps[k]} == {"shard-00002.npz"}
+    assert _shard_bytes(tmp_path) == _shard_bytes(out2)
+    # Nothing left to do: nothing recomputed.
+    assert generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)["computed"] == 0
+
+
+def test_another_seed_gives_other_images_and_a_mismatched_plan_is_refused(reference, tiny, seeds, tmp_path):
+    out2, _ = reference
+    other = GenerationConfig(**{**CONFIG.__dict__, "seed": 8})
+    shard = plan_shards(other)[0]
+    path = generate_shard(shard, model=tiny, seeds=seeds, config=other, out_dir=str(tmp_path))
+    assert Path(path).read_bytes() != _shard_bytes(out2)[shard.name]
+    with pytest.raises(InputError, match="seed"):
+        generate(tiny, seeds, config=other, out_dir=out2, workers=1, progress=False)
+
+
+def test_a_killed_worker_still_yields_every_shard(reference, tiny, seeds, tmp_path):
+    out2, _ = reference
+    marker = tmp_path / "killed-once"
+
+    def dies_once(shard, **shared):
+        # The first attempt at shard 1 kills its own worker process; Ray retries the task.
+        if shard.index == 1 and not os.path.exists(marker):
+            Path(marker).touch()
+            os._exit(1)
+        return generate_shard(shard, **shared)
+
+    out = tmp_path / "gen"
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, workers=2, progress=False, shard_fn=dies_once)
+    assert marker.exists() and summary["computed"] == 4
+    assert _shard_bytes(out) == _shard_bytes(out2)
+
+
+def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path):
+    from robint_ray.checkpoint import save_checkpoint
+    from robint_ray.cli import main
+
+    ckpt = save_checkpoint(tmp_path / "ckpt", tiny)
+    gen = tmp_path / "gen"
+    assert main(["generate", "--checkpoint", str(ckpt), "--data", "sample", "--per-class", "2", "--out", str(gen),
+                 "--workers", "2", "--seed", "3", "--steps", "2", "--shard-size", "5"]) == 0
+    with np.load(gen / "generated.npz", allow_pickle=False) as f:
+        assert f["images"].shape == (20, 32, 32, 3) and f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
+    assert (gen / "classes.png").stat().st_size > 0 and (gen / "seeds.png").stat().st_size > 0
+
+    inv = tmp_path / "inv"
+    assert main(["invert", "--checkpoint", str(ckpt), "--data", "sample", "--n", "3", "--out", str(inv),
+                 "--steps", "20", "--workers", "2"]) == 0
+    with np.load(inv / "inversions.npz", allow_pickle=False) as f:
+        assert f["images"].shape == (6, 32, 32, 3) and list(f["source_kind"]) == ["image"] * 3 + ["noise"] * 3
+        assert (f["distance_after"] < f["distance_before"]).all()
+    assert (inv / "inversions-image.png").exists() and (inv / "inversions-noise.png").exists()
+
+    fv = tmp_path / "fv"
+    assert main(["featvis", "--checkpoint", str(ckpt), "--data", "sample", "--features", "5", "1,2",
+                 "--starts", "2", "--top", "4", "--out", str(fv), "--steps", "10"]) == 0
+    with np.load(fv / "featvis.npz", allow_pickle=False) as f:
+        assert f["images"].shape == (4, 32, 32, 3) and f["features"].tolist() == [[5, -1], [1, 2]]
+        assert f["top"].shape == (2, 4) and (f["top_values"][:, 0] >= f["bottom_values"][:, 0]).all()
+        assert (f["after"] > f["before"]).all()
+    assert (fv / "featvis.png").exists()
+
+    assert main(["featvis", "--checkpoint", str(ckpt), "--data", "sample", "--features", "99", "--out", str(fv)]) == 2
