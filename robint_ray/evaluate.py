@@ -42,12 +42,18 @@ class AttackConfig:
     restarts: int = 1
     keep: Literal["last", "best"] = "last"
     autoattack_version: Literal["standard", "rand", "custom"] = "standard"
+    autoattack_attacks: tuple[str, ...] = ()  # for version "custom", e.g. ("apgd-ce", "apgd-t")
     seed: int = 0
 
     def __post_init__(self):
         check(self.kind in ("pgd", "autoattack", "none"), f"unknown attack {self.kind!r}; use pgd, autoattack or none")
         check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
         Threat(self.norm, self.eps, self.step_size)  # validates norm, eps, step size
+        check((self.autoattack_version == "custom") == bool(self.autoattack_attacks),
+              "AutoAttack: give the attacks (e.g. apgd-ce,apgd-t) exactly when the version is custom")
+        known = {"apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"}
+        check(set(self.autoattack_attacks) <= known,
+              f"unknown AutoAttack attack(s) {sorted(set(self.autoattack_attacks) - known)}; known: {sorted(known)}")
 
     @property
     def threat(self) -> Threat:
@@ -66,7 +72,8 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
     from pyautoattack import AutoAttack
 
     adversary = AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[attack.norm], eps=attack.eps,
-                           version=attack.autoattack_version, device=x.device, seed=attack.seed)
+                           version=attack.autoattack_version, device=x.device, seed=attack.seed,
+                           attacks=list(attack.autoattack_attacks) or None)
     adversary.verbose = False
     was_training = model.training
     model.eval()

@@ -32,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restarts", type=int, default=1, help="PGD restarts (default: 1)")
     parser.add_argument("--keep", default="last", help="PGD iterate to keep: last (default) or best")
     parser.add_argument("--autoattack-version", default="standard", help="standard (default), rand or custom")
+    parser.add_argument("--autoattack-attacks", default="",
+                        help="with --autoattack-version custom: comma-separated, e.g. apgd-ce,apgd-t")
     parser.add_argument("--seed", type=int, default=0, help="seed of random starts and AutoAttack")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128, fits a CPU)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
@@ -46,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     attack = AttackConfig(kind=args.attack, norm=args.norm, eps=args.eps, step_size=args.step_size,
                           steps=args.steps, random_start=args.random_start, restarts=args.restarts,
-                          keep=args.keep, autoattack_version=args.autoattack_version, seed=args.seed)
+                          keep=args.keep, autoattack_version=args.autoattack_version,
+                          autoattack_attacks=tuple(a for a in args.autoattack_attacks.split(",") if a), seed=args.seed)
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = take(load_split(args.data, args.split), args.n)
     model, source = load_model(args)
