@@ -17,6 +17,14 @@ from .errors import InputError
 
 COMMANDS = {
     "eval": "clean, PGD or AutoAttack accuracy of a model",
+    "fid": "Frechet Inception Distance between two sets of images, on Ray",
+    "train": "standard or PGD adversarial training on Ray Train (resumable)",
+    "tune": "Ray Tune sweep of the PGD budget (eps, step size, steps) and learning rate, ASHA-stopped",
+    "generate": "class-specific image generation (eq. 16), sharded over Ray, for FID",
+    "invert": "representation inversion (eq. 15) from images of another class and from noise",
+    "featvis": "direct feature visualisation (eq. 13-14) and the most/least activating test images",
+    "explain": "Integrated Gradients or SHAP attributions with metrics and figures, on Ray",
+    "study": "the paper end to end as one job: train, evaluate, explain, generate + FID, invert, report",
 }
 
 

@@ -85,7 +85,7 @@ class ArrayDataset(Dataset):
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one float tensor (N, C, H, W) in [0, 1] and labels (N,), untransformed."""
-        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).float() / 255
+        x = torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous().float() / 255
         return x, torch.from_numpy(self.labels)
 
 

@@ -27,7 +27,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return
     # A single local node: every Ray socket on 127.0.0.1 (robint_ray/__init__.py sets Ray's switch for
     # that before ray is first imported).
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, dashboard_host="127.0.0.1",
+    # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train's placement-group
+    # cleaner needs to release the resources of a stopped run.
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
              configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -78,7 +78,8 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
     was_training = model.training
     model.eval()
     try:
-        return adversary.run_standard_evaluation(x, y, batch_size=len(x))
+        x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))  # (images, their predictions)
+        return x_adv
     finally:
         model.train(was_training)
 

@@ -1,0 +1,36 @@
+"""robint study: the whole paper as one job (train, evaluate, explain, generate + FID, invert,
+visualise features), then one HTML report and one JSON.
+
+    robint study experiments/paper/cifar10.yaml --out runs/paper-cifar10
+    ray job submit --working-dir . -- robint study experiments/paper/cifar10.yaml --out /shared/paper-cifar10
+
+A rerun with the same --out skips every finished stage (and every generated shard), so a failed or
+killed job resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="study config (YAML), e.g. experiments/smoke/paper_cifar10.yaml")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (shared storage on a multi-node cluster)")
+    parser.add_argument("--workers", type=int, default=None, help="override the config's workers")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from ..errors import check
+    from ..study import Study, load_study
+
+    config = load_study(args.config)
+    if args.workers is not None:
+        check(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
+        config = dataclasses.replace(config, workers=args.workers)
+    page = Study(config, args.out).run()
+    print(f"report: {page}")
+    print(f"numbers: {page.with_suffix('.json')}")
+    return 0

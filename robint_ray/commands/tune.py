@@ -1,0 +1,45 @@
+"""robint tune: a Ray Tune sweep over the PGD budget (eps, step size, steps) and the learning rate,
+each trial a distributed Ray Train run, stopped early by ASHA on mean(val clean, val PGD) accuracy.
+
+    robint tune experiments/sweep_cifar10_l2.yaml --out sweeps/cifar10_l2
+    robint tune experiments/sweep_cifar10_l2.yaml --out sweeps/cifar10_l2 --resume   # after an interruption
+    robint train sweeps/cifar10_l2/best.yaml --out runs/best                         # the winner, in full
+
+Writes SWEEP_DIR/results.csv (one row per trial), tradeoff.png (clean vs PGD accuracy, Pareto front) and
+best.yaml (a training config). Joins the cluster of $RAY_ADDRESS when set, else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="sweep YAML (see experiments/sweep_cifar10_l2.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="sweep folder (must not hold a sweep, unless --resume)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the interrupted sweep in --out: finished trials are not run again")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from ..tune import SweepInterrupted, best_row, load_sweep, run_sweep
+
+    try:
+        rows = run_sweep(load_sweep(args.config), args.out, resume=args.resume)
+    except SweepInterrupted as err:
+        print(f"robint tune: {err}: robint tune {args.config} --out {args.out} --resume", file=sys.stderr)
+        return 1
+    sweep_dir = args.out.resolve()
+    counts = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    print(f"sweep folder {sweep_dir}: {len(rows)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+    best = best_row(rows)
+    params = ", ".join(f"{k}={best[k]:g}" for k in best if "." in k and best[k] is not None)
+    print(f"best trial {best['trial_id']}: {params}; val clean {best['val_clean_accuracy']:.4f}, "
+          f"val PGD {best['val_adversarial_accuracy']:.4f} (best val score {best['best_val_score']:.4f})")
+    print(f"train it with: robint train {sweep_dir / 'best.yaml'} --out RUN_DIR")
+    return 0

@@ -1,0 +1,118 @@
+"""One self-contained HTML report (figures embedded) and a JSON of every number.
+
+The study script fills `Section`s with tables and figures; `write_report` renders them into
+`report.html` (no external files, no scripts: it opens offline and in a headless browser) and writes
+`report.json` beside it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import platform
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+
+@dataclass
+class Table:
+    caption: str
+    header: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+
+
+@dataclass
+class Section:
+    title: str
+    text: str = ""
+    tables: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, PNG path)
+
+
+def code_version(root: Path | None = None) -> dict[str, str]:
+    """The package version and, inside a git checkout, the commit (with '+dirty' for local changes)."""
+    from . import __version__
+
+    root = root or Path(__file__).resolve().parents[1]
+    version = {"package": __version__}
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        version["git_commit"] = commit + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        version["git_commit"] = "unknown (not a git checkout)"
+    return version
+
+
+def hardware() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
+    try:
+        import ray
+
+        info["ray"] = ray.__version__
+        if ray.is_initialized():
+            info["ray_cluster_resources"] = {k: v for k, v in ray.cluster_resources().items()
+                                             if not k.startswith("node:")}
+            info["ray_nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
+    except ImportError:
+        pass
+    return info
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return html.escape("" if value is None else str(value))
+
+
+def _figure(caption: str, path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; }
+th, td { border: 1px solid #bbb; padding: 0.3em 0.7em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+caption { caption-side: top; font-weight: 600; text-align: left; padding-bottom: 0.3em; }
+figure { margin: 1em 0; } img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { font-size: 0.9em; color: #555; } pre { background: #f6f6f6; padding: 0.7em; overflow-x: auto; }
+"""
+
+
+def write_report(out_dir: str | Path, *, title: str, sections: Sequence[Section], data: dict[str, Any]) -> Path:
+    """Write out_dir/report.html and out_dir/report.json; returns the HTML path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
+        if section.text:
+            parts.extend(f"<p>{html.escape(p)}</p>" for p in section.text.split("\n\n"))
+        for table in section.tables:
+            parts.append(f"<table><caption>{html.escape(table.caption)}</caption><tr>"
+                         + "".join(f"<th>{html.escape(str(h))}</th>" for h in table.header) + "</tr>")
+            parts.extend("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in table.rows)
+            parts.append("</table>")
+        parts.extend(_figure(caption, path) for caption, path in section.figures)
+        parts.append("</section>")
+    parts.append("</body></html>")
+    page = out_dir / "report.html"
+    page.write_text("\n".join(parts))
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    return page

@@ -1,0 +1,492 @@
+"""The paper end to end as one job: train, evaluate, explain, generate + FID, invert, visualise, report.
+
+    python experiments/paper.py experiments/paper/cifar10.yaml --out runs/paper-cifar10
+    ray job submit --working-dir . -- python experiments/paper.py experiments/paper/cifar10.yaml --out /shared/paper
+
+Stages run in order; each writes OUT/<stage>/result.json when it has finished, and a rerun skips every
+stage whose result exists (and, inside generation, every shard already written), so a job that failed
+or was killed resumes where it stopped. The last stage writes OUT/report.html (figures embedded) and
+OUT/report.json (every number, the settings, the code version, the hardware, each stage's time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .errors import InputError, check
+
+log = logging.getLogger(__name__)
+
+# The paper's figures, shown beside ours in the report (Tables 1-6).
+PAPER = {
+    "cifar10": {
+        "accuracy": {"standard": (93.2, 0.36), "robust": (85.0, 64.6)},  # clean, PGD-20 L2 eps 0.5 (%)
+        "fid": {"real": 5.39, "standard": 152.29, "robust": 88.25},
+        "inception192": {"standard": 30.1, "robust": 20.05},
+    },
+    "folder128": {
+        "accuracy": {"standard": (70.1, 0.88), "robust": (55.8, 35.4)},  # PGD-20 L2 eps 1.5
+        "fid": {"real": 7.62, "standard": 237.53, "robust": 81.2},
+        "inception192": {"standard": 23.3, "robust": 12.84},
+    },
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model: trained here from a training config (`train`, a YAML path), or taken as it is from a
+    robint checkpoint folder (`checkpoint`)."""
+
+    train: str | None = None
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    n: int | None = None  # first n test images (None: all)
+    norm: str = "l2"
+    eps: float = 0.5
+    step_size: float = 0.1
+    steps: int = 20
+    autoattack_n: int = 100  # AutoAttack is slow: the first n test images (0: skip)
+    autoattack_version: str = "standard"  # or "custom" with autoattack_attacks, e.g. [apgd-ce, apgd-t]
+    autoattack_attacks: tuple[str, ...] = ()
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class AttributionStage:
+    n: int = 24  # the paper's grids hold 24 images
+    overlays: int = 3  # images in the overlay figure (Figs. 2, 6)
+    ig_steps: int = 50
+    ig_baselines: int = 10
+    shap_nsamples: int = 200
+    shap_background: int = 176
+
+
+@dataclass(frozen=True)
+class GenerationStage:
+    per_class: int = 1000
+    eps: float | None = None  # None: the paper's for the input size
+    step_size: float | None = None
+    steps: int | None = None
+    shard_size: int = 100
+    fid_dims: int = 2048
+
+
+@dataclass(frozen=True)
+class InversionStage:
+    n: int = 3  # the paper's batch of 3 images
+    eps: float = 1000.0
+    step_size: float = 1.0
+    steps: int = 10_000
+
+
+@dataclass(frozen=True)
+class FeatureStage:
+    features: tuple[tuple[int, ...], ...] = ((130,), (492,))  # the paper's Figs. 5 and 9
+    starts: int = 4
+    top: int = 8
+    eps: float = 1000.0
+    step_size: float = 1.0
+    steps: int = 400
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "CIFAR-10"
+    paper: str = "cifar10"  # which of the paper's tables to show beside ours: cifar10 or folder128
+    data: str = "sample"
+    workers: int = 2  # Ray workers for training; tasks at a time for the fan-outs
+    gpus_per_worker: float = 0
+    seed: int = 0
+    standard: ModelSource = field(default_factory=ModelSource)
+    robust: ModelSource = field(default_factory=ModelSource)
+    evaluation: EvalStage = field(default_factory=EvalStage)
+    attributions: AttributionStage = field(default_factory=AttributionStage)
+    generation: GenerationStage = field(default_factory=GenerationStage)
+    inversion: InversionStage = field(default_factory=InversionStage)
+    features: FeatureStage = field(default_factory=FeatureStage)
+
+    def __post_init__(self):
+        check(self.paper in PAPER, f"paper must be one of {', '.join(PAPER)}, got {self.paper!r}")
+        check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        for name in ("standard", "robust"):
+            source = getattr(self, name)
+            check((source.train is None) != (source.checkpoint is None),
+                  f"{name}: give exactly one of train (a training config) or checkpoint (a folder)")
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    import yaml
+
+    from .config import build_dataclass
+
+    path = Path(path)
+    check(path.is_file(), f"study config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from err
+    base = path.parent
+    for name in ("standard", "robust"):  # paths in the file are relative to the file
+        for key in ("train", "checkpoint"):
+            value = (data.get(name) or {}).get(key)
+            if value is not None and not Path(value).is_absolute() and (base / value).exists():
+                data[name][key] = str((base / value).resolve())
+    if data.get("data") not in (None, "sample") and not Path(data["data"]).is_absolute() \
+            and (base / data["data"]).exists():
+        data["data"] = str((base / data["data"]).resolve())
+    return build_dataclass(StudyConfig, data, f"{path}: ")
+
+
+# --- stages -------------------------------------------------------------------------------------
+
+
+class Study:
+    def __init__(self, config: StudyConfig, out: str | Path):
+        self.config, self.out = config, Path(out).resolve()
+        self.timings: dict[str, float] = {}
+        self.models: dict[str, Any] = {}
+
+    def stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+        """Run fn(OUT/name) unless OUT/name/result.json exists; either way return the result."""
+        folder = self.out / name
+        done = folder / "result.json"
+        if done.exists():
+            log.info("stage %s: done before, skipped", name)
+            result = json.loads(done.read_text())
+            self.timings[name] = result.get("_seconds", 0.0)
+            return result
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("stage %s: starting", name)
+        start = time.perf_counter()
+        result = fn(folder)
+        result["_seconds"] = self.timings[name] = round(time.perf_counter() - start, 2)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
+        tmp.replace(done)
+        log.info("stage %s: finished in %.1f s", name, result["_seconds"])
+        return result
+
+    # the models
+
+    def train(self, folder: Path) -> dict[str, Any]:
+        from .config import load_config
+        from .train import RAY_NAME, run
+
+        out = {}
+        for name in ("standard", "robust"):
+            source: ModelSource = getattr(self.config, name)
+            if source.checkpoint is not None:
+                out[name] = {"checkpoint": source.checkpoint}
+                continue
+            cfg = load_config(source.train, {"data.path": self.config.data, "seed": self.config.seed})
+            run_dir = folder / name
+            if not (run_dir / "done").exists():
+                resume = (run_dir / "ray" / RAY_NAME).exists()
+                run(cfg, run_dir, workers=self.config.workers, gpus_per_worker=self.config.gpus_per_worker,
+                    resume=resume)
+                (run_dir / "done").write_text("")
+            metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+            out[name] = {"checkpoint": str(run_dir / "best"), "config": source.train, "epochs": metrics}
+        return out
+
+    def model(self, name: str):
+        from .checkpoint import load_checkpoint
+
+        if name not in self.models:
+            trained = json.loads((self.out / "train" / "result.json").read_text())
+            self.models[name] = load_checkpoint(trained[name]["checkpoint"])[0]
+        return self.models[name]
+
+    def test_split(self):
+        from .data import load_split
+
+        return load_split(self.config.data, "test")
+
+    # Tables 1 and 4
+
+    def evaluate(self, folder: Path) -> dict[str, Any]:
+        from .data import take
+        from .evaluate import AttackConfig, evaluate
+
+        c = self.config.evaluation
+        pgd = AttackConfig(kind="pgd", norm=c.norm, eps=c.eps, step_size=c.step_size, steps=c.steps)
+        out = {}
+        for name in ("standard", "robust"):
+            model = self.model(name)
+            result = {"pgd": evaluate(model, take(self.test_split(), c.n), attack=pgd, batch_size=c.batch_size)}
+            if c.autoattack_n:
+                aa = AttackConfig(kind="autoattack", norm=c.norm, eps=c.eps, seed=self.config.seed,
+                                  autoattack_version=c.autoattack_version, autoattack_attacks=c.autoattack_attacks)
+                result["autoattack"] = evaluate(model, take(self.test_split(), c.autoattack_n), attack=aa,
+                                                batch_size=c.batch_size)
+            out[name] = result
+        return out
+
+    # Figs. 2/6, 10/13, 16/17 and the attribution metrics
+
+    def attributions(self, folder: Path) -> dict[str, Any]:
+        from .data import load_split, stack, take
+        from .explain import ExplainConfig, IGConfig, ShapConfig, choose_background, explain, plot_grid, \
+            plot_overlays, save
+
+        c = self.config.attributions
+        x, y = stack(take(self.test_split(), c.n))
+        background = choose_background(load_split(self.config.data, "train"), c.shap_background, seed=self.config.seed)
+        out = {}
+        for method in ("ig", "shap"):
+            config = ExplainConfig(method=method, workers=self.config.workers,
+                                   ig=IGConfig(steps=c.ig_steps, num_baselines=c.ig_baselines, seed=self.config.seed),
+                                   shap=ShapConfig(nsamples=c.shap_nsamples, background=c.shap_background,
+                                                   seed=self.config.seed))
+            explanations = {name: explain(self.model(name), x, y, config=config,
+                                          background=background if method == "shap" else None)
+                            for name in ("standard", "robust")}
+            sub = folder / method
+            metrics = save(sub, explanations, labels=y.numpy())
+            maps = {name: e.attributions for name, e in explanations.items()}
+            plot_overlays(x[:c.overlays], {n: m[:c.overlays] for n, m in maps.items()}, sub / "overlay.png")
+            plot_grid(x, maps, sub / "grid.png", title=f"{method.upper()}: {self.config.name}")
+            out[method] = {"means": {name: metrics["models"][name]["mean"] for name in explanations},
+                           "difference": metrics.get("difference"), "figures": [str(sub / "overlay.png"),
+                                                                                  str(sub / "grid.png")]}
+        return out
+
+    # Tables 2/5, Figs. 3/7, 14/19
+
+    def generation(self, folder: Path) -> dict[str, Any]:
+        from .fid import fid_from_stats, open_source, source_stats
+        from .generate import GenerationConfig, fit_seeds, generate, save_generation_figures
+        from .inception import load_fid_inception
+        from .visualize import PGDSettings, generation_settings
+
+        c = self.config.generation
+        test = self.test_split()
+        out: dict[str, Any] = {}
+        sources = {"test": open_source(self.config.data, "test"), "train": open_source(self.config.data, "train")}
+        for name in ("standard", "robust"):
+            model = self.model(name)
+            default = generation_settings(model.input_size)
+            settings = PGDSettings(eps=c.eps or default.eps, step_size=c.step_size or default.step_size,
+                                   steps=c.steps or default.steps)
+            config = GenerationConfig(per_class=c.per_class, classes=tuple(range(model.num_classes)),
+                                      seed=self.config.seed, shard_size=c.shard_size,
+                                      batch_size=min(c.shard_size, 100), settings=settings)
+            seeds = fit_seeds(test, num_classes=model.num_classes)
+            made = generate(model, seeds, config=config, out_dir=folder / name, workers=self.config.workers,
+                            class_names=test.classes)
+            with np.load(made["path"], allow_pickle=False) as f:
+                figures = save_generation_figures(folder / name, f["images"], f["labels"], f["seeds"], test.classes,
+                                                  title=f"{name} model: class-specific generation")
+            sources[name] = open_source(made["path"])
+            out[name] = {"images": made["images"], "settings": asdict(settings), "figures": [str(p) for p in figures]}
+        inception = load_fid_inception()
+        names = list(sources)
+        stats = dict(zip(names, source_stats([sources[n] for n in names], inception, dims=c.fid_dims,
+                                             workers=self.config.workers)))
+        out["fid"] = {
+            "real (train vs test)": fid_from_stats(stats["train"], stats["test"]),
+            **{name: fid_from_stats(stats[name], stats["test"]) for name in ("standard", "robust")},
+        }
+        out["n"] = {n: s.n for n, s in stats.items()}
+        out["dims"], out["weights_sha256"] = c.fid_dims, inception.weights_info.get("sha256")
+        from .inception import RESIZE
+
+        out["resize"] = RESIZE
+        return out
+
+    # Tables 3/6, Figs. 4/8
+
+    def inversion(self, folder: Path) -> dict[str, Any]:
+        from .data import stack
+        from .fid import inception_distance
+        from .generate import inversions, save_inversion_figure, to_uint8
+        from .inception import load_fid_inception
+        from .visualize import PGDSettings
+
+        c = self.config.inversion
+        x, y = stack(self.test_split())
+        # Targets: the first image of classes 0..n-1; sources: an image of another class (the next one).
+        targets = torch.stack([x[int(np.flatnonzero(y.numpy() == k)[0])] for k in range(c.n)])
+        sources = torch.stack([x[int(np.flatnonzero(y.numpy() == (k + 1) % int(y.max() + 1))[1])] for k in range(c.n)])
+        settings = PGDSettings(eps=c.eps, step_size=c.step_size, steps=c.steps)
+        inception = load_fid_inception()
+        out = {}
+        for name in ("standard", "robust"):
+            result = inversions(self.model(name), sources, targets, settings=settings, workers=self.config.workers,
+                                chunk=1)
+            per_image, batch = inception_distance(inception, targets, result["images"])
+            path = save_inversion_figure(folder / f"{name}.png", to_uint8(targets), to_uint8(sources),
+                                         to_uint8(result["images"]),
+                                         distance_after=result["distance_after"].tolist(),
+                                         title=f"{name} model: representation inversion")
+            out[name] = {"inception192_batch": batch, "inception192_per_image": per_image.tolist(),
+                         "representation_distance_before": result["distance_before"].tolist(),
+                         "representation_distance_after": result["distance_after"].tolist(), "figure": str(path)}
+        return out
+
+    # Figs. 5/9
+
+    def features(self, folder: Path) -> dict[str, Any]:
+        from .generate import dataset_representation, feature_visualisations, save_featvis_figure
+        from .visualize import PGDSettings
+
+        c = self.config.features
+        test = self.test_split()
+        test_images = test.images if hasattr(test, "images") else None
+        generator = torch.Generator().manual_seed(self.config.seed)
+        out = {}
+        for name in ("standard", "robust"):
+            model = self.model(name)
+            k = model.representation_dim
+            groups = [tuple(i % k for i in z) for z in c.features]  # the paper's indices, folded into R's size
+            starts = torch.rand(c.starts, 3, model.input_size, model.input_size, generator=generator)
+            result = feature_visualisations(model, starts, groups, dataset_representation(model, test),
+                                            settings=PGDSettings(eps=c.eps, step_size=c.step_size, steps=c.steps),
+                                            top=c.top, workers=self.config.workers, chunk=1)
+            if test_images is None:  # an ImageFolder: gather the shown images only
+                from .generate import to_uint8
+
+                shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
+                test_images = np.zeros((len(test), model.input_size, model.input_size, 3), np.uint8)
+                for i in shown:
+                    test_images[i] = to_uint8(test[i][0][None])[0]
+            path = save_featvis_figure(folder / f"{name}.png", result, test_images,
+                                       title=f"{name} model: direct feature visualisation")
+            out[name] = {"features": [list(z) for z in groups], "objective_before": result["before"].tolist(),
+                         "objective_after": result["after"].tolist(),
+                         "top_test_labels": test.labels[result["top"].numpy()].tolist(), "figure": str(path)}
+        return out
+
+    # the whole study
+
+    def run(self) -> Path:
+        from .distributed import init_ray, nodes_used
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        init_ray()
+        results = {"train": self.stage("train", self.train)}
+        results["evaluation"] = self.stage("evaluation", self.evaluate)
+        results["attributions"] = self.stage("attributions", self.attributions)
+        results["generation"] = self.stage("generation", self.generation)
+        results["inversion"] = self.stage("inversion", self.inversion)
+        results["features"] = self.stage("features", self.features)
+        return build_report(self, results, nodes_used())
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    return str(value)
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def _ci(m: dict[str, float]) -> str:
+    return f"{m['mean']:.4g} [{m['ci_low']:.4g}, {m['ci_high']:.4g}]"
+
+
+def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Path:
+    from .report import Section, Table, code_version, hardware, write_report
+
+    c, paper = study.config, PAPER[study.config.paper]
+    models = ("standard", "robust")
+    sections = []
+
+    train = results["train"]
+    rows = []
+    for name in models:
+        for row in train[name].get("epochs", []):
+            rows.append([name, row.get("epoch"), row.get("train_loss"), row.get("train_accuracy"),
+                         row.get("val_clean_accuracy"), row.get("val_adversarial_accuracy")])
+    sections.append(Section("Training", "Per epoch, on the validation split carved out of the training set; "
+                            "the best epoch by mean(clean, adversarial) validation accuracy is kept.",
+                            [Table("Training curves", ["model", "epoch", "train loss", "train acc", "val clean",
+                                                       "val PGD"], rows)] if rows else []))
+
+    ev = results["evaluation"]
+    rows = []
+    for name in models:
+        pgd, aa = ev[name]["pgd"], ev[name].get("autoattack")
+        rows.append([name, pgd["n"], 100 * pgd["clean_accuracy"], 100 * pgd["adversarial_accuracy"],
+                     None if aa is None else 100 * aa["adversarial_accuracy"], None if aa is None else aa["n"],
+                     paper["accuracy"][name][0], paper["accuracy"][name][1]])
+    e = c.evaluation
+    sections.append(Section(
+        "Accuracy (Tables 1 / 4)",
+        f"Test split of {c.data}. PGD: {e.norm.upper()}, eps {e.eps}, step {e.step_size}, {e.steps} steps, no random "
+        f"start, last iterate (the paper's). AutoAttack ({e.autoattack_version}"
+        f"{': ' + ', '.join(e.autoattack_attacks) if e.autoattack_attacks else ''}) on the first images, the honest "
+        "robust figure.",
+        [Table("Accuracy (%)", ["model", "n", "clean (ours)", "PGD (ours)", "AutoAttack (ours)", "AutoAttack n",
+                                "clean (paper)", "PGD (paper)"], rows)]))
+
+    for method, title in (("ig", "Integrated Gradients (Figs. 2/6, 10/16)"), ("shap", "SHAP expected gradients "
+                                                                                         "(Figs. 2/6, 13/17)")):
+        a = results["attributions"][method]
+        metrics = ["deletion_auc", "insertion_auc", "gini", "top_mass"]
+        rows = [[name] + [_ci(a["means"][name][m]) for m in metrics] for name in models]
+        if a.get("difference"):
+            rows.append(["robust - standard"] + [_ci(a["difference"][m]) + f" p={a['difference'][m]['p_value']:.2g}"
+                                                  for m in metrics])
+        sections.append(Section(
+            title, "Per model, the mean over the explained test images with a 95 % interval. Deletion AUC: lower "
+            "is more faithful; insertion AUC: higher is; Gini and top-5 % mass: higher is more concentrated.",
+            [Table("Attribution metrics", ["model", *metrics], rows)],
+            [("overlays: image | standard | robust", Path(a["figures"][0])),
+             ("grid of the explained images: image | standard | robust", Path(a["figures"][1]))]))
+
+    g = results["generation"]
+    rows = [["real data (train vs test)", g["fid"]["real (train vs test)"], g["n"]["train"], paper["fid"]["real"]]]
+    rows += [[f"{name} model", g["fid"][name], g["n"][name], paper["fid"][name]] for name in models]
+    figures = [(f"{name} model: generated classes and their seeds", Path(p)) for name in models
+               for p in g[name]["figures"]]
+    sections.append(Section(
+        "Class-specific generation and FID (Tables 2 / 5, Figs. 3 / 7, 14 / 19)",
+        f"FID ({g['dims']}-d, {g['resize']}) against the {g['n']['test']} test images. With few images FID is biased "
+        "upward (the paper used 10,000): compare the rows with each other, not with the paper's figures.",
+        [Table("FID (lower is better)", ["images", "FID (ours)", "n", "FID (paper)"], rows)], figures))
+
+    inv = results["inversion"]
+    rows = [[name, inv[name]["inception192_batch"], float(np.mean(inv[name]["representation_distance_after"])),
+             paper["inception192"][name]] for name in models]
+    sections.append(Section(
+        "Representation inversion (Tables 3 / 6, Figs. 4 / 8)",
+        "Inception-192 distance between original and inverted images: the Frobenius norm over the batch, as the "
+        "authors computed it.",
+        [Table("Inversion", ["model", "Inception-192 distance (ours)", "normalised R distance after",
+                             "Inception-192 (paper)"], rows)],
+        [(f"{name} model: target | source | inversion", Path(inv[name]["figure"])) for name in models]))
+
+    feat = results["features"]
+    rows = [[name, str(feat[name]["features"]), float(np.mean(feat[name]["objective_before"])),
+             float(np.mean(feat[name]["objective_after"]))] for name in models]
+    sections.append(Section("Direct feature visualisation (Figs. 5 / 9)", "",
+                            [Table("Feature visualisation", ["model", "features", "objective before",
+                                                             "objective after"], rows)],
+                            [(f"{name} model: visualisations, most and least activating test images",
+                              Path(feat[name]["figure"])) for name in models]))
+
+    timings = dict(study.timings)
+    data = {"config": asdict(c), "code_version": code_version(), "hardware": hardware(), "timings_s": timings,
+            "nodes_used": nodes, "paper": paper, "results": results}
+    sections.insert(0, Section(
+        "Run", f"{c.name}: data {c.data}, {c.workers} workers. Ray tasks ran on {len(nodes)} node(s).",
+        [Table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in timings.items()]),
+         Table("Code and hardware", ["what", "value"],
+               [[k, v] for k, v in {**data["code_version"], **data["hardware"]}.items()])]))
+    return write_report(study.out, title=f"robint_ray: {c.name}", sections=sections,
+                        data=json.loads(json.dumps(data, default=_jsonable)))

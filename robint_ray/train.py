@@ -1,0 +1,516 @@
+"""Standard and PGD adversarial training, data-parallel on Ray Train (paper, Algorithm 1 and section 3).
+
+Three layers:
+- `train_epoch`: one pass over a loader; for adversarial training each batch is first replaced by its
+  PGD images, computed on the *unwrapped* module (so DistributedDataParallel does not broadcast
+  buffers at every PGD step), then one forward/backward of the (DDP) model on them. The same function
+  serves a plain single-process model (the benchmark compares the two).
+- `train_fn_per_worker(loop_config)`: the Ray Train loop of one worker. loop_config is a plain dict
+  `{"config": TrainConfig.to_dict(), "run_dir": str | None}` (Ray Tune passes the same). Each worker
+  reads its own shard (DistributedSampler); every epoch ends with validation clean and PGD accuracy
+  (sharded, summed over workers) and one `ray.train.report` with a checkpoint.
+- `make_trainer` / `run`: the driver (TorchTrainer with FailureConfig, CheckpointConfig, storage
+  inside RUN_DIR).
+
+A run folder RUN_DIR (written by rank 0; on several nodes RUN_DIR must be on a shared file system):
+    config.yaml          the full resolved config
+    metrics.jsonl        one JSON object per finished epoch
+    best/                a robint checkpoint of the best epoch by mean(val clean, val PGD) accuracy
+    test.json            the best model's test clean and PGD accuracy (when config.test)
+    tensorboard/         TensorBoard event files
+    workers/rank*.json   pid and host of each training worker (of the latest attempt)
+    ray/train/epoch_*/   Ray Train's checkpoints (the latest and the best are kept): a robint
+                         checkpoint plus train_state.pt (optimiser, scheduler, best-so-far, history)
+
+Resumption: after a worker failure Ray Train restarts the worker group and `ray.train.get_checkpoint()`
+hands back the latest epoch's checkpoint; a new `run` on the same RUN_DIR (`robint train --resume`)
+finds the same checkpoint through Ray Train's run snapshot in RUN_DIR/ray. Random state is not carried
+over but re-derived: every epoch starts by seeding torch, numpy and random from (seed, epoch, rank), and
+the sampler shuffles by (seed, epoch), so a resumed epoch draws the same crops, flips, shuffles and PGD
+starts as it would have without the interruption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import random
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import Threat, pgd
+from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
+from .errors import InputError, check
+
+log = logging.getLogger(__name__)
+
+STATE = "train_state.pt"
+RAY_NAME = "train"  # RunConfig(name): Ray Train's files go to RUN_DIR/ray/train
+
+
+# --- the math: one epoch -------------------------------------------------------------------------
+
+
+def make_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # The author's Adam: L2 penalty through weight_decay (torch.optim.Adam), not AdamW.
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: int):
+    """Stepped once per epoch."""
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.t_max or epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast on `device` when bf16, else nothing."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def adversarial_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, *,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The PGD images of the training attack (Algorithm 1, lines 4-7), computed on `module` (never a
+    DDP wrapper) with batch norm in cfg.bn_mode. Parameter gradients are left untouched."""
+    return pgd(module, x, y, threat=Threat(cfg.norm, cfg.eps, cfg.step_size), steps=cfg.steps,
+               random_start=cfg.random_start, model_mode=cfg.bn_mode, generator=generator)
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, attack_model: nn.Module | None = None,
+                pgd_cfg: PGDConfig | None = None, device: torch.device, bf16: bool = False,
+                channels_last: bool = False, generator: torch.Generator | None = None,
+                on_batch: Callable[[int, int, torch.Tensor], None] | None = None) -> dict[str, float]:
+    """One pass of SGD over `loader`; with pgd_cfg, on the PGD images of each batch (attack on
+    attack_model, the module inside `model`'s DDP wrapper, or `model` itself).
+
+    Returns this process's sums: {"loss_sum", "correct", "n"} (loss and accuracy on the images the
+    model was trained on: adversarial ones in adversarial training). on_batch(i, n_seen, loss) is
+    called after each batch (i from 1).
+    """
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    n = 0
+    for i, (x, y) in enumerate(loader, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if pgd_cfg is not None:
+            with autocast(device, bf16):
+                x = adversarial_batch(attack_model if attack_model is not None else model, x, y, pgd_cfg,
+                                      generator=generator)
+        with autocast(device, bf16):
+            logits = model(x)  # (B, classes)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * len(y)
+        correct += (logits.detach().argmax(dim=1) == y).sum()
+        n += len(y)
+        if on_batch is not None:
+            on_batch(i, n, loss)
+    return {"loss_sum": float(loss_sum), "correct": int(correct), "n": n}
+
+
+def selection_score(clean_accuracy: float, adversarial_accuracy: float) -> float:
+    """The paper's model-selection metric: the mean of clean and adversarial accuracy."""
+    return (clean_accuracy + adversarial_accuracy) / 2
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+def subsample(dataset, n: int | None, seed: int):
+    """A seeded random subset of n items (all when n is None), in dataset order, keeping the transform."""
+    if n is None or n >= len(dataset):
+        return dataset
+    positions = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
+    return dataset.subset(positions, dataset.transform)
+
+
+def load_data(cfg: TrainConfig, split: str):
+    """The fit (augmented), val or test split of the run, subsampled as configured."""
+    from .data import load_split
+
+    data = cfg.data
+    dataset = load_split(data.path, split, augment=data.augment and split == "fit",
+                         val_fraction=data.val_fraction, seed=data.split_seed)
+    n = {"fit": data.train_n, "val": data.val_n, "test": data.test_n}[split]
+    return subsample(dataset, n, cfg.seed)
+
+
+# --- one worker ----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """What survives a restart besides the weights, optimiser and scheduler."""
+
+    epoch: int = 0  # last finished epoch
+    best_epoch: int = 0
+    best_score: float = -math.inf
+    attempt: int = 1  # 1 + the number of times this run restarted from a checkpoint
+    resumed_from: int = 0  # the epoch this attempt started after
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _seed_epoch(seed: int, epoch: int, rank: int) -> int:
+    """Seed torch, numpy and random from (seed, epoch, rank); returns the seed used."""
+    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+    return value
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _broadcast_state(module: nn.Module) -> None:
+    """Every tensor of module's state (parameters and batch-norm statistics) from rank 0 to all."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def evaluate_sharded(module: nn.Module, dataset, pgd_cfg: PGDConfig, *, rank: int, world: int, batch_size: int,
+                     device: torch.device, bf16: bool) -> dict[str, float]:
+    """Clean and PGD accuracy over `dataset`, each worker taking every world-th item, summed over
+    workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
+    from .evaluate import AttackConfig, evaluate
+
+    attack = AttackConfig(kind="pgd", norm=pgd_cfg.norm, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
+                          steps=pgd_cfg.steps, random_start=pgd_cfg.random_start)
+    positions = np.arange(rank, len(dataset), world)
+    counts = [0.0, 0.0, 0.0]
+    if len(positions):
+        with autocast(device, bf16):
+            result = evaluate(module, dataset.subset(positions), attack=attack, batch_size=batch_size, device=device)
+        counts = [result["n"], result["clean_correct"], result["adversarial_correct"]]
+    n, clean, robust = _all_sum(counts, device)
+    check(n > 0, "the evaluation split is empty")
+    return {"n": int(n), "clean_accuracy": clean / n, "adversarial_accuracy": robust / n}
+
+
+def _load_weights(module: nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    module.load_state_dict(load_file(str(path)))
+
+
+def _restore(checkpoint, module: nn.Module, optimizer, scheduler) -> TrainState:
+    """Weights, optimiser, scheduler and TrainState from a Ray Train checkpoint (None: fresh)."""
+    from .checkpoint import WEIGHTS
+
+    if checkpoint is None:
+        return TrainState()
+    with checkpoint.as_directory() as directory:
+        _load_weights(module, Path(directory) / WEIGHTS)
+        saved = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return TrainState(epoch=saved["epoch"], best_epoch=saved["best_epoch"], best_score=saved["best_score"],
+                      attempt=saved["attempt"] + 1, resumed_from=saved["epoch"], history=list(saved["history"]))
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(tmp, path)
+
+
+def _repair_best(run_dir: Path, state: TrainState) -> None:
+    """Make RUN_DIR/best the best epoch of the restored history: an epoch lost to a failure may have
+    written best/ after the checkpoint that the run resumed from."""
+    import shutil
+
+    from .checkpoint import META, WEIGHTS, read_meta
+
+    best = run_dir / "best"
+    if state.best_epoch == 0:
+        shutil.rmtree(best, ignore_errors=True)
+        return
+    if (best / META).is_file() and read_meta(best).get("metrics", {}).get("epoch") == state.best_epoch:
+        return
+    source = run_dir / "ray" / RAY_NAME / f"epoch_{state.best_epoch:04d}"
+    check((source / WEIGHTS).is_file(), f"{source}: the checkpoint of the best epoch is missing")
+    best.mkdir(parents=True, exist_ok=True)
+    for name in (WEIGHTS, META):
+        shutil.copyfile(source / name, best / (name + ".tmp"))
+        os.replace(best / (name + ".tmp"), best / name)
+    log.info("best/ restored from epoch %d", state.best_epoch)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _worker_logging(rank: int) -> None:
+    logger = logging.getLogger("robint_ray")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
+    """The training loop of one Ray Train worker. loop_config: {"config": TrainConfig dict,
+    "run_dir": absolute path or None (then only Ray Train's checkpoints are written)}."""
+    import ray.train
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .models import build_model
+
+    cfg = TrainConfig.from_dict(loop_config["config"])
+    run_dir = Path(loop_config["run_dir"]) if loop_config.get("run_dir") else None
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    _worker_logging(rank)
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+    on_gpu = device.type == "cuda"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
+    channels_last = cfg.channels_last and on_gpu
+    check(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
+
+    fit, val = load_data(cfg, "fit"), load_data(cfg, "val")
+    classes = fit.classes
+    num_classes = cfg.num_classes or len(classes)
+    sampler = DistributedSampler(fit, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(fit, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.data.loader_workers,
+                        pin_memory=on_gpu, persistent_workers=cfg.data.loader_workers > 0)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP broadcasts rank 0's anyway)
+    module = build_model(cfg.arch, num_classes)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
+    module = model.module if isinstance(model, DistributedDataParallel) else model
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    scheduler = make_scheduler(optimizer, cfg.optim, cfg.epochs)
+    state = _restore(ray.train.get_checkpoint(), module, optimizer, scheduler)
+    if state.epoch and rank == 0:
+        log.info("resuming after epoch %d (attempt %d)", state.epoch, state.attempt)
+
+    writer = None
+    if run_dir is not None:
+        (run_dir / "workers").mkdir(parents=True, exist_ok=True)
+        (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(),
+             "attempt": state.attempt, "resumed_from_epoch": state.epoch, "started": time.time()}))
+        if rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            _write_jsonl(run_dir / "metrics.jsonl", state.history)
+            _repair_best(run_dir, state)
+            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.epoch + 1)
+
+    generator = torch.Generator(device=device)
+    batches = len(loader)
+    epoch_seconds: list[float] = []
+    last_metrics: dict[str, Any] = state.history[-1] if state.history else {}
+    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+        generator.manual_seed(_seed_epoch(cfg.seed, epoch, rank))
+        sampler.set_epoch(epoch)
+        started = time.perf_counter()
+
+        def progress(i: int, seen: int, loss: torch.Tensor) -> None:
+            if rank == 0 and (i % cfg.log_every == 0 or i == batches):
+                elapsed = time.perf_counter() - started
+                rate = seen * world / elapsed
+                log.info("epoch %d/%d batch %d/%d loss %.4f  %.1f img/s  epoch ETA %s", epoch, cfg.epochs, i, batches,
+                         loss.item(), rate, _hms(elapsed / i * (batches - i)))
+
+        sums = train_epoch(model, loader, optimizer, attack_model=module,
+                           pgd_cfg=cfg.pgd if cfg.adversarial else None, device=device, bf16=bf16,
+                           channels_last=channels_last, generator=generator, on_batch=progress)
+        train_seconds = time.perf_counter() - started
+        loss_sum, correct, n = _all_sum([sums["loss_sum"], sums["correct"], sums["n"]], device)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        # Rank 0's batch-norm statistics everywhere, so the evaluated model is the saved one.
+        _broadcast_state(module)
+        val_started = time.perf_counter()
+        result = evaluate_sharded(module, val, cfg.val_pgd or cfg.pgd, rank=rank, world=world, batch_size=cfg.eval_batch_size,
+                                  device=device, bf16=bf16)
+        score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"])
+        if score > state.best_score:
+            state.best_epoch, state.best_score = epoch, score
+        epoch_seconds.append(time.perf_counter() - started)
+        metrics = {
+            "epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
+            "val_clean_accuracy": result["clean_accuracy"], "val_adversarial_accuracy": result["adversarial_accuracy"],
+            "val_score": score, "best_epoch": state.best_epoch, "best_val_score": state.best_score, "lr": lr,
+            "train_images": int(n), "val_images": result["n"], "train_seconds": train_seconds,
+            "val_seconds": time.perf_counter() - val_started, "train_images_per_s": n / train_seconds,
+            "attempt": state.attempt, "resumed_from_epoch": state.resumed_from, "workers": world,
+        }
+        state.epoch = epoch
+        state.history.append(metrics)
+        eta = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - epoch)
+        if rank == 0:
+            log.info("epoch %d/%d: train loss %.4f acc %.4f | val clean %.4f pgd %.4f score %.4f%s | %.1f img/s | "
+                     "%s per epoch, ETA %s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_accuracy"],
+                     metrics["val_clean_accuracy"], metrics["val_adversarial_accuracy"], score,
+                     " (best)" if state.best_epoch == epoch else "", metrics["train_images_per_s"],
+                     _hms(epoch_seconds[-1]), _hms(eta))
+            with tempfile.TemporaryDirectory() as tmp:
+                save_checkpoint(tmp, module, classes=classes, config=cfg.to_dict(), metrics=metrics)
+                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "best_epoch": state.best_epoch, "best_score": state.best_score, "attempt": state.attempt,
+                            "history": state.history}, Path(tmp) / STATE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
+            # Wait until the controller has registered the checkpoint (it polls workers every 2 s):
+            # from here on a failure resumes after this epoch, and metrics.jsonl says so.
+            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+            if run_dir is not None:
+                with open(run_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy",
+                            "val_score", "lr", "train_images_per_s"):
+                    writer.add_scalar(key, metrics[key], epoch)
+                writer.flush()
+                if state.best_epoch == epoch:
+                    save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(), metrics=metrics)
+        else:
+            ray.train.report(metrics)
+        last_metrics = metrics
+
+    if writer is not None:
+        writer.close()
+    if not (cfg.test and run_dir is not None):
+        return
+    # The selected model on the test split, once, at the end (never used for selection).
+    if rank == 0:
+        best, meta = load_checkpoint(run_dir / "best")
+        module.load_state_dict(best.state_dict())
+    _broadcast_state(module)
+    test = load_data(cfg, "test")
+    result = evaluate_sharded(module, test, cfg.pgd, rank=rank, world=world, batch_size=cfg.eval_batch_size,
+                              device=device, bf16=bf16)
+    figures = {"test_clean_accuracy": result["clean_accuracy"], "test_adversarial_accuracy": result["adversarial_accuracy"],
+               "test_images": result["n"], "test_epoch": state.best_epoch}
+    if rank == 0:
+        log.info("test (best epoch %d): clean %.4f pgd %.4f on %d images", state.best_epoch,
+                 figures["test_clean_accuracy"], figures["test_adversarial_accuracy"], result["n"])
+        (run_dir / "test.json").write_text(json.dumps({**figures, "attack": asdict(cfg.pgd)}, indent=2))
+        save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(),
+                        metrics={**meta["metrics"], **figures})
+    ray.train.report({**last_metrics, **figures})
+
+
+# --- the driver ----------------------------------------------------------------------------------
+
+
+def make_trainer(cfg: TrainConfig, run_dir: str | Path | None, *, workers: int = 1, gpus_per_worker: float = 0,
+                 storage_path: str | Path | None = None, name: str = RAY_NAME, callbacks: list | None = None):
+    """A TorchTrainer running train_fn_per_worker. Ray Train's storage is RUN_DIR/ray (absolute)
+    unless storage_path is given; it keeps the latest and the best checkpoint."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    check(workers >= 1, f"--workers must be >= 1, got {workers}")
+    check(gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
+    run_dir = Path(run_dir).resolve() if run_dir is not None else None
+    if storage_path is None:
+        check(run_dir is not None, "give run_dir or storage_path")
+        storage_path = run_dir / "ray"
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+    return TorchTrainer(
+        train_fn_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir) if run_dir else None},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=str(Path(storage_path).resolve()),
+            callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a Tune trial runs the trainer
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray always keeps the latest checkpoint too: these two are what resume and best/ need.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_score",
+                                               checkpoint_score_order="max"),
+        ),
+    )
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """data.path made absolute where it names something here (workers do not share our cwd)."""
+    path = cfg.data.path
+    if path != "sample" and Path(path).exists():
+        return cfg.override({"data.path": str(Path(path).resolve())})
+    return cfg
+
+
+def preflight(cfg: TrainConfig, workers: int) -> None:
+    """Fail here, with an InputError, on what would otherwise fail inside every worker."""
+    from .models import arch_spec
+
+    arch_spec(cfg.arch)
+    check(cfg.batch_size % workers == 0, f"batch_size {cfg.batch_size} does not split evenly over {workers} workers")
+    val = load_data(cfg, "val")
+    num_classes = cfg.num_classes or len(val.classes)
+    check(int(val.labels.max()) < num_classes, f"the data has labels up to {int(val.labels.max())}, "
+          f"the model only {num_classes} classes")
+
+
+def run(cfg: TrainConfig, run_dir: str | Path, *, workers: int = 1, gpus_per_worker: float = 0,
+        resume: bool = False) -> dict[str, Any]:
+    """Train (or, with resume, continue) the run in run_dir on Ray; returns the last reported metrics."""
+    import ray
+
+    from .distributed import init_ray
+
+    run_dir = Path(run_dir).resolve()
+    started = (run_dir / "ray" / RAY_NAME).exists()
+    if resume:
+        check(started, f"{run_dir}: no run to resume (no {run_dir / 'ray' / RAY_NAME})")
+    else:
+        check(not started, f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another --out")
+    cfg = resolve_paths(cfg)
+    preflight(cfg, workers)
+    init_ray()
+    need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * gpus_per_worker}
+    have = ray.cluster_resources()
+    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
+    if short and not os.environ.get("RAY_ADDRESS"):
+        raise InputError(f"{workers} workers need {' and '.join(short)}: use fewer --workers or cpus_per_worker")
+    if short:
+        log.warning("the cluster has too few resources for now: %s; waiting for the autoscaler", "; ".join(short))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    log.info("training %s (%s) with %d worker(s) into %s", cfg.arch, "adversarial" if cfg.adversarial else "standard",
+             workers, run_dir)
+    result = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker).fit()
+    return dict(result.metrics or {})

@@ -1,0 +1,123 @@
+"""The study as one job: its config, its report, resuming after a kill, and `ray job submit` to a
+simulated two-node cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from robint_ray.errors import InputError
+from robint_ray.report import Section, Table, write_report
+from robint_ray.study import load_study
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "experiments" / "smoke" / "paper_cifar10.yaml"
+
+
+def test_study_configs_load():
+    for path in [SMOKE, *sorted((ROOT / "experiments" / "paper").glob("*.yaml"))]:
+        config = load_study(path)
+        assert Path(config.standard.train).is_file() and Path(config.robust.train).is_file()
+
+
+def test_study_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(SMOKE.read_text() + "\ngeneraton: {per_class: 3}\n")
+    with pytest.raises(InputError, match="unknown config key 'generaton'"):
+        load_study(bad)
+    bad.write_text("standard: {train: a.yaml, checkpoint: b}\nrobust: {train: a.yaml}\n")
+    with pytest.raises(InputError, match="standard: give exactly one of train"):
+        load_study(bad)
+    bad.write_text(SMOKE.read_text().replace("per_class: 10", "per_class: ten"))
+    with pytest.raises(InputError, match="generation.per_class' must be an integer"):
+        load_study(bad)
+
+
+def test_report_is_self_contained(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    fig.savefig(tmp_path / "f.png")
+    page = write_report(tmp_path / "out", title="t", data={"fid": 1.5},
+                        sections=[Section("S", "text", [Table("T", ["a", "b"], [["x", 0.123456]])],
+                                          [("a figure", tmp_path / "f.png")])])
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "<td>0.1235</td>" in text and "src=\"http" not in text
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"fid": 1.5}
+
+
+def smoke_config(tmp_path: Path, **sizes) -> Path:
+    """The smoke study, smaller still (tests must be quick): fewer images and steps."""
+    text = SMOKE.read_text()
+    for old, new in sizes.items():
+        text = text.replace(old, new)
+    for name in ("cifar10_standard.yaml", "cifar10_robust_l2.yaml"):
+        shutil.copy(SMOKE.parent / name, tmp_path / name)
+    path = tmp_path / "study.yaml"
+    path.write_text(text)
+    return path
+
+
+TINY = {"n: 200,": "n: 40,", "autoattack_n: 50": "autoattack_n: 8", "n: 24,": "n: 6,", "steps: 300": "steps: 20",
+        "steps: 150": "steps: 10", "per_class: 10": "per_class: 4", "shard_size: 25": "shard_size: 5"}
+
+
+@pytest.mark.slow
+def test_killed_in_generation_resumes_without_redoing(tmp_path):
+    config, out = smoke_config(tmp_path, **TINY), tmp_path / "out"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "robint_ray", "study", str(config), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    shards = out / "generation" / "standard" / "shards"
+    deadline = time.time() + 1200
+    while not (shards.is_dir() and any(shards.glob("shard-*.npz"))):
+        assert proc.poll() is None and time.time() < deadline, "the study ended before generation"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "generation" / "result.json").exists()
+    before = {p: p.stat().st_mtime_ns for p in [*out.glob("*/result.json"), *shards.glob("shard-*.npz")]}
+    assert len([p for p in before if p.name == "result.json"]) == 3  # train, evaluation, attributions
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=1800)
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing done twice
+    assert (out / "report.html").is_file() and (out / "report.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare -n")
+def test_ray_job_submit_to_a_two_node_cluster(tmp_path):
+    """A Ray head and a second node on 127.0.0.1 in a private network namespace; the smoke study is
+    submitted with `ray job submit` and its Ray tasks run on both nodes."""
+    config, out = smoke_config(tmp_path, **TINY), tmp_path / "out"
+    bin_dir = Path(sys.executable).parent
+    script = f"""
+set -e
+ip link set lo up
+export RAY_AUTH_MODE=token PATH={bin_dir}:$PATH
+ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats
+ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats
+trap 'ray stop --force >/dev/null 2>&1' EXIT
+cd {ROOT}
+ray job submit --address http://127.0.0.1:8271 --working-dir . \\
+  --runtime-env-json '{{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}}' \\
+  -- python -m robint_ray study {config} --out {out}
+"""
+    proc = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.html").is_file()
+    assert report["hardware"]["ray_nodes"] == 2
+    assert len(report["nodes_used"]) == 2, report["nodes_used"]
