@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/python experiments/demo.py
+	$(BIN)/robint study experiments/smoke/paper_cifar10.yaml --out demo_out
 
 test: install
 	$(BIN)/python -m pytest -q -ra

@@ -190,10 +190,13 @@ def open_source(path: str | Path, split: str | None = None) -> ImageSource:
     """An ImageSource for `path` (see the module docstring); `split` names a dataset split."""
     from .data import load_split
 
+    if split is not None:  # a dataset (load_split checks the path); `sample`: the bundled one
+        from .data import sample_path
+
+        path = sample_path() if str(path) == "sample" else Path(path)
+        return ImageSource("split", str(path), len(load_split(path, split)), split=split)
     path = Path(path)
     check(path.exists(), f"image source not found: {path}")
-    if split is not None:
-        return ImageSource("split", str(path), len(load_split(path, split)), split=split)
     if path.is_dir():
         check(not (path / "train").is_dir(),
               f"{path} is a dataset (it has train/); add --split train or --split test after it")

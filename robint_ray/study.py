@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .distributed import nodes_used
 from .errors import InputError, check
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class ModelSource:
 
     train: str | None = None
     checkpoint: str | None = None
+    set: tuple[str, ...] = ()  # overrides of the training config, as `robint train --set`: ["epochs=20"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class GenerationStage:
     steps: int | None = None
     shard_size: int = 100
     fid_dims: int = 2048
+    real_n: int | None = None  # training images in the real-data FID (None: all)
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,7 @@ class Study:
         start = time.perf_counter()
         result = fn(folder)
         result["_seconds"] = self.timings[name] = round(time.perf_counter() - start, 2)
+        result["_nodes"] = nodes_used()  # Ray nodes that ran this process's fan-out tasks so far
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
         tmp.replace(done)
@@ -190,6 +194,7 @@ class Study:
                 out[name] = {"checkpoint": source.checkpoint}
                 continue
             cfg = load_config(source.train, {"data.path": self.config.data, "seed": self.config.seed})
+            cfg = cfg.override(list(source.set))
             run_dir = folder / name
             if not (run_dir / "done").exists():
                 resume = (run_dir / "ray" / RAY_NAME).exists()
@@ -273,7 +278,9 @@ class Study:
         c = self.config.generation
         test = self.test_split()
         out: dict[str, Any] = {}
-        sources = {"test": open_source(self.config.data, "test"), "train": open_source(self.config.data, "train")}
+        train = open_source(self.config.data, "train")
+        sources = {"test": open_source(self.config.data, "test"),
+                   "train": replace(train, count=min(c.real_n or train.count, train.count))}
         for name in ("standard", "robust"):
             model = self.model(name)
             default = generation_settings(model.input_size)
@@ -371,7 +378,7 @@ class Study:
     # the whole study
 
     def run(self) -> Path:
-        from .distributed import init_ray, nodes_used
+        from .distributed import init_ray
 
         self.out.mkdir(parents=True, exist_ok=True)
         init_ray()
@@ -381,7 +388,8 @@ class Study:
         results["generation"] = self.stage("generation", self.generation)
         results["inversion"] = self.stage("inversion", self.inversion)
         results["features"] = self.stage("features", self.features)
-        return build_report(self, results, nodes_used())
+        nodes = sorted({node for result in results.values() for node in result.get("_nodes", [])})
+        return build_report(self, results, nodes)
 
 
 def _jsonable(value: Any) -> Any:

@@ -251,3 +251,10 @@ def test_cli_writes_json_and_explains_bad_sources(fid_model, fid_cache, two_sour
     assert main(["fid", str(dataset), str(folder), "--workers", "0"]) == 2  # a dataset without --split
     assert "add --split train or --split test" in capsys.readouterr().err
     assert open_source(dataset, "test").count == 2 and open_source(dataset, "test").describe().endswith("--split test")
+
+
+def test_the_bundled_sample_is_a_dataset_source():
+    from robint_ray.fid import open_source, read_images
+
+    source = open_source("sample", "test")
+    assert source.count == 500 and read_images(source, 0, 3).shape == (3, 3, 32, 32)

@@ -71,7 +71,7 @@ def smoke_config(tmp_path: Path, **sizes) -> Path:
     return path
 
 
-TINY = {"n: 200,": "n: 40,", "autoattack_n: 50": "autoattack_n: 8", "n: 24,": "n: 6,", "steps: 300": "steps: 20",
+TINY = {"epochs=15": "epochs=2", "epochs=10": "epochs=2", "n: 200,": "n: 40,", "autoattack_n: 50": "autoattack_n: 8", "n: 24,": "n: 6,", "steps: 300": "steps: 20",
         "steps: 150": "steps: 10", "per_class: 10": "per_class: 4", "shard_size: 25": "shard_size: 5"}
 
 
