@@ -29,7 +29,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # that before ray is first imported).
     # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train's placement-group
     # cleaner needs to release the resources of a stopped run.
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    # address="local": a new instance, even where `ray start` left a cluster address behind in /tmp/ray.
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
+             dashboard_host="127.0.0.1",
              configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
 
 

@@ -116,3 +116,31 @@ def write_report(out_dir: str | Path, *, title: str, sections: Sequence[Section]
     page.write_text("\n".join(parts))
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
     return page
+
+
+def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
+    """Open a report in headless Chromium and count its tables, its figures and the figures that
+    decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
+    import re
+    import shutil
+    import tempfile
+
+    browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise FileNotFoundError("no chromium on PATH")
+    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+             "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
+             "+ imgs.filter(i => i.complete && i.naturalWidth > 0).length; });</script>")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "page.html"
+        copy.write_text(Path(page).read_text().replace("</body>", probe + "</body>"))
+        out = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
+            capture_output=True, text=True, timeout=timeout).stdout
+    match = re.search(r"<title>CHECK (\d+) (\d+) (\d+)</title>", out)
+    if match is None:
+        raise RuntimeError("the page did not load in Chromium")
+    tables, images, loaded = map(int, match.groups())
+    return {"tables": tables, "images": images, "images_loaded": loaded}

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def test_report_is_self_contained(tmp_path):
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"fid": 1.5}
 
 
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_tables_and_figures_show_in_headless_chromium(tmp_path):
+    from PIL import Image
+
+    from robint_ray.report import check_in_browser
+
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 80, 20, 200)).save(tmp_path / f"{i}.png")
+    page = write_report(tmp_path / "out", title="t", data={}, sections=[
+        Section("A", "", [Table("T1", ["a"], [[1]]), Table("T2", ["b"], [[2]])],
+                [(f"figure {i}", tmp_path / f"{i}.png") for i in range(3)])])
+    assert check_in_browser(page) == {"tables": 2, "images": 3, "images_loaded": 3}
+
+
 def smoke_config(tmp_path: Path, **sizes) -> Path:
     """The smoke study, smaller still (tests must be quick): fewer images and steps."""
     text = SMOKE.read_text()
@@ -103,13 +118,18 @@ def test_ray_job_submit_to_a_two_node_cluster(tmp_path):
     submitted with `ray job submit` and its Ray tasks run on both nodes."""
     config, out = smoke_config(tmp_path, **TINY), tmp_path / "out"
     bin_dir = Path(sys.executable).parent
+    # This cluster's session files (a short path: Ray's unix sockets live there) and the tag its
+    # processes are stopped by.
+    temp = tempfile.mkdtemp(prefix="rt2n", dir="/tmp")
     script = f"""
 set -e
 ip link set lo up
-export RAY_AUTH_MODE=token PATH={bin_dir}:$PATH
-ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats
-ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats
-trap 'ray stop --force >/dev/null 2>&1' EXIT
+# A real multi-node cluster: undo the loopback-only switch robint_ray set in this test process.
+export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 PATH={bin_dir}:$PATH
+# Stop this cluster's processes only (`ray stop` would stop every Ray instance on the machine).
+trap 'pkill -9 -f {temp} >/dev/null 2>&1 || true' EXIT
+ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats --temp-dir={temp}
+ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats --temp-dir={temp}
 cd {ROOT}
 ray job submit --address http://127.0.0.1:8271 --working-dir . \\
   --runtime-env-json '{{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}}' \\
