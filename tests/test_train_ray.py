@@ -133,7 +133,6 @@ def test_best_checkpoint_works_with_robint_eval(standard_run, capsys):
     assert "clean accuracy" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_adversarial_training_is_more_robust_at_equal_epochs(standard_run, faulty_robust_run):
     standard = read_metrics(standard_run[0])[-1]
     robust = read_metrics(faulty_robust_run[0])[-1]
@@ -141,7 +140,6 @@ def test_adversarial_training_is_more_robust_at_equal_epochs(standard_run, fault
     assert robust["val_adversarial_accuracy"] > standard["val_adversarial_accuracy"] + 0.03, (robust, standard)
 
 
-@pytest.mark.slow
 def test_killed_worker_resumes_from_the_last_checkpoint(faulty_robust_run):
     run_dir, killed = faulty_robust_run
     assert killed["epochs_done"] >= 1, "the worker was not killed mid-run"
@@ -158,7 +156,6 @@ def test_killed_worker_resumes_from_the_last_checkpoint(faulty_robust_run):
     assert survivor["attempt"] == 2 and survivor["pid"] != killed["pid"]
 
 
-@pytest.mark.slow
 def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_local, tmp_path, capsys):
     """Ctrl-C the driver of a run after its first epoch, then `robint train --resume RUN_DIR`: epoch,
     optimiser, scheduler, random state and best-so-far survive, so the metrics equal standard_run's."""
