@@ -225,18 +225,24 @@ def apply_overrides(data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[
     return out
 
 
-def load_config(path: str | Path | None, sets: Iterable[str] | Mapping[str, Any] = ()) -> TrainConfig:
-    """The TrainConfig of a YAML file (None: the defaults), with `sets` applied."""
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The content of a YAML file ({} when empty); a missing file or invalid YAML is an InputError."""
     import yaml
 
+    path = Path(path)
+    check(path.is_file(), f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML ({err})") from err
+
+
+def load_config(path: str | Path | None, sets: Iterable[str] | Mapping[str, Any] = ()) -> TrainConfig:
+    """The TrainConfig of a YAML file (None: the defaults), with `sets` applied."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        check(path.is_file(), f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise InputError(f"{path}: not valid YAML ({err})") from err
+        data = read_yaml(path)
         check(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
     try:
         base = TrainConfig.from_dict(data).to_dict()

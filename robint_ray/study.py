@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .distributed import nodes_used
-from .errors import InputError, check
+from .errors import check
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +129,10 @@ class StudyConfig:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    import yaml
-
-    from .config import build_dataclass
+    from .config import build_dataclass, read_yaml
 
     path = Path(path)
-    check(path.is_file(), f"study config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from err
+    data = read_yaml(path, "study config")
     base = path.parent
     for name in ("standard", "robust"):  # paths in the file are relative to the file
         for key in ("train", "checkpoint"):

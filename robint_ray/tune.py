@@ -259,14 +259,10 @@ def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """The Sweep of a YAML sweep file (an unknown key, parameter or search kind is an error naming it)."""
-    import yaml
+    from .config import read_yaml
 
     path = Path(path)
-    check(path.is_file(), f"sweep file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"{path}: not valid YAML ({err})") from err
+    data = read_yaml(path, "sweep file")
     try:
         return parse_sweep(data, root=path.parent)
     except InputError as err:
