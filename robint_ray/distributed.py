@@ -43,12 +43,33 @@ def nodes_used() -> list[str]:
     return sorted(_NODES_USED)
 
 
-def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], *values: Any) -> tuple[Any, str]:
+# The shared values of the current fan_out call, deserialised once per worker process (ObjectRef hex ->
+# value). A worker runs many shards of one call; unpickling a 100 MB model for each of them would cost
+# more than a small shard's work. Entries of earlier calls are dropped when a new call's first task
+# arrives, so a worker holds one call's values at most. Tasks must not change them (a model's .to(device)
+# is fine: every task of the call does the same).
+_SHARED: dict[str, Any] = {}
+
+
+def _shared_values(refs: Sequence[Any]) -> list[Any]:
+    import ray
+
+    keys = [ref.hex() for ref in refs]
+    missing = [(key, ref) for key, ref in zip(keys, refs) if key not in _SHARED]
+    if missing:
+        for stale in set(_SHARED) - set(keys):
+            del _SHARED[stale]
+        for (key, _), value in zip(missing, ray.get([ref for _, ref in missing])):
+            _SHARED[key] = value
+    return [_SHARED[key] for key in keys]
+
+
+def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], refs: list) -> tuple[Any, str]:
     import ray
     import torch
 
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
-    return fn(shard, **dict(zip(names, values))), ray.get_runtime_context().get_node_id()
+    return fn(shard, **dict(zip(names, _shared_values(refs)))), ray.get_runtime_context().get_node_id()
 
 
 def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
@@ -69,7 +90,7 @@ def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, 
 
     init_ray()
     names = tuple((shared or {}).keys())
-    # Top-level ObjectRef arguments are resolved by Ray in the worker (nested ones would not be).
+    # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
     refs = [ray.put(value) for value in (shared or {}).values()]
     # SPREAD: shards go to every node of a cluster, not first to fill the driver's node.
     remote = ray.remote(_run_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
@@ -84,7 +105,7 @@ def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, 
     def submit_until_full(waiting: list) -> None:
         nonlocal next_shard
         while next_shard < len(shards) and len(waiting) < limit:
-            ref = remote.remote(fn, shards[next_shard], threads, names, *refs)
+            ref = remote.remote(fn, shards[next_shard], threads, names, refs)
             pending[ref] = next_shard
             waiting.append(ref)
             next_shard += 1

@@ -157,10 +157,22 @@ def points_per_image(config: ExplainConfig) -> int:
 
 def alignment(config: ExplainConfig, batch_size: int) -> int:
     """Shards start at multiples of this many images, so that each pass (attributions and metrics)
-    holds the same images as in a single-process run."""
-    a = attr.images_per_pass(points_per_image(config), batch_size)
-    b = attr.images_per_pass(2 * (config.metric_steps + 1), batch_size)
-    return a * b // math.gcd(a, b)
+    holds the same images as in a single-process run: the images of one attribution pass (the metric
+    passes hold a divisor of that, see metric_batch_size)."""
+    return attr.images_per_pass(points_per_image(config), batch_size)
+
+
+def metric_batch_size(config: ExplainConfig, batch_size: int) -> int:
+    """Points per pass of the deletion/insertion metric: at most batch_size, and whole images in a
+    number that divides the images of an attribution pass. (Were the two image counts unrelated,
+    shards would have to start at their least common multiple: 4 and 51 images per pass would put
+    204 images in every shard, and a few hundred images would not spread over the workers.)"""
+    points = 2 * (config.metric_steps + 1)
+    if points >= batch_size:
+        return batch_size  # one image per pass either way
+    a = alignment(config, batch_size)
+    b = attr.images_per_pass(points, batch_size)
+    return max(d for d in range(1, min(a, b) + 1) if a % d == 0) * points
 
 
 def resolve_batch_size(model: nn.Module, image_shape: tuple[int, ...], config: ExplainConfig) -> int:
@@ -210,7 +222,7 @@ def explain_images(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
                                        local_smoothing=sh.local_smoothing, seed=sh.seed, indices=indices,
                                        batch_size=batch_size)
     deletion, insertion = attr.deletion_insertion(model, x, t, maps, steps=config.metric_steps,
-                                                  batch_size=batch_size)
+                                                  batch_size=metric_batch_size(config, batch_size))
     out.update(deletion_auc=deletion, insertion_auc=insertion, gini=attr.gini(maps),
                top_mass=attr.top_mass(maps, config.top_fraction))
     out = {name: value.detach().cpu().numpy() for name, value in out.items()}

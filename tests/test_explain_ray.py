@@ -3,6 +3,7 @@ whose worker dies is retried, and `robint explain` writes its files."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -52,6 +53,19 @@ def test_shards_are_aligned_to_whole_passes():
     assert shards[0][0] == 0 and shards[-1][1] == 7
     assert all(start % 2 == 0 for start, _ in shards)
     assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+
+
+def test_metric_passes_do_not_widen_the_shards():
+    """51 IG points per image (4 images per pass of 204) and 4 metric points (51 images per pass):
+    shards must not start at the least common multiple, 204 images, which would leave one shard of
+    16 images for 2 workers."""
+    cfg = ex.ExplainConfig(method="ig", workers=2, shards_per_worker=1, batch_size=204, metric_steps=1,
+                           ig=ex.IGConfig(steps=50, baseline="black", num_baselines=1))
+    assert ex.alignment(cfg, 204) == 4
+    assert ex.metric_batch_size(cfg, 204) == 4 * 4  # 4 images of 2 x 2 points: a divisor of 4 images
+    assert ex.plan_shards(16, cfg, 204) == [(0, 8), (8, 16)]
+    # Metric points beyond the batch: one image per pass, whatever the alignment.
+    assert ex.metric_batch_size(dataclasses.replace(cfg, metric_steps=200), 204) == 204
 
 
 @pytest.mark.parametrize("method", ["ig", "shap"])
