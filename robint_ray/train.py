@@ -304,6 +304,8 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     on_gpu = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     channels_last = cfg.channels_last and on_gpu
+    if on_gpu:
+        torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick its fastest kernels once
     check(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
 
     fit, val = load_data(cfg, "fit"), load_data(cfg, "val")

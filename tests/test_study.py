@@ -126,16 +126,24 @@ set -e
 ip link set lo up
 # A real multi-node cluster: undo the loopback-only switch robint_ray set in this test process.
 export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 PATH={bin_dir}:$PATH
-# Stop this cluster's processes only (`ray stop` would stop every Ray instance on the machine).
-trap 'pkill -9 -f {temp} >/dev/null 2>&1 || true' EXIT
-ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats --temp-dir={temp}
-ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats --temp-dir={temp}
+# Stop this cluster's processes only (`ray stop` would stop every Ray instance on the machine). The
+# path comes in $CLUSTER_TEMP: written out here it would be in this shell's command line, and pkill -f
+# would kill the shell too.
+trap 'pkill -9 -f "$CLUSTER_TEMP" >/dev/null 2>&1 || true' EXIT
+# Each node its own temp dir, as on separate machines: sharing one, the two nodes' runtime-env agents
+# unpack the job's working_dir into the same folder and delete it under each other's workers.
+ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats --temp-dir="$CLUSTER_TEMP/head"
+ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats --temp-dir="$CLUSTER_TEMP/node2"
 cd {ROOT}
 ray job submit --address http://127.0.0.1:8271 --working-dir . \\
   --runtime-env-json '{{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}}' \\
   -- python -m robint_ray study {config} --out {out}
 """
-    proc = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=2400)
+    try:
+        proc = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=2400,
+                              env={**os.environ, "CLUSTER_TEMP": temp})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.html").is_file()

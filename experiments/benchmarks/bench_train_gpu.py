@@ -4,12 +4,13 @@ autocast + channels_last, each also under torch.compile.
     python experiments/benchmarks/bench_train_gpu.py                       # CIFAR ResNet18, batch 128
     python experiments/benchmarks/bench_train_gpu.py --arch resnet50 --size 128 --classes 150 --batch-size 200
 
-Every row runs the library's `train_epoch` (the code path of `robint train` on one worker: the attack on
-the module, then one forward and backward; the paper's attack: L2, eps 0.5, step 0.1, 20 steps, no
-random start, batch norm in train mode) on batches of random images already resident on the GPU, so
-that the figure is the model's and the attack's, not the data loader's. Each row: `--warmup` batches
-(compilation included), then `--batches` timed batches between two synchronisations. Prints images/s
-and the implied seconds per 50,000-image epoch (CIFAR-10's training set).
+Every row runs the library's `train_epoch` (the code path of `robint train` on one worker, cuDNN
+autotuning on as there: the attack on the module, then one forward and backward; the paper's attack:
+L2, eps 0.5, step 0.1, 20 steps, no random start, batch norm in train mode) on batches of random
+images already resident on the GPU, so that the figure is the model's and the attack's, not the data
+loader's. Each row: `--warmup` batches (compilation included), then `--batches` timed batches between
+two synchronisations. Prints images/s and the implied seconds per 50,000-image epoch (CIFAR-10's
+training set).
 """
 
 from __future__ import annotations
