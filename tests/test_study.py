@@ -111,7 +111,7 @@ def test_killed_in_generation_resumes_without_redoing(tmp_path):
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare -n")
 def test_ray_job_submit_to_a_two_node_cluster(tmp_path):
     """A Ray head and a second node on 127.0.0.1 in a private network namespace; the smoke study is
