@@ -68,7 +68,10 @@ def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], r
     import ray
     import torch
 
+    from .allocator import tune_allocator
+
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
+    tune_allocator()
     return fn(shard, **dict(zip(names, _shared_values(refs)))), ray.get_runtime_context().get_node_id()
 
 

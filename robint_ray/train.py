@@ -291,6 +291,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
+    from .allocator import tune_allocator
     from .checkpoint import load_checkpoint, save_checkpoint
     from .models import build_model
 
@@ -300,6 +301,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     _worker_logging(rank)
     torch.set_num_threads(cfg.cpus_per_worker)
+    tune_allocator()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from robint_ray.allocator import tune_allocator  # noqa: E402
 from robint_ray import attributions as attr  # noqa: E402
 from robint_ray import explain as ex  # noqa: E402
 from robint_ray.data import load_split, stack  # noqa: E402
@@ -81,7 +82,13 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-shap", action="store_true")
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
+                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
+    if args.glibc_malloc:
+        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
 
     import shap
     from captum.attr import IntegratedGradients
@@ -97,7 +104,7 @@ def main() -> None:
     background = ex.choose_background(load_split("sample", "train"), args.background, seed=0).to(device)
     n, m = len(x), args.steps
     print(f"# {args.arch}, {n} images, fp32, device {device}, {args.threads} threads in process, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, best of {args.repeats}", flush=True)
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, best of {args.repeats}, {malloc}", flush=True)
     cases: list[tuple[str, object, str]] = []  # (name, closure, reference name)
 
     # --- Integrated Gradients ---

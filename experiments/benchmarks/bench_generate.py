@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from robint_ray.allocator import tune_allocator  # noqa: E402
 from robint_ray.data import load_split  # noqa: E402
 from robint_ray.distributed import init_ray  # noqa: E402
 from robint_ray.generate import GenerationConfig, fit_seeds, generate  # noqa: E402
@@ -53,7 +55,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--steps", type=int, default=GENERATION[32].steps)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
+                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
+    if args.glibc_malloc:
+        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
 
     if RESNET20.exists():
         from robint_ray.checkpoint import load_weights
@@ -96,7 +104,7 @@ def main() -> None:
     speedup = rates[2] / rates[1]
     print(f"model {which}; {config.total} images, {settings.steps} PGD steps, batches of {args.batch_size}, "
           f"shards of {args.shard_size}; forward+backward {t_step * 1e3:.1f} ms per batch on one thread "
-          f"(before {t_before * 1e3:.1f}, after {t_after * 1e3:.1f})")
+          f"(before {t_before * 1e3:.1f}, after {t_after * 1e3:.1f}); {malloc}")
     print(f"speed-up 2 vs 1 worker: {speedup:.2f}x (target >= 1.6)")
     print(f"1 worker vs limit: {rates[1] / limit:.3f} (target >= 0.85)")
     if args.json:

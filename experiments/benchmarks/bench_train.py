@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from robint_ray.allocator import tune_allocator
 from robint_ray.config import TrainConfig
 from robint_ray.models import build_model
 from robint_ray.train import load_data, make_optimizer, run, train_epoch
@@ -71,7 +72,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs, the first a warm-up (default: 3)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers = plain-loop threads (default: 2)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--glibc-malloc", action="store_true",
+                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
+                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
+    if args.glibc_malloc:
+        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
     logging.basicConfig(level=logging.WARNING)
 
     from robint_ray.distributed import init_ray
@@ -90,7 +97,7 @@ def main() -> None:
         "ratio": ray_ips / plain_ips, "ray_epochs": ray_rates, "plain_epochs": plain,
         "load_average": [load_before, load_after], "torch": torch.__version__,
     }
-    print(f"{args.arch}, global batch {args.batch_size}, L2 PGD-{args.steps}, {args.train_n} images/epoch")
+    print(f"{args.arch}, global batch {args.batch_size}, L2 PGD-{args.steps}, {args.train_n} images/epoch, {malloc}")
     print(f"  Ray Train, {args.workers} workers x 1 thread (DDP, gloo): {ray_ips:8.1f} img/s  "
           f"(epochs: {', '.join(f'{r:.1f}' for r in ray_rates)})")
     print(f"  plain loop, 1 process x {args.workers} threads:        {plain_ips:8.1f} img/s  "
