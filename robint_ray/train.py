@@ -38,6 +38,7 @@ import logging
 import math
 import os
 import random
+import signal
 import socket
 import sys
 import tempfile
@@ -516,5 +517,21 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, workers: int = 1, gpus_per_wor
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("training %s (%s) with %d worker(s) into %s", cfg.arch, "adversarial" if cfg.adversarial else "standard",
              workers, run_dir)
-    result = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker).fit()
+    with _sigint_handler_restored():
+        result = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker).fit()
     return dict(result.metrics or {})
+
+
+@contextlib.contextmanager
+def _sigint_handler_restored():
+    """Ray Train's fit() installs a SIGINT handler (Ctrl-C aborts the run) and leaves it installed: it
+    holds the controller actor's handle, so the TrainController and its DatasetManager outlived every
+    run of the process, and a later Ctrl-C (in a study, while it explains or generates) only asked the
+    finished controller to abort, and was swallowed. The handler from before comes back after fit()."""
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        # None: a handler not set from Python, which cannot be set back; fit() sets one only in the main thread
+        if previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)

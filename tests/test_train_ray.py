@@ -124,6 +124,21 @@ def test_standard_training_loss_falls_checkpoints_and_best_on_validation(standar
     assert final["epoch"] == 3
 
 
+def test_a_finished_run_hands_ctrl_c_back_and_leaves_no_controller(standard_run):
+    """Ray Train's fit() leaves a SIGINT handler installed that holds its controller actor's handle:
+    the controller would outlive the run, and a later Ctrl-C would only ask it to abort. run() puts
+    the caller's handler back, and the run's Train actors exit."""
+    from ray._private.state import actors
+
+    handler = signal.getsignal(signal.SIGINT)
+    assert not (getattr(handler, "__module__", None) or "").startswith("ray"), handler
+    deadline = time.monotonic() + 30
+    while alive := sorted(a["ActorClassName"] for a in actors().values()
+                          if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "DatasetManager")):
+        assert time.monotonic() < deadline, f"still alive 30 s after the run: {alive}"
+        time.sleep(0.5)
+
+
 def test_best_checkpoint_works_with_robint_eval(standard_run, capsys):
     from robint_ray.cli import main
 

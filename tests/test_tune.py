@@ -128,20 +128,18 @@ def live_train_actors() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_local, tmp_path_factory):
-    """(sweep folder, seconds, the Train actors alive before the sweep: other tests' runs share this
-    Ray instance)."""
+    """(sweep folder, seconds)."""
     from robint_ray.cli import main
 
-    before = live_train_actors()
     sweep_dir = tmp_path_factory.mktemp("sweep")
     started = time.perf_counter()
     assert main(["tune", str(SMOKE), "--out", str(sweep_dir)]) == 0
-    return sweep_dir, time.perf_counter() - started, before
+    return sweep_dir, time.perf_counter() - started
 
 
 @pytest.mark.ray
 def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
-    sweep_dir, seconds, _ = smoke_sweep
+    sweep_dir, seconds = smoke_sweep
     print(f"smoke sweep: {seconds:.0f} s")
     rows = read_table(sweep_dir / "results.csv")
     assert len(rows) == 4
@@ -165,10 +163,9 @@ def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
 def test_stopped_trials_leave_no_train_actors_or_placement_groups(smoke_sweep, ray_local):
     from ray.util.placement_group import placement_group_table
 
-    before = smoke_sweep[2]
     deadline = time.monotonic() + 90  # Ray's cleanup is asynchronous, and slow on a loaded machine
     while True:
-        alive = sorted(name for actor_id, name in live_train_actors().items() if actor_id not in before)
+        alive = sorted(live_train_actors().values())  # this sweep's, and any other test's run before it
         groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
         if not alive and not groups:
             break
@@ -181,7 +178,7 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(smoke_sweep, r
 def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys):
     from robint_ray.cli import main
 
-    sweep_dir, _, _ = smoke_sweep
+    sweep_dir, _ = smoke_sweep
     rows = read_table(sweep_dir / "results.csv")
     completed = [r for r in rows if r["status"] == "completed"]
     best = max(completed, key=lambda r: float(r["best_val_score"]))
