@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
     module = importlib.import_module(f"robint_ray.commands.{args.command}")
-    tune_allocator()  # in-process CPU passes (a model's forward + backward) run up to 1.4x faster
+    tune_allocator()  # CPU forward + backward passes up to 1.5x faster (experiments/benchmarks/bench_malloc.py)
     try:
         return module.run(args) or 0
     except InputError as err:
