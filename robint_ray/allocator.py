@@ -21,6 +21,7 @@ ROBINT_TUNE_MALLOC=0. It only affects CPU memory; CUDA tensors have their own ca
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 
@@ -29,18 +30,12 @@ log = logging.getLogger(__name__)
 THRESHOLD_BYTES = 1 << 30  # blocks up to 1 GiB from the heap; up to 1 GiB of free heap kept for reuse
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 _GLIBC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-_state: dict[str, bool] = {}
 
 
+@functools.cache
 def tune_allocator() -> bool:
     """Raise glibc's mmap and trim thresholds to 1 GiB for this process (see the module docstring).
-    Idempotent; returns whether the thresholds are now robint's."""
-    if "tuned" not in _state:
-        _state["tuned"] = _apply()
-    return _state["tuned"]
-
-
-def _apply() -> bool:
+    Idempotent (the first call decides); returns whether the thresholds are now robint's."""
     if os.environ.get("ROBINT_TUNE_MALLOC", "1") == "0":
         log.debug("glibc malloc left at its defaults: ROBINT_TUNE_MALLOC=0")
         return False

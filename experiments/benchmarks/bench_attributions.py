@@ -82,12 +82,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-shap", action="store_true")
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
-                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
-    if args.glibc_malloc:
-        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
     malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
 
     import shap

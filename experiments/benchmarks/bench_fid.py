@@ -132,12 +132,8 @@ def main() -> None:
     parser.add_argument("--shard", type=int, default=20, help="images per shard and batch (default: 20)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
-                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
-    if args.glibc_malloc:
-        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
     malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
     os.environ.setdefault("RAY_worker_niceness", "0")
     torch.set_num_threads(min(2, os.cpu_count() or 1))

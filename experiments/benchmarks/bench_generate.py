@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -55,12 +54,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--steps", type=int, default=GENERATION[32].steps)
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--glibc-malloc", action="store_true",
-                        help="leave glibc's malloc thresholds at their defaults (robint raises them, in this "
-                             "process and in its Ray workers: robint_ray/allocator.py)")
     args = parser.parse_args()
-    if args.glibc_malloc:
-        os.environ["ROBINT_TUNE_MALLOC"] = "0"  # before Ray starts: its workers inherit it
+    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
     malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
 
     if RESNET20.exists():
