@@ -7,7 +7,13 @@ STAMP := $(VENV)/.robint-installed
 
 .PHONY: install demo test test-slow bench clean
 
+# torch's CUDA build, Ray and the rest take about 7 GB in .venv, and pip unpacks wheels beside it.
+NEED_GB := 10
+
 $(STAMP): pyproject.toml Makefile
+	@$(BIN)/python -c 'import torch' 2>/dev/null || { free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free" -lt $(NEED_GB) ]; then \
+	    echo "make install: $$free GB free on this disk, about $(NEED_GB) GB needed (torch's CUDA build and Ray)." >&2; exit 1; fi; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'

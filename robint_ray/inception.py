@@ -388,9 +388,10 @@ def load_fid_inception(weights: str | Path | None = None, *, cache: str | Path |
         check(cached is not None, HOW_TO_GET)
     else:
         check(path.is_file(), f"FID Inception weights not found: {path}")
-        # Identify the source by name and size (cheap); its full hash is checked when converting.
-        tag = hashlib.sha1(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
-        cached = _cached_path(tag, folder)
+        # Keyed by the source's content (0.1 s for its 87 MB), so that every virtual environment holding
+        # the same default_1.pt shares one converted copy; the hash is checked against the known ones
+        # when converting.
+        cached = _cached_path(_file_hash(path, "sha1"), folder)
     model = FIDInception()
     if cached.is_file():
         with safe_open(str(cached), framework="pt") as f:

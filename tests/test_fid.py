@@ -96,6 +96,22 @@ def test_weights_cached_with_hash_and_reloaded(fid_model, fid_cache, monkeypatch
         assert torch.equal(a, b), name
 
 
+def test_copies_of_the_weight_file_share_one_cached_conversion(fid_model, fid_cache, tmp_path):
+    """Each virtual environment has its own default_1.pt: the cache is keyed by content, not path,
+    so a second copy (another path, another mtime) reuses the one converted file."""
+    import shutil
+
+    from robint_ray.inception import find_weight_file
+
+    before = sorted(fid_cache.glob("*.safetensors"))
+    copy = tmp_path / "other_venv" / "default_1.pt"
+    copy.parent.mkdir()
+    shutil.copy(find_weight_file(), copy)
+    again = load_fid_inception(copy, cache=fid_cache)
+    assert sorted(fid_cache.glob("*.safetensors")) == before and len(before) == 1
+    assert again.weights_info["file"] == fid_model.weights_info["file"]
+
+
 def test_pytorch_fid_weight_layout_converts(fid_model, tmp_path):
     """pytorch-fid's file is the state dict of its patched torchvision Inception3 (with a 1008-class
     `fc`); its names are ours, so the conversion keeps every tensor and drops only `fc`."""
