@@ -71,17 +71,19 @@ class Threat:
         )
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """A random point of the ball around x, clipped to [0, 1]."""
+        """A random point of the ball around x, clipped to [0, 1]. The draws are made on the
+        generator's device (a CPU generator gives the same starts for images on any device)."""
+        device = generator.device if generator is not None else x.device
         if self.norm == "linf":
-            u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            u = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
             delta = (2 * u - 1) * self.eps
         else:
             # Uniform direction, radius eps * U(0, 1) (as torchattacks' PGDL2 random start).
-            direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            direction = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
             direction = direction / _flat_norm(direction).clamp_min(torch.finfo(x.dtype).tiny)
             radius = torch.rand(
-                (x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype
-            )
+                (x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=device, dtype=x.dtype
+            ).to(x.device)
             delta = direction * radius * self.eps
         return (x + delta).clamp(0, 1)
 

@@ -20,6 +20,25 @@ RESNET20 = SHARED / "models" / "cifar10-resnet-akamaster" / "resnet20-12fca82f.t
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                 reason="no CUDA device (run on a GPU machine)"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """A test taking `device` runs on the CPU and, where there is one, again on a CUDA GPU, with TF32
+    off there, so that comparisons with references hold to fp32 precision as on the CPU."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield torch.device("cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent (../shared is not beside this clone)")

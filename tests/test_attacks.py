@@ -22,10 +22,10 @@ def batch(n: int = 16, seed: int = 1, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_equals_torchattacks_where_the_floor_plays_no_part(norm):
+def test_equals_torchattacks_where_the_floor_plays_no_part(norm, device):
     torchattacks = pytest.importorskip("torchattacks")
-    model = tiny_model()
-    x, y = batch()
+    model = tiny_model().to(device)
+    x, y = (t.to(device) for t in batch())
     eps, step, steps = (0.5, 0.1, 10) if norm == "l2" else (8 / 255, 2 / 255, 10)
     # The 1e-10 floor of torchattacks' L2 step only matters for tiny gradients: make sure it is moot.
     x_req = x.clone().requires_grad_(True)
@@ -40,9 +40,9 @@ def test_equals_torchattacks_where_the_floor_plays_no_part(norm):
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-def test_each_example_is_independent_of_its_batch(norm):
-    model = tiny_model(dtype=torch.float64)
-    x, y = batch(32, dtype=torch.float64)
+def test_each_example_is_independent_of_its_batch(norm, device):
+    model = tiny_model(dtype=torch.float64).to(device)
+    x, y = (t.to(device) for t in batch(32, dtype=torch.float64))
     threat = Threat(norm, 0.5 if norm == "l2" else 0.03, 0.1 if norm == "l2" else 0.01)
     whole = pgd(model, x, y, threat=threat, steps=5)
     for size in (1, 7, 32):
@@ -53,10 +53,10 @@ def test_each_example_is_independent_of_its_batch(norm):
 
 @pytest.mark.parametrize("norm,eps", [("l2", 0.5), ("l2", 2.0), ("linf", 8 / 255)])
 @pytest.mark.parametrize("random_start", [False, True])
-def test_iterates_stay_in_the_ball_and_the_box(norm, eps, random_start):
-    model = tiny_model()
-    x, y = batch()
-    g = torch.Generator().manual_seed(0)
+def test_iterates_stay_in_the_ball_and_the_box(norm, eps, random_start, device):
+    model = tiny_model().to(device)
+    x, y = (t.to(device) for t in batch())
+    g = torch.Generator().manual_seed(0)  # on the CPU: the starts are drawn there for any device
     x_adv = pgd(model, x, y, threat=Threat(norm, eps, eps / 4), steps=8, random_start=random_start,
                 generator=g, restarts=2, keep="best")
     delta = (x_adv - x).flatten(1)
@@ -64,6 +64,16 @@ def test_iterates_stay_in_the_ball_and_the_box(norm, eps, random_start):
     assert (size <= eps + 1e-6).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and not x_adv.requires_grad
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_a_cpu_generator_gives_the_same_starts_on_any_device(norm, device):
+    x, _ = batch(8)
+    threat = Threat(norm, 0.5 if norm == "l2" else 8 / 255, 0.1)
+    there = threat.init(x.to(device), torch.Generator().manual_seed(3))
+    here = threat.init(x, torch.Generator().manual_seed(3))
+    assert there.device.type == device.type and not torch.equal(here, x)
+    torch.testing.assert_close(there.cpu(), here, atol=1e-6, rtol=0)
 
 
 def test_best_iterate_is_never_worse_than_the_last(resnet20, sample_test):

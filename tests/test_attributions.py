@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -22,6 +24,11 @@ def tiny():
 def images(sample_test):
     x, y = sample_test
     return x[:4], y[:4]
+
+
+def on(device, model, *tensors):
+    """A copy of the (module-scoped) model and the tensors on `device`."""
+    return (copy.deepcopy(model).to(device), *(t.to(device) for t in tensors))
 
 
 def linear_model(shape=(3, 6, 5), classes=4, seed=0):
@@ -54,8 +61,8 @@ def test_ig_on_a_linear_model_is_delta_times_weight(steps, kind, k):
     assert result.gap.abs().max() < 1e-4  # completeness is exact for a linear F
 
 
-def test_ig_completeness_gap_is_what_it_says(tiny, images):
-    x, y = images
+def test_ig_completeness_gap_is_what_it_says(tiny, images, device):
+    tiny, x, y = on(device, tiny, *images)
     baselines = attr.make_baselines(x, kind="uniform", k=2, seed=0)
     result = attr.integrated_gradients(tiny, x, y, baselines, steps=20, output="probability", batch_size=32)
     with torch.no_grad():
@@ -66,8 +73,8 @@ def test_ig_completeness_gap_is_what_it_says(tiny, images):
     torch.testing.assert_close(result.gap, result.attributions.flatten(1).sum(1) - (f_x - f_b), atol=1e-6, rtol=1e-4)
 
 
-def test_ig_does_not_depend_on_the_batch_size(tiny, images):
-    x, y = images
+def test_ig_does_not_depend_on_the_batch_size(tiny, images, device):
+    tiny, x, y = on(device, tiny, *images)
     baselines = attr.make_baselines(x, kind="uniform", k=2, seed=0)
     runs = [attr.integrated_gradients(tiny, x, y, baselines, steps=9, batch_size=b).attributions for b in (7, 20, 1000)]
     for other in runs[1:]:
@@ -86,10 +93,10 @@ def test_random_baselines_are_seeded_per_image():
 
 @pytest.mark.parametrize("output", ["probability", "logit"])
 @pytest.mark.parametrize("kind", ["black", "uniform"])
-def test_ig_equals_captum_trapezoid_after_rescaling(tiny, images, output, kind):
+def test_ig_equals_captum_trapezoid_after_rescaling(tiny, images, output, kind, device):
     from captum.attr import IntegratedGradients
 
-    x, y = images
+    tiny, x, y = on(device, tiny, *images)
     steps = 20
     baselines = attr.make_baselines(x, kind=kind, k=1, seed=0)
     ours = attr.integrated_gradients(tiny, x, y, baselines, steps=steps, output=output, batch_size=64).attributions
@@ -139,11 +146,11 @@ def test_ig_completeness_on_pretrained_resnet20(resnet20, cifar_exact, n):
 # --- expected gradients ---------------------------------------------------------------------------
 
 
-def replay_shap_draws(n_images, nsamples, n_background, rseed, noise_shape=None, torch_seed=None):
+def replay_shap_draws(n_images, nsamples, n_background, rseed, noise_shape=None, torch_seed=None, device="cpu"):
     """shap.GradientExplainer's draws, replayed: after np.random.seed(rseed), for each image and each
     sample, np.random.choice(n_background) then np.random.uniform(); with local smoothing, a
-    torch normal_() noise image per (image, sample) from torch's global generator (seeded by the caller
-    before shap_values)."""
+    torch normal_() noise image per (image, sample) from torch's global generator of the images'
+    device (seeded by the caller before shap_values)."""
     rs = np.random.RandomState(rseed)
     index = np.zeros((n_images, nsamples), dtype=np.int64)
     alpha = np.zeros((n_images, nsamples))
@@ -155,34 +162,33 @@ def replay_shap_draws(n_images, nsamples, n_background, rseed, noise_shape=None,
             index[j, k] = rs.choice(n_background)
             alpha[j, k] = rs.uniform()
             if noise is not None:
-                noise[j, k] = torch.empty(noise_shape).normal_()
+                noise[j, k] = torch.empty(noise_shape, device=device).normal_().cpu()
     return attr.Draws(torch.from_numpy(index), torch.from_numpy(alpha), noise)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_expected_gradients_equal_shap_on_the_same_draws(tiny, sample_test, smoothing):
+def test_expected_gradients_equal_shap_on_the_same_draws(tiny, sample_test, smoothing, device):
     import shap
 
     x_all, _ = sample_test
-    x, background = x_all[:3], x_all[100:112]
+    tiny, x, background = on(device, tiny, x_all[:3], x_all[100:112])
     nsamples, rseed, torch_seed = 24, 1234, 99
     explainer = shap.GradientExplainer(tiny, background, batch_size=10, local_smoothing=smoothing)
     torch.manual_seed(torch_seed)
     values, ranks = explainer.shap_values(x, nsamples=nsamples, ranked_outputs=1, rseed=rseed)
-    theirs = torch.from_numpy(np.asarray(values)[..., 0]).float()  # (N, C, H, W)
-    target = torch.as_tensor(ranks)[:, 0].long()
+    theirs = torch.from_numpy(np.asarray(values)[..., 0]).float().to(device)  # (N, C, H, W)
+    target = torch.as_tensor(ranks)[:, 0].long().to(device)
     torch.testing.assert_close(target, tiny(x).argmax(1))
 
-    draws = replay_shap_draws(len(x), nsamples, len(background), rseed,
+    draws = replay_shap_draws(len(x), nsamples, len(background), rseed, device=device,
                               noise_shape=tuple(x.shape[1:]) if smoothing else None, torch_seed=torch_seed)
     ours = attr.expected_gradients(tiny, x, target, background, output="logit", local_smoothing=smoothing,
                                    draws=draws, batch_size=10)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 
-def test_expected_gradients_seeded_and_batch_free(tiny, images, sample_test):
-    x, y = images
-    background = sample_test[0][200:220]
+def test_expected_gradients_seeded_and_batch_free(tiny, images, sample_test, device):
+    tiny, x, y, background = on(device, tiny, *images, sample_test[0][200:220])
     a = attr.expected_gradients(tiny, x, y, background, nsamples=30, seed=4, indices=[5, 6, 7, 8], batch_size=7)
     b = attr.expected_gradients(tiny, x, y, background, nsamples=30, seed=4, indices=[5, 6, 7, 8], batch_size=100)
     c = attr.expected_gradients(tiny, x[2:], y[2:], background, nsamples=30, seed=4, indices=[7, 8])

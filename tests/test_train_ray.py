@@ -15,6 +15,7 @@ images separate the robust from the standard model clearly.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -264,3 +265,29 @@ def test_batch_norm_mode_of_the_training_attack(bn_mode, changes):
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert bool(moved) is changes, moved
     assert all("running" in k or "num_batches" in k for k in moved)
+
+
+@pytest.mark.parametrize("bf16, channels_last", [(False, False), (True, True)])
+def test_adversarial_epochs_fit_a_small_batch(device, bf16, channels_last):
+    """train_epoch with PGD (no Ray): epochs over 32 sample images drive the training loss down, in fp32
+    and in bf16 + channels_last (the GPU configs' path), on the CPU and, where there is one, a GPU."""
+    from robint_ray.data import load_split, stack
+    from robint_ray.models import build_model
+    from robint_ray.train import make_optimizer, train_epoch
+
+    x, y = stack(load_split("sample", "val", val_fraction=0.2))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in (0, 16)]
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet8", 10).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    cfg = tiny(adversarial=True, **{"pgd.steps": 2})
+    optimizer = make_optimizer(model.parameters(), cfg.optim)
+    generator = torch.Generator(device=device).manual_seed(0)
+    losses = []
+    for _ in range(10):
+        sums = train_epoch(model, batches, optimizer, pgd_cfg=cfg.pgd, device=device, bf16=bf16,
+                           channels_last=channels_last, generator=generator)
+        losses.append(sums["loss_sum"] / sums["n"])
+    assert sums["n"] == 32 and all(map(math.isfinite, losses)), losses
+    assert losses[-1] < 0.7 * losses[0], losses
