@@ -74,16 +74,17 @@ class Threat:
         """A random point of the ball around x, clipped to [0, 1]. The draws are made on the
         generator's device (a CPU generator gives the same starts for images on any device)."""
         device = generator.device if generator is not None else x.device
+
+        def draw(sample, shape):
+            return sample(shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
         if self.norm == "linf":
-            u = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-            delta = (2 * u - 1) * self.eps
+            delta = (2 * draw(torch.rand, x.shape) - 1) * self.eps
         else:
             # Uniform direction, radius eps * U(0, 1) (as torchattacks' PGDL2 random start).
-            direction = torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+            direction = draw(torch.randn, x.shape)
             direction = direction / _flat_norm(direction).clamp_min(torch.finfo(x.dtype).tiny)
-            radius = torch.rand(
-                (x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=device, dtype=x.dtype
-            ).to(x.device)
+            radius = draw(torch.rand, (x.shape[0],) + (1,) * (x.dim() - 1))
             delta = direction * radius * self.eps
         return (x + delta).clamp(0, 1)
 
