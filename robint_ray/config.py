@@ -110,6 +110,7 @@ class TrainConfig:
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on a GPU, fp32 on a CPU
     channels_last: bool = True  # on a GPU only
+    deterministic: bool = False  # on a GPU: cuDNN's deterministic kernels, no autotuning (bit-for-bit reruns, slower)
     cpus_per_worker: int = 1  # CPU threads (and Ray CPUs) per training worker
     max_failures: int = 3  # worker-group restarts Ray Train may make before giving up
     log_every: int = 50  # batches between progress lines

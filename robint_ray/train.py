@@ -86,6 +86,14 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def configure_cudnn(deterministic: bool) -> None:
+    """cuDNN for a training worker: by default it times its kernels once for the fixed image size and
+    keeps the fastest, which need not be deterministic (a rerun on the same GPU can differ in the last
+    bits, and PGD amplifies that); deterministic=True asks for deterministic kernels instead."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+
+
 def adversarial_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, *,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """The PGD images of the training attack (Algorithm 1, lines 4-7), computed on `module` (never a
@@ -308,7 +316,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
     channels_last = cfg.channels_last and on_gpu
     if on_gpu:
-        torch.backends.cudnn.benchmark = True  # fixed image size: let cuDNN pick its fastest kernels once
+        configure_cudnn(cfg.deterministic)
     check(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
 
     fit, val = load_data(cfg, "fit"), load_data(cfg, "val")

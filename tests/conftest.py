@@ -27,16 +27,20 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 @pytest.fixture(params=DEVICES)
 def device(request):
     """A test taking `device` runs on the CPU and, where there is one, again on a CUDA GPU, with TF32
-    off there, so that comparisons with references hold to fp32 precision as on the CPU."""
+    off and cuDNN's deterministic algorithms there, so that comparisons with references hold to fp32
+    precision as on the CPU. With cuDNN's defaults, reruns of the same PGD differed on an H100
+    (experiments/benchmarks/cudnn_determinism.py), and our PGD and torchattacks' once ended 8e-5 apart."""
     if request.param == "cpu":
         yield torch.device("cpu")
         return
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark
+    cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = False
+    cudnn.deterministic = True
     try:
         yield torch.device("cuda")
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
 
 
 def _need(path: Path) -> Path:

@@ -291,3 +291,19 @@ def test_adversarial_epochs_fit_a_small_batch(device, bf16, channels_last):
         losses.append(sums["loss_sum"] / sums["n"])
     assert sums["n"] == 32 and all(map(math.isfinite, losses)), losses
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_setting_reaches_cudnn(deterministic):
+    """`--set deterministic=true` trades cuDNN's autotuned kernels for deterministic ones on a GPU."""
+    from robint_ray.config import load_config
+    from robint_ray.train import configure_cudnn
+
+    cfg = load_config(None, [f"deterministic={str(deterministic).lower()}"])
+    saved = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
+    try:
+        configure_cudnn(cfg.deterministic)
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cudnn.benchmark is not deterministic
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
