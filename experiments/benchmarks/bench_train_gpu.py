@@ -3,9 +3,10 @@ autocast + channels_last, each also under torch.compile.
 
     python experiments/benchmarks/bench_train_gpu.py                       # CIFAR ResNet18, batch 128
     python experiments/benchmarks/bench_train_gpu.py --arch resnet50 --size 128 --classes 150 --batch-size 200
+    python experiments/benchmarks/bench_train_gpu.py --variants eager --deterministic   # deterministic cuDNN
 
 Every row runs the library's `train_epoch` (the code path of `robint train` on one worker, cuDNN
-autotuning on as there: the attack on the module, then one forward and backward; the paper's attack:
+autotuning on as there, or deterministic kernels with --deterministic, the `deterministic: true` setting: the attack on the module, then one forward and backward; the paper's attack:
 L2, eps 0.5, step 0.1, 20 steps, no random start, batch norm in train mode) on batches of random
 images already resident on the GPU, so that the figure is the model's and the attack's, not the data
 loader's. Each row: `--warmup` batches (compilation included), then `--batches` timed batches between
@@ -27,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from robint_ray.config import PGDConfig  # noqa: E402
 from robint_ray.models import build_model  # noqa: E402
-from robint_ray.train import train_epoch  # noqa: E402
+from robint_ray.train import configure_cudnn, train_epoch  # noqa: E402
 
 
 def synchronize(device: torch.device) -> None:
@@ -75,16 +76,19 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=("eager", "compiled"), default=["eager", "compiled"],
                         help="eager rows, torch.compile rows, or both (default: both)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="cuDNN's deterministic kernels instead of autotuning (training's `deterministic: true`)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("bench_train_gpu.py needs a CUDA GPU (torch.cuda.is_available() is False); "
                          "--device cpu runs it on the CPU")
-    torch.backends.cudnn.benchmark = True
+    configure_cudnn(args.deterministic)
 
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
     print(f"# {args.arch}, {args.size} px, batch {args.batch_size}, L2 PGD-{args.steps} eps {args.eps}; "
-          f"{name}, torch {torch.__version__}", flush=True)
+          f"{name}, torch {torch.__version__}, cuDNN {'deterministic' if args.deterministic else 'autotuned'}",
+          flush=True)
     rows = []
     for compiled in [variant == "compiled" for variant in args.variants]:
         for bf16 in (False, True):
@@ -100,6 +104,7 @@ def main() -> None:
     if args.json is not None:
         args.json.write_text(json.dumps(dict(arch=args.arch, size=args.size, batch_size=args.batch_size,
                                              pgd_steps=args.steps, eps=args.eps, device=name,
+                                             deterministic=args.deterministic,
                                              torch=torch.__version__, rows=rows), indent=2))
 
 
