@@ -52,3 +52,9 @@ def tune_allocator() -> bool:
     applied = bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, THRESHOLD_BYTES))
     log.debug("glibc malloc thresholds at %d bytes: %s", THRESHOLD_BYTES, applied)
     return applied
+
+
+def tuned_malloc_label() -> str:
+    """Tune this process as robint's CLI and Ray workers are tuned (ROBINT_TUNE_MALLOC=0 keeps glibc's
+    defaults, here and in Ray), and say which setting it runs with: the line benchmarks print."""
+    return "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from robint_ray.allocator import tune_allocator  # noqa: E402
+from robint_ray.allocator import tuned_malloc_label  # noqa: E402
 from robint_ray import attributions as attr  # noqa: E402
 from robint_ray import explain as ex  # noqa: E402
 from robint_ray.data import load_split, stack  # noqa: E402
@@ -83,8 +83,7 @@ def main() -> None:
     parser.add_argument("--skip-ray", action="store_true")
     parser.add_argument("--skip-shap", action="store_true")
     args = parser.parse_args()
-    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
-    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
+    malloc = tuned_malloc_label()
 
     import shap
     from captum.attr import IntegratedGradients

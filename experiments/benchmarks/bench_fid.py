@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robint_ray.allocator import tune_allocator
+from robint_ray.allocator import tuned_malloc_label
 
 
 def throughput(n_images: int, shard: int) -> dict:
@@ -133,8 +133,7 @@ def main() -> None:
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
-    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
+    malloc = tuned_malloc_label()
     os.environ.setdefault("RAY_worker_niceness", "0")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}, {malloc}")

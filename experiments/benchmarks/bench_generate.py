@@ -24,7 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from robint_ray.allocator import tune_allocator  # noqa: E402
+from robint_ray.allocator import tuned_malloc_label  # noqa: E402
 from robint_ray.data import load_split  # noqa: E402
 from robint_ray.distributed import init_ray  # noqa: E402
 from robint_ray.generate import GenerationConfig, fit_seeds, generate  # noqa: E402
@@ -55,8 +55,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=GENERATION[32].steps)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
-    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
+    malloc = tuned_malloc_label()
 
     if RESNET20.exists():
         from robint_ray.checkpoint import load_weights

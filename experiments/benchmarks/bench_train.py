@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from robint_ray.allocator import tune_allocator
+from robint_ray.allocator import tuned_malloc_label
 from robint_ray.config import TrainConfig
 from robint_ray.models import build_model
 from robint_ray.train import load_data, make_optimizer, run, train_epoch
@@ -73,8 +73,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="Ray workers = plain-loop threads (default: 2)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    # as robint's CLI and Ray workers run (ROBINT_TUNE_MALLOC=0 in the environment: glibc's defaults, here and in Ray)
-    malloc = "robint's malloc thresholds" if tune_allocator() else "glibc's default malloc thresholds"
+    malloc = tuned_malloc_label()
     logging.basicConfig(level=logging.WARNING)
 
     from robint_ray.distributed import init_ray
