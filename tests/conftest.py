@@ -91,3 +91,57 @@ def ray_local():
     init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """An S3-compatible server (moto's server mode) on 127.0.0.1 for the session, with fake
+    credentials and AWS_ENDPOINT_URL set for this process and its children (Ray workers started after
+    it). Yields a function that creates a fresh bucket and returns its s3:// URI."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import uuid
+
+    pytest.importorskip("moto", reason="moto[server] is not installed (pip install 'moto[server]')")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                raise RuntimeError("moto server did not start")
+            time.sleep(0.2)
+
+    def new_bucket() -> str:
+        from pyarrow import fs
+
+        name = f"robint-{uuid.uuid4().hex[:12]}"
+        fs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir(name)
+        return f"s3://{name}"
+
+    new_bucket.endpoint = endpoint
+    new_bucket.env = env
+    try:
+        yield new_bucket
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

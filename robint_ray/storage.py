@@ -1,0 +1,300 @@
+"""Where outputs live: a local folder or a URI, through one code path.
+
+A `Location` is a folder named by a local path (`runs/c10`, `/mnt/nfs/runs/c10`) or by a URI that
+`pyarrow.fs` resolves (`s3://bucket/prefix`, `gs://bucket/prefix`, `file:///abs/path`): the storage layer
+Ray Train itself uses, so Ray Train's checkpoints and our own files land in the same place.
+
+    out = Location("s3://my-bucket/runs/c10")
+    (out / "stage" / "result.json").write_json({"accuracy": 0.9})
+    with (out / "figures").local_dir() as d:     # libraries that write only to local paths
+        fig.savefig(d / "grid.png")              # uploaded when the block ends
+
+Writes are atomic: a reader sees the old file or the new one, never half of one. On a local (or NFS)
+disk through a temporary file in the same folder and a rename; on an object store a PUT (or a
+multipart upload) becomes visible only once complete. Credentials are the store's usual ones (for S3:
+AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, or the instance profile; AWS_ENDPOINT_URL for an
+S3-compatible store such as MinIO); none is ever stored or logged here.
+
+A Location pickles as its URI alone, so it can be handed to Ray tasks; each process opens its own
+filesystem client.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator
+
+from .errors import InputError
+
+# Schemes handled by pyarrow.fs.FileSystem.from_uri. A string without one is a local path.
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "hdfs://", "viewfs://", "abfs://", "abfss://", "file://")
+
+
+# Stores where an object becomes visible only once its upload is complete, and folders do not exist.
+_OBJECT_STORES = ("S3FileSystem", "GcsFileSystem", "AzureFileSystem")
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+    return isinstance(path, str) and path.startswith(_URI_SCHEMES)
+
+
+@lru_cache(maxsize=None)
+def _filesystem(root: str):
+    """(pyarrow FileSystem, path inside it) for a URI's bucket (cached per process and bucket)."""
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(root)
+    except (OSError, ValueError) as err:  # pyarrow raises ArrowInvalid (a ValueError) or OSError
+        raise InputError(f"{root}: not a storage location pyarrow can open ({_one_line(err)})") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+class Location:
+    """A folder or file at a local path or URI. Immutable; `loc / "a" / "b.json"` joins."""
+
+    __slots__ = ("uri",)
+
+    def __init__(self, where: str | os.PathLike | "Location"):
+        if isinstance(where, Location):
+            uri = where.uri
+        elif is_uri(str(where)):
+            uri = str(where).rstrip("/") if str(where).rstrip("/") not in _URI_SCHEMES else str(where)
+        else:
+            uri = str(Path(where).expanduser().resolve())
+        object.__setattr__(self, "uri", uri)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Location is immutable")
+
+    def __reduce__(self):
+        return (Location, (self.uri,))
+
+    def __repr__(self) -> str:
+        return f"Location({self.uri!r})"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    def __fspath__(self) -> str:
+        if not self.is_local:
+            raise TypeError(f"{self.uri} is not a local path")
+        return self.uri
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Location) and other.uri == self.uri
+
+    def __hash__(self) -> int:
+        return hash(self.uri)
+
+    def __truediv__(self, name: str) -> "Location":
+        name = str(name).strip("/")
+        if self.is_local:
+            return Location(str(Path(self.uri) / name))
+        return Location(f"{self.uri}/{name}")
+
+    @property
+    def is_local(self) -> bool:
+        return not is_uri(self.uri)
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.uri.split("://", 1)[-1]).name
+
+    @property
+    def parent(self) -> "Location":
+        if self.is_local:
+            return Location(str(Path(self.uri).parent))
+        scheme, rest = self.uri.split("://", 1)
+        return Location(f"{scheme}://{str(PurePosixPath(rest).parent)}")
+
+    @property
+    def local_path(self) -> Path | None:
+        """The path on this machine's filesystem, or None for a remote store."""
+        return Path(self.uri) if self.is_local else None
+
+    def _fs(self):
+        """(pyarrow FileSystem, path in it)."""
+        if self.is_local:
+            from pyarrow import fs
+
+            return fs.LocalFileSystem(), self.uri
+        scheme, rest = self.uri.split("://", 1)
+        bucket = rest.split("/", 1)[0]
+        filesystem, root = _filesystem(f"{scheme}://{bucket}")
+        inside = rest.split("/", 1)[1] if "/" in rest else ""
+        return filesystem, (f"{root.rstrip('/')}/{inside}" if inside else root)
+
+    def for_ray_train(self) -> tuple[str, Any]:
+        """(storage_path, storage_filesystem) for ray.train.RunConfig: the same store as ours."""
+        if self.is_local:
+            return self.uri, None
+        filesystem, path = self._fs()
+        return path, filesystem
+
+    # reading
+
+    def exists(self) -> bool:
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+    def is_file(self) -> bool:
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        return filesystem.get_file_info(path).type == fs.FileType.File
+
+    def read_bytes(self) -> bytes:
+        filesystem, path = self._fs()
+        try:
+            with filesystem.open_input_stream(path) as f:
+                return f.read()
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{self.uri}: no such file") from err
+
+    def read_text(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_json(self) -> Any:
+        return json.loads(self.read_text())
+
+    def list(self) -> list[str]:
+        """Names directly inside this folder (sorted); [] if it does not exist."""
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        if filesystem.get_file_info(path).type == fs.FileType.NotFound:
+            return []
+        infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+        return sorted(PurePosixPath(i.path).name for i in infos)
+
+    # writing
+
+    def mkdir(self) -> "Location":
+        """Create the folder (and parents). Object stores have no folders: a no-op there."""
+        filesystem, path = self._fs()
+        if type(filesystem).__name__ not in _OBJECT_STORES:
+            filesystem.create_dir(path, recursive=True)
+        return self
+
+    def write_bytes(self, data: bytes) -> "Location":
+        """Write the whole file atomically (parents created)."""
+        filesystem, path = self._fs()
+        if self.is_local or type(filesystem).__name__ not in _OBJECT_STORES:
+            # POSIX: a temporary file beside the target, then a rename (atomic on one filesystem).
+            parent = str(PurePosixPath(path).parent)
+            filesystem.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.{PurePosixPath(path).name}.{uuid.uuid4().hex}.tmp"
+            with filesystem.open_output_stream(tmp) as f:
+                f.write(data)
+            filesystem.move(tmp, path)
+        else:
+            with filesystem.open_output_stream(path) as f:  # visible only when complete
+                f.write(data)
+        return self
+
+    def write_text(self, text: str) -> "Location":
+        return self.write_bytes(text.encode())
+
+    def write_json(self, value: Any, **dumps) -> "Location":
+        return self.write_text(json.dumps(value, indent=2, **dumps))
+
+    def delete(self) -> None:
+        """Remove this file or folder (recursively); nothing happens if it is absent."""
+        from pyarrow import fs
+
+        filesystem, path = self._fs()
+        kind = filesystem.get_file_info(path).type
+        if kind == fs.FileType.Directory:
+            filesystem.delete_dir(path)
+        elif kind == fs.FileType.File:
+            filesystem.delete_file(path)
+
+    # local copies, for libraries that only read or write local paths
+
+    def upload(self, local: str | os.PathLike) -> "Location":
+        """Copy a local file or folder here (a folder's files one by one, each atomically)."""
+        local = Path(local)
+        if local.is_dir():
+            for file in sorted(p for p in local.rglob("*") if p.is_file()):
+                (self / file.relative_to(local).as_posix()).write_bytes(file.read_bytes())
+        else:
+            self.write_bytes(local.read_bytes())
+        return self
+
+    def download(self, local: str | os.PathLike) -> Path:
+        """Copy this file or folder to `local` (a folder is copied recursively)."""
+        from pyarrow import fs
+
+        local = Path(local)
+        filesystem, path = self._fs()
+        info = filesystem.get_file_info(path)
+        if info.type == fs.FileType.NotFound:
+            raise FileNotFoundError(f"{self.uri}: not found")
+        if info.type == fs.FileType.File:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_bytes(self.read_bytes())
+            return local
+        for entry in filesystem.get_file_info(fs.FileSelector(path, recursive=True)):
+            if entry.type == fs.FileType.File:
+                target = local / PurePosixPath(entry.path).relative_to(PurePosixPath(path))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with filesystem.open_input_stream(entry.path) as f:
+                    target.write_bytes(f.read())
+        return local
+
+    @contextmanager
+    def local_dir(self) -> Iterator[Path]:
+        """A local folder whose files end up here: this folder itself where it is local, else a
+        temporary folder uploaded (file by file, atomically) when the block ends without error."""
+        if self.is_local:
+            Path(self.uri).mkdir(parents=True, exist_ok=True)
+            yield Path(self.uri)
+            return
+        with tempfile.TemporaryDirectory(prefix="robint-upload-") as tmp:
+            yield Path(tmp)
+            self.upload(tmp)
+
+    @contextmanager
+    def local_copy(self) -> Iterator[Path]:
+        """This file or folder as a local path (itself where it is local, else a temporary download)."""
+        if self.is_local:
+            yield Path(self.uri)
+            return
+        with tempfile.TemporaryDirectory(prefix="robint-download-") as tmp:
+            yield self.download(Path(tmp) / (self.name or "root"))
+
+    def open_write(self) -> "_AtomicWriter":
+        """A binary file-like object; the file appears here, whole, when it is closed without error."""
+        return _AtomicWriter(self)
+
+
+class _AtomicWriter(io.BytesIO):
+    def __init__(self, target: Location):
+        super().__init__()
+        self._target = target
+
+    def __exit__(self, kind, value, tb):
+        if kind is None:
+            self._target.write_bytes(self.getvalue())
+        self.close()
+        return False
+
+
+def copy_tree(source: Location, target: Location) -> None:
+    """Copy a folder between any two locations (each file atomically)."""
+    with source.local_copy() as local:
+        target.upload(local)
