@@ -21,6 +21,7 @@ import torch
 
 from .errors import InputError, check
 from .models import Classifier, build_model, to_our_keys
+from .storage import Location
 
 FORMAT = "robint-checkpoint-1"
 WEIGHTS, META = "model.safetensors", "meta.json"
@@ -34,11 +35,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(directory: str | Path, model: Classifier, *, classes: list[str] | None = None,
-                    config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors and meta.json into `directory` (created; files replaced atomically)."""
+def save_checkpoint(directory: str | Path | Location, model: Classifier, *, classes: list[str] | None = None,
+                    config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path | Location:
+    """Write model.safetensors and meta.json into `directory`, a local folder or a storage URI
+    (created; each file replaced atomically, the weights before the metadata that names their hash)."""
     from safetensors.torch import save_file
 
+    target = Location(directory)
+    if not target.is_local:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="robint-ckpt-") as tmp:
+            save_checkpoint(tmp, model, classes=classes, config=config, metrics=metrics)
+            for name in (WEIGHTS, META):
+                (target / name).write_bytes((Path(tmp) / name).read_bytes())
+        return target
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -58,7 +69,18 @@ def save_checkpoint(directory: str | Path, model: Classifier, *, classes: list[s
     return directory
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
+def read_meta(directory: str | Path | Location) -> dict[str, Any]:
+    """meta.json of a checkpoint folder (a local path or a storage URI)."""
+    if not Location(directory).is_local:
+        source = Location(directory)
+        check((source / META).is_file() and (source / WEIGHTS).is_file(),
+              f"{source}: not a robint checkpoint (needs {META} and {WEIGHTS})")
+        try:
+            meta = (source / META).read_json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{source / META}: corrupt metadata ({err})") from err
+        check(meta.get("format") == FORMAT, f"{source / META}: unknown format {meta.get('format')!r}")
+        return meta
     directory = Path(directory)
     check(directory.is_dir(), f"checkpoint folder not found: {directory}")
     check((directory / META).is_file() and (directory / WEIGHTS).is_file(),
@@ -71,12 +93,18 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: str | Path, *, arch: str | None = None, num_classes: int | None = None,
+def load_checkpoint(directory: str | Path | Location, *, arch: str | None = None, num_classes: int | None = None,
                     device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the model of a checkpoint folder. arch / num_classes, when given, must match it."""
+    """Rebuild the model of a checkpoint folder, a local path or a storage URI (`s3://.../best`,
+    downloaded to a temporary folder). arch / num_classes, when given, must match it."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not Location(directory).is_local:
+        source = Location(directory)
+        check((source / META).is_file(), f"checkpoint not found: {source} (no {META})")
+        with source.local_copy() as local:
+            return load_checkpoint(local, arch=arch, num_classes=num_classes, device=device)
     directory = Path(directory)
     meta = read_meta(directory)
     check(arch is None or arch == meta["arch"], f"{directory}: checkpoint is a {meta['arch']}, not a {arch}")

@@ -36,7 +36,8 @@ class _Parser(argparse.ArgumentParser):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (one of --checkpoint or --arch with --weights)")
-    group.add_argument("--checkpoint", type=Path, help="a robint checkpoint folder (e.g. RUN_DIR/best)")
+    group.add_argument("--checkpoint", help="a robint checkpoint folder, a path or a storage URI (e.g. RUN_DIR/best, "
+                       "s3://bucket/run/best)")
     group.add_argument("--arch", help="architecture, e.g. cifar_resnet20, cifar_resnet18, resnet50")
     group.add_argument("--weights", type=Path, help="weights file for --arch (.th/.pt/.pth state dict or .safetensors)")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")

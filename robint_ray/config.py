@@ -227,13 +227,17 @@ def apply_overrides(data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """The content of a YAML file ({} when empty); a missing file or invalid YAML is an InputError."""
+    """The content of a YAML file, a local path or a storage URI ({} when empty); a missing file or
+    invalid YAML is an InputError."""
     import yaml
 
-    path = Path(path)
-    check(path.is_file(), f"{what} not found: {path}")
+    from .storage import Location, is_uri
+
+    source = Location(path)
+    path = path if is_uri(str(path)) else Path(path)
+    check(source.is_file(), f"{what} not found: {path}")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(source.read_text()) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML ({err})") from err
 
@@ -242,7 +246,6 @@ def load_config(path: str | Path | None, sets: Iterable[str] | Mapping[str, Any]
     """The TrainConfig of a YAML file (None: the defaults), with `sets` applied."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
         data = read_yaml(path)
         check(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
     try:

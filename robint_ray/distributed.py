@@ -14,25 +14,78 @@ from typing import Any, Callable, Sequence
 log = logging.getLogger(__name__)
 
 
+_JOINED = False  # set by init_ray when it joined a running cluster
+
+
+def recorded_cluster() -> str | None:
+    """The address ("ip:port") that `ray start` on this machine recorded for its cluster, in Ray's
+    default temp folder ($RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster; `ray stop`
+    removes it), or None. The file is Ray's documented way of finding "the cluster on this machine"
+    (ray.init's address="auto"); read here directly, since the helper that reads it is private."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        text = open(os.path.join(base, "ray", "ray_current_cluster")).read().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def _answers(address: str, timeout: float = 2.0) -> bool:
+    """Whether something accepts TCP connections at "host:port" (a live GCS, not a stale file)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def running_cluster() -> str | None:
+    """The cluster this process joins: $RAY_ADDRESS (as set by `ray job submit`), else the cluster
+    that `ray start` recorded on this machine if its GCS answers; None where there is none."""
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        return address
+    recorded = recorded_cluster()
+    return recorded if recorded and _answers(recorded) else None
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join the cluster at `address` (or $RAY_ADDRESS, as set by `ray job submit`), or start a
-    local Ray instance whose sockets, dashboard included, bind to 127.0.0.1 only. Idempotent."""
+    """Join a running cluster, or start a private local one. Idempotent.
+
+    address: a cluster address to join; None: the running cluster (`running_cluster()`: $RAY_ADDRESS,
+    else the one `ray start` started on this machine); "local", or None with no cluster running: a new
+    local Ray instance sized by num_cpus / num_gpus (default: the machine), whose sockets, dashboard
+    included, bind to 127.0.0.1 only. num_cpus / num_gpus are ignored when joining (the cluster's
+    nodes decide)."""
     import ray
 
     if ray.is_initialized():
         return
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True)
-        return
+    if address != "local":
+        address = address or running_cluster()
+        if address:
+            global _JOINED
+            log.info("joining the Ray cluster at %s", address)
+            ray.init(address=address, log_to_driver=True)
+            _JOINED = True
+            return
     # A single local node: every Ray socket on 127.0.0.1 (robint_ray/__init__.py sets Ray's switch for
     # that before ray is first imported).
     # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train's placement-group
     # cleaner needs to release the resources of a stopped run.
-    # address="local": a new instance, even where `ray start` left a cluster address behind in /tmp/ray.
+    # address="local": a new instance, even where `ray start` left a stale cluster address in /tmp/ray.
     ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
              dashboard_host="127.0.0.1",
              configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def joined_cluster() -> bool:
+    """Whether this process joined a running cluster (where an autoscaler may add what is short),
+    rather than starting its private instance."""
+    return _JOINED
 
 
 _NODES_USED: set[str] = set()

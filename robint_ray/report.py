@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .storage import Location
+
 
 @dataclass
 class Table:
@@ -77,8 +79,8 @@ def _cell(value: Any) -> str:
     return html.escape("" if value is None else str(value))
 
 
-def _figure(caption: str, path: Path) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode()
+def _figure(caption: str, path: str | Path | Location) -> str:
+    data = base64.b64encode(Location(path).read_bytes()).decode()
     return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
@@ -94,10 +96,11 @@ figcaption { font-size: 0.9em; color: #555; } pre { background: #f6f6f6; padding
 """
 
 
-def write_report(out_dir: str | Path, *, title: str, sections: Sequence[Section], data: dict[str, Any]) -> Path:
-    """Write out_dir/report.html and out_dir/report.json; returns the HTML path."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def write_report(out_dir: str | Path | Location, *, title: str, sections: Sequence[Section],
+                 data: dict[str, Any]) -> Location:
+    """Write out_dir/report.html and out_dir/report.json (a local folder or a storage URI; figures
+    are read from either); returns the HTML's location."""
+    out_dir = Location(out_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     for section in sections:

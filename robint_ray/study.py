@@ -1,9 +1,11 @@
 """The paper end to end as one job: train, evaluate, explain, generate + FID, invert, visualise, report.
 
     python experiments/paper.py experiments/paper/cifar10.yaml --out runs/paper-cifar10
-    ray job submit --working-dir . -- python experiments/paper.py experiments/paper/cifar10.yaml --out /shared/paper
+    ray job submit --working-dir . -- python experiments/paper.py experiments/paper/cifar10.yaml --out s3://bucket/paper
 
-Stages run in order; each writes OUT/<stage>/result.json when it has finished, and a rerun skips every
+OUT is a local path or a storage URI (storage.Location); on a cluster every node must be able to write
+and read it (an s3:// URI or a shared mount), which storage.preflight checks before any work. Stages
+run in order; each writes OUT/<stage>/result.json when it has finished, and a rerun skips every
 stage whose result exists (and, inside generation, every shard already written), so a job that failed
 or was killed resumes where it stopped. The last stage writes OUT/report.html (figures embedded) and
 OUT/report.json (every number, the settings, the code version, the hardware, each stage's time).
@@ -23,6 +25,7 @@ import torch
 
 from .distributed import nodes_used
 from .errors import check
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -149,35 +152,39 @@ def load_study(path: str | Path) -> StudyConfig:
 
 
 class Study:
-    def __init__(self, config: StudyConfig, out: str | Path):
-        self.config, self.out = config, Path(out).resolve()
+    def __init__(self, config: StudyConfig, out: str | Path | Location):
+        self.config, self.out = config, Location(out)
         self.timings: dict[str, float] = {}
         self.models: dict[str, Any] = {}
 
-    def stage(self, name: str, fn: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
-        """Run fn(OUT/name) unless OUT/name/result.json exists; either way return the result."""
-        folder = self.out / name
-        done = folder / "result.json"
+    def stage(self, name: str, fn: Callable[[Any], dict[str, Any]], *, local: bool = True) -> dict[str, Any]:
+        """Run fn(folder) unless OUT/name/result.json exists; either way return the result. folder: with
+        local, a local folder whose files end up in OUT/name (OUT/name itself on a local disk, else a
+        temporary folder uploaded when fn returns; paths in the result are rewritten to OUT/name); else
+        the Location OUT/name."""
+        target = self.out / name
+        done = target / "result.json"
         if done.exists():
             log.info("stage %s: done before, skipped", name)
-            result = json.loads(done.read_text())
+            result = done.read_json()
             self.timings[name] = result.get("_seconds", 0.0)
             return result
-        folder.mkdir(parents=True, exist_ok=True)
         log.info("stage %s: starting", name)
         start = time.perf_counter()
-        result = fn(folder)
+        if local:
+            with target.local_dir() as folder:
+                result = _relocated(fn(folder), str(folder), target.uri)
+        else:
+            result = fn(target)
         result["_seconds"] = self.timings[name] = round(time.perf_counter() - start, 2)
         result["_nodes"] = nodes_used()  # Ray nodes that ran this process's fan-out tasks so far
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=_jsonable))
-        tmp.replace(done)
+        done.write_text(json.dumps(result, indent=2, default=_jsonable))
         log.info("stage %s: finished in %.1f s", name, result["_seconds"])
         return result
 
     # the models
 
-    def train(self, folder: Path) -> dict[str, Any]:
+    def train(self, folder: Location) -> dict[str, Any]:
         from .config import load_config
         from .train import RAY_NAME, run
 
@@ -196,14 +203,14 @@ class Study:
                     resume=resume)
                 (run_dir / "done").write_text("")
             metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-            out[name] = {"checkpoint": str(run_dir / "best"), "config": source.train, "epochs": metrics}
+            out[name] = {"checkpoint": (run_dir / "best").uri, "config": source.train, "epochs": metrics}
         return out
 
     def model(self, name: str):
         from .checkpoint import load_checkpoint
 
         if name not in self.models:
-            trained = json.loads((self.out / "train" / "result.json").read_text())
+            trained = (self.out / "train" / "result.json").read_json()
             self.models[name] = load_checkpoint(trained[name]["checkpoint"])[0]
         return self.models[name]
 
@@ -371,12 +378,15 @@ class Study:
 
     # the whole study
 
-    def run(self) -> Path:
+    def run(self) -> Location:
+        """Every stage not done yet, then the report; returns OUT/report.html."""
         from .distributed import init_ray
+        from .storage import preflight
 
-        self.out.mkdir(parents=True, exist_ok=True)
         init_ray()
-        results = {"train": self.stage("train", self.train)}
+        preflight(self.out)  # every node can write and read OUT, before anything is trained
+        self.out.mkdir()
+        results = {"train": self.stage("train", self.train, local=False)}
         results["evaluation"] = self.stage("evaluation", self.evaluate)
         results["attributions"] = self.stage("attributions", self.attributions)
         results["generation"] = self.stage("generation", self.generation)
@@ -384,6 +394,17 @@ class Study:
         results["features"] = self.stage("features", self.features)
         nodes = sorted({node for result in results.values() for node in result.get("_nodes", [])})
         return build_report(self, results, nodes)
+
+
+def _relocated(value: Any, local: str, uri: str) -> Any:
+    """value with every string that names a path under the local folder `local` renamed under `uri`."""
+    if isinstance(value, dict):
+        return {k: _relocated(v, local, uri) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_relocated(v, local, uri) for v in value)
+    if isinstance(value, str) and (value == local or value.startswith(local + "/")):
+        return uri + value[len(local):]
+    return value
 
 
 def _jsonable(value: Any) -> Any:
@@ -401,7 +422,7 @@ def _ci(m: dict[str, float]) -> str:
     return f"{m['mean']:.4g} [{m['ci_low']:.4g}, {m['ci_high']:.4g}]"
 
 
-def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Path:
+def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Location:
     from .report import Section, Table, code_version, hardware, write_report
 
     c, paper = study.config, PAPER[study.config.paper]
@@ -448,13 +469,13 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Pat
             title, "Per model, the mean over the explained test images with a 95 % interval. Deletion AUC: lower "
             "is more faithful; insertion AUC: higher is; Gini and top-5 % mass: higher is more concentrated.",
             [Table("Attribution metrics", ["model", *metrics], rows)],
-            [("overlays: image | standard | robust", Path(a["figures"][0])),
-             ("grid of the explained images: image | standard | robust", Path(a["figures"][1]))]))
+            [("overlays: image | standard | robust", Location(a["figures"][0])),
+             ("grid of the explained images: image | standard | robust", Location(a["figures"][1]))]))
 
     g = results["generation"]
     rows = [["real data (train vs test)", g["fid"]["real (train vs test)"], g["n"]["train"], paper["fid"]["real"]]]
     rows += [[f"{name} model", g["fid"][name], g["n"][name], paper["fid"][name]] for name in models]
-    figures = [(f"{name} model: generated classes and their seeds", Path(p)) for name in models
+    figures = [(f"{name} model: generated classes and their seeds", Location(p)) for name in models
                for p in g[name]["figures"]]
     sections.append(Section(
         "Class-specific generation and FID (Tables 2 / 5, Figs. 3 / 7, 14 / 19)",
@@ -471,7 +492,7 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Pat
         "authors computed it.",
         [Table("Inversion", ["model", "Inception-192 distance (ours)", "normalised R distance after",
                              "Inception-192 (paper)"], rows)],
-        [(f"{name} model: target | source | inversion", Path(inv[name]["figure"])) for name in models]))
+        [(f"{name} model: target | source | inversion", Location(inv[name]["figure"])) for name in models]))
 
     feat = results["features"]
     rows = [[name, str(feat[name]["features"]), float(np.mean(feat[name]["objective_before"])),
@@ -480,7 +501,7 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Pat
                             [Table("Feature visualisation", ["model", "features", "objective before",
                                                              "objective after"], rows)],
                             [(f"{name} model: visualisations, most and least activating test images",
-                              Path(feat[name]["figure"])) for name in models]))
+                              Location(feat[name]["figure"])) for name in models]))
 
     timings = dict(study.timings)
     data = {"config": asdict(c), "code_version": code_version(), "hardware": hardware(), "timings_s": timings,

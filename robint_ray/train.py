@@ -10,9 +10,11 @@ Three layers:
   reads its own shard (DistributedSampler); every epoch ends with validation clean and PGD accuracy
   (sharded, summed over workers) and one `ray.train.report` with a checkpoint.
 - `make_trainer` / `run`: the driver (TorchTrainer with FailureConfig, CheckpointConfig, storage
-  inside RUN_DIR).
+  inside RUN_DIR, on the same filesystem: `Location.for_ray_train()`).
 
-A run folder RUN_DIR (written by rank 0; on several nodes RUN_DIR must be on a shared file system):
+A run folder RUN_DIR, a local path or a storage URI such as s3://bucket/runs/robust (written by rank 0
+through storage.Location, on whichever node it runs: on several nodes RUN_DIR must be a URI or a folder
+that every node mounts at the same path, which storage.preflight checks before training):
     config.yaml          the full resolved config
     metrics.jsonl        one JSON object per finished epoch
     best/                a robint checkpoint of the best epoch by mean(val clean, val PGD) accuracy
@@ -55,6 +57,7 @@ from torch import nn
 from .attacks import Threat, pgd
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .errors import InputError, check
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -248,31 +251,26 @@ def _restore(checkpoint, module: nn.Module, optimizer, scheduler) -> TrainState:
                       attempt=saved["attempt"] + 1, resumed_from=saved["epoch"], history=list(saved["history"]))
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+def _write_jsonl(target: Location, rows: list[dict[str, Any]]) -> None:
+    """The whole file, atomically: object stores cannot append."""
+    target.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def _repair_best(run_dir: Path, state: TrainState) -> None:
+def _repair_best(run_dir: Location, state: TrainState) -> None:
     """Make RUN_DIR/best the best epoch of the restored history: an epoch lost to a failure may have
     written best/ after the checkpoint that the run resumed from."""
-    import shutil
-
     from .checkpoint import META, WEIGHTS, read_meta
 
     best = run_dir / "best"
     if state.best_epoch == 0:
-        shutil.rmtree(best, ignore_errors=True)
+        best.delete()
         return
     if (best / META).is_file() and read_meta(best).get("metrics", {}).get("epoch") == state.best_epoch:
         return
     source = run_dir / "ray" / RAY_NAME / f"epoch_{state.best_epoch:04d}"
     check((source / WEIGHTS).is_file(), f"{source}: the checkpoint of the best epoch is missing")
-    best.mkdir(parents=True, exist_ok=True)
-    for name in (WEIGHTS, META):
-        shutil.copyfile(source / name, best / (name + ".tmp"))
-        os.replace(best / (name + ".tmp"), best / name)
+    for name in (WEIGHTS, META):  # the weights first: meta.json names their hash
+        (best / name).write_bytes((source / name).read_bytes())
     log.info("best/ restored from epoch %d", state.best_epoch)
 
 
@@ -293,7 +291,7 @@ def _worker_logging(rank: int) -> None:
 
 def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """The training loop of one Ray Train worker. loop_config: {"config": TrainConfig dict,
-    "run_dir": absolute path or None (then only Ray Train's checkpoints are written)}."""
+    "run_dir": absolute path, storage URI or None (then only Ray Train's checkpoints are written)}."""
     import ray.train
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
@@ -305,7 +303,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     from .models import build_model
 
     cfg = TrainConfig.from_dict(loop_config["config"])
-    run_dir = Path(loop_config["run_dir"]) if loop_config.get("run_dir") else None
+    run_dir = Location(loop_config["run_dir"]) if loop_config.get("run_dir") else None
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     _worker_logging(rank)
@@ -339,17 +337,18 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         log.info("resuming after epoch %d (attempt %d)", state.epoch, state.attempt)
 
     writer = None
+    tensorboard = contextlib.ExitStack()  # TensorBoard writes local files only: a local folder, uploaded
     if run_dir is not None:
-        (run_dir / "workers").mkdir(parents=True, exist_ok=True)
-        (run_dir / "workers" / f"rank{rank}.json").write_text(json.dumps(
+        (run_dir / "workers" / f"rank{rank}.json").write_json(
             {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(),
-             "attempt": state.attempt, "resumed_from_epoch": state.epoch, "started": time.time()}))
+             "attempt": state.attempt, "resumed_from_epoch": state.epoch, "started": time.time()})
         if rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             _write_jsonl(run_dir / "metrics.jsonl", state.history)
             _repair_best(run_dir, state)
-            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=state.epoch + 1)
+            events = tensorboard.enter_context(_local_folder(run_dir / "tensorboard"))
+            writer = SummaryWriter(str(events), purge_step=state.epoch + 1)
 
     generator = torch.Generator(device=device)
     batches = len(loader)
@@ -411,12 +410,13 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
             # from here on a failure resumes after this epoch, and metrics.jsonl says so.
             ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             if run_dir is not None:
-                with open(run_dir / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                _write_jsonl(run_dir / "metrics.jsonl", state.history)
                 for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy",
                             "val_score", "lr", "train_images_per_s"):
                     writer.add_scalar(key, metrics[key], epoch)
                 writer.flush()
+                if not run_dir.is_local:
+                    (run_dir / "tensorboard").upload(events)
                 if state.best_epoch == epoch:
                     save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(), metrics=metrics)
         else:
@@ -425,6 +425,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
 
     if writer is not None:
         writer.close()
+    tensorboard.close()
     if not (cfg.test and run_dir is not None):
         return
     # The selected model on the test split, once, at the end (never used for selection).
@@ -440,35 +441,50 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("test (best epoch %d): clean %.4f pgd %.4f on %d images", state.best_epoch,
                  figures["test_clean_accuracy"], figures["test_adversarial_accuracy"], result["n"])
-        (run_dir / "test.json").write_text(json.dumps({**figures, "attack": asdict(cfg.pgd)}, indent=2))
+        (run_dir / "test.json").write_json({**figures, "attack": asdict(cfg.pgd)})
         save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(),
                         metrics={**meta["metrics"], **figures})
     ray.train.report({**last_metrics, **figures})
 
 
+@contextlib.contextmanager
+def _local_folder(target: Location):
+    """A local folder for files that `target` should hold: target itself where it is local, else a
+    temporary folder (the caller uploads it; it is removed at the end)."""
+    if target.is_local:
+        target.mkdir()
+        yield target.local_path
+        return
+    with tempfile.TemporaryDirectory(prefix="robint-tb-") as tmp:
+        yield Path(tmp)
+
+
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def make_trainer(cfg: TrainConfig, run_dir: str | Path | None, *, workers: int = 1, gpus_per_worker: float = 0,
-                 storage_path: str | Path | None = None, name: str = RAY_NAME, callbacks: list | None = None):
-    """A TorchTrainer running train_fn_per_worker. Ray Train's storage is RUN_DIR/ray (absolute)
-    unless storage_path is given; it keeps the latest and the best checkpoint."""
+def make_trainer(cfg: TrainConfig, run_dir: str | Path | Location | None, *, workers: int = 1,
+                 gpus_per_worker: float = 0, storage_path: str | Path | Location | None = None, name: str = RAY_NAME,
+                 callbacks: list | None = None):
+    """A TorchTrainer running train_fn_per_worker. run_dir and storage_path: local paths (made
+    absolute) or storage URIs. Ray Train's storage is RUN_DIR/ray unless storage_path is given, on the
+    filesystem the location names (storage_path + storage_filesystem); it keeps the latest and the best
+    checkpoint."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     check(workers >= 1, f"--workers must be >= 1, got {workers}")
     check(gpus_per_worker >= 0, f"--gpus-per-worker must be >= 0, got {gpus_per_worker}")
-    run_dir = Path(run_dir).resolve() if run_dir is not None else None
+    run_dir = Location(run_dir) if run_dir is not None else None
     if storage_path is None:
         check(run_dir is not None, "give run_dir or storage_path")
-        storage_path = run_dir / "ray"
+    storage, storage_filesystem = (Location(storage_path) if storage_path is not None else run_dir / "ray").for_ray_train()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     return TorchTrainer(
         train_fn_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "run_dir": str(run_dir) if run_dir else None},
+        train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri if run_dir else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()),
+            name=name, storage_path=storage, storage_filesystem=storage_filesystem,
             callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a Tune trial runs the trainer
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray always keeps the latest checkpoint too: these two are what resume and best/ need.
@@ -498,14 +514,16 @@ def preflight(cfg: TrainConfig, workers: int) -> None:
           f"the model only {num_classes} classes")
 
 
-def run(cfg: TrainConfig, run_dir: str | Path, *, workers: int = 1, gpus_per_worker: float = 0,
+def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, gpus_per_worker: float = 0,
         resume: bool = False) -> dict[str, Any]:
-    """Train (or, with resume, continue) the run in run_dir on Ray; returns the last reported metrics."""
+    """Train (or, with resume, continue) the run in run_dir (a local path or a storage URI) on Ray;
+    returns the last reported metrics."""
     import ray
 
-    from .distributed import init_ray
+    from . import storage
+    from .distributed import init_ray, joined_cluster
 
-    run_dir = Path(run_dir).resolve()
+    run_dir = Location(run_dir)
     started = (run_dir / "ray" / RAY_NAME).exists()
     if resume:
         check(started, f"{run_dir}: no run to resume (no {run_dir / 'ray' / RAY_NAME})")
@@ -517,11 +535,12 @@ def run(cfg: TrainConfig, run_dir: str | Path, *, workers: int = 1, gpus_per_wor
     need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * gpus_per_worker}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
-    if short and not os.environ.get("RAY_ADDRESS"):
+    if short and not joined_cluster():
         raise InputError(f"{workers} workers need {' and '.join(short)}: use fewer --workers or cpus_per_worker")
     if short:
         log.warning("the cluster has too few resources for now: %s; waiting for the autoscaler", "; ".join(short))
-    run_dir.mkdir(parents=True, exist_ok=True)
+    storage.preflight(run_dir)  # every node can write and read there, before an epoch is spent
+    run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info("training %s (%s) with %d worker(s) into %s", cfg.arch, "adversarial" if cfg.adversarial else "standard",
              workers, run_dir)

@@ -83,12 +83,12 @@ def sample_test():
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray instance (2 CPUs, loopback only) for every Ray test of the session."""
+    """One private local Ray instance (2 CPUs, loopback only) for every Ray test of the session."""
     import ray
 
     from robint_ray.distributed import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray("local", num_cpus=2)  # never a cluster that happens to run on this machine
     yield ray
     ray.shutdown()
 

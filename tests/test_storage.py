@@ -78,3 +78,24 @@ def test_ray_train_storage_is_the_same_store(s3_server):
     with filesystem.open_output_stream(path + "/x/f") as f:
         f.write(b"ok")
     assert (Location(uri) / "run" / "x" / "f").read_bytes() == b"ok"
+
+
+@pytest.mark.ray
+def test_preflight_on_one_node(ray_local, s3_server, tmp_path):
+    """A single node checks in-process: a writable place passes at once and keeps nothing of the check;
+    a bucket that does not exist fails with one line that names the location."""
+    import time
+
+    from robint_ray.errors import InputError
+    from robint_ray.storage import preflight
+
+    started = time.perf_counter()
+    preflight(tmp_path / "new" / "run")
+    assert time.perf_counter() - started < 5
+    assert not (tmp_path / "new").exists()  # the folders the check made are gone again
+    bucket = s3_server()
+    preflight(bucket + "/run")
+    assert (Location(bucket) / "run").list() == []  # the check's markers are gone
+    with pytest.raises(InputError, match=r"s3://no-such-bucket-robint/run: cannot write and read there") as caught:
+        preflight("s3://no-such-bucket-robint/run")
+    assert "\n" not in str(caught.value)

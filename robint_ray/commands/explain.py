@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..cli import add_model_arguments, load_model
+from ..storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the explained images (default: test)")
     parser.add_argument("--n", type=int, default=24, help="explain the first N images (default: 24, as the paper)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks (0: in this process; default 2)")
     parser.add_argument("--cpus-per-task", type=float, default=1, help="CPUs per Ray task (default 1)")
     parser.add_argument("--gpus-per-task", type=float, default=0, help="GPUs per Ray task (default 0)")
@@ -69,6 +70,13 @@ def _model_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
+    when the command has finished)."""
+    with Location(args.out).local_dir() as out:
+        return _run(args, out, Location(args.out))
+
+
+def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     import numpy as np
 
     from .. import explain as ex
@@ -120,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
     classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
     first = results[names[0]]
-    metrics = ex.save(args.out, results, labels=labels.numpy(), extra={
+    metrics = ex.save(out, results, labels=labels.numpy(), extra={
         "sources": {name: source for name, (_m, source) in zip(names, models)},
         "data": str(args.data), "split": args.split, "classes": classes,
         "labels": labels.tolist(), "seconds": timing,
@@ -129,9 +137,9 @@ def run(args: argparse.Namespace) -> int:
                 for y, t in zip(labels, first.targets)]
     maps = {name: r.attributions for name, r in results.items()}
     method = {"ig": "Integrated Gradients", "shap": "SHAP expected gradients"}[args.method]
-    ex.plot_grid(images[:24], {k: v[:24] for k, v in maps.items()}, args.out / "grid.png",
+    ex.plot_grid(images[:24], {k: v[:24] for k, v in maps.items()}, out / "grid.png",
                  captions=captions[:24], title=f"{method} ({output})")
-    ex.plot_overlays(images[:3], {k: v[:3] for k, v in maps.items()}, args.out / "overlay.png",
+    ex.plot_overlays(images[:3], {k: v[:3] for k, v in maps.items()}, out / "overlay.png",
                      captions=captions[:3])
 
     for name in names:
@@ -143,6 +151,6 @@ def run(args: argparse.Namespace) -> int:
             gap = mean["relative_completeness_gap"]
             print(f"{name}: mean relative completeness gap {gap['mean']:.4f} "
                   f"(m = {args.steps}, {output}, {args.baseline} x {k})")
-    print(f"wrote {args.out / 'attributions.npz'}, {args.out / 'metrics.json'}, {args.out / 'grid.png'}, "
-          f"{args.out / 'overlay.png'}")
+    print(f"wrote {where / 'attributions.npz'}, {where / 'metrics.json'}, {where / 'grid.png'}, "
+          f"{where / 'overlay.png'}")
     return 0

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from ..cli import add_model_arguments, load_model
+from ..storage import Location
 from .generate import add_pgd_arguments, pgd_settings
 
 
@@ -33,7 +34,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--start", default="noise", choices=("noise", "image"), help="start from noise (default) or test images")
     parser.add_argument("--starts", type=int, default=4, help="start images per feature (default: 4)")
     parser.add_argument("--top", type=int, default=8, help="most and least activating images to show (default: 8)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise starts and of random features")
     add_pgd_arguments(parser, "1000; step 1, 400 steps")
@@ -60,6 +61,13 @@ def parse_features(items: list[str] | None, k: int, n_random: int, seed: int) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
+    when the command has finished)."""
+    with Location(args.out).local_dir() as out:
+        return _run(args, out, Location(args.out))
+
+
+def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     import numpy as np
     import torch
 
@@ -89,9 +97,9 @@ def run(args: argparse.Namespace) -> int:
     shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
     test_images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
     test_images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))
-    figure = save_featvis_figure(args.out / "featvis.png", result, test_images,
+    figure = save_featvis_figure(out / "featvis.png", result, test_images,
                                  title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})")
-    path = write_npz(args.out / "featvis.npz", images=to_uint8(result["images"]), labels=result["group"].numpy(),
+    path = write_npz(out / "featvis.npz", images=to_uint8(result["images"]), labels=result["group"].numpy(),
                      features=result["features"].numpy(), starts=to_uint8(starts),
                      top=result["top"].numpy(), bottom=result["bottom"].numpy(),
                      top_values=result["top_values"].numpy(), bottom_values=result["bottom_values"].numpy(),
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"R_{'+'.join(map(str, z))}: activation {result['before'][mask].mean():.3f} -> "
               f"{result['after'][mask].mean():.3f}; most active test images' labels {top_labels}")
     summary = dict(model=source, data=str(args.data), split=args.split, settings=settings.__dict__,
-                   features=groups, path=str(path), figure=str(figure))
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"-> {path}; figure: {figure}")
+                   features=groups, path=str(where / path.name), figure=str(where / figure.name))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"-> {summary['path']}; figure: {summary['figure']}")
     return 0

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..cli import add_model_arguments, load_model
+from ..storage import Location
 from .generate import add_pgd_arguments, pgd_settings
 
 
@@ -27,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=8, help="target images, one per class in turn (default: 8)")
     parser.add_argument("--source", default="both", choices=("image", "noise", "both"),
                         help="start from an image of another class, from noise, or both (default)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise sources")
     add_pgd_arguments(parser, "1000; step 1, 10,000 steps")
@@ -49,6 +50,13 @@ def per_class_positions(labels, n: int, num_classes: int, offset: int = 0) -> li
 
 
 def run(args: argparse.Namespace) -> int:
+    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
+    when the command has finished)."""
+    with Location(args.out).local_dir() as out:
+        return _run(args, out, Location(args.out))
+
+
+def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     import numpy as np
     import torch
 
@@ -86,17 +94,17 @@ def run(args: argparse.Namespace) -> int:
                            ("distance_before", result["distance_before"].numpy()),
                            ("distance_after", result["distance_after"].numpy())):
             arrays[key].append(value)
-        figures.append(save_inversion_figure(args.out / f"inversions-{kind}.png", t8, s8, images,
+        figures.append(save_inversion_figure(out / f"inversions-{kind}.png", t8, s8, images,
                                              distance_after=result["distance_after"].tolist(),
                                              title=f"representation inversion from {kind} ({settings.steps} steps, "
                                                    f"L2 eps {settings.eps:g}, step {settings.step_size:g})"))
         print(f"source {kind:>5}: normalised distance {result['distance_before'].mean():.4f} -> "
               f"{result['distance_after'].mean():.4f} (mean over {args.n})")
-    path = write_npz(args.out / "inversions.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
+    path = write_npz(out / "inversions.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
     summary = dict(model=source, data=str(args.data), split=args.split, settings=settings.__dict__,
-                   path=str(path), figures=[str(f) for f in figures],
+                   path=str(where / path.name), figures=[str(where / f.name) for f in figures],
                    distance_before=np.concatenate(arrays["distance_before"]).tolist(),
                    distance_after=np.concatenate(arrays["distance_after"]).tolist())
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"-> {path}; figures: {', '.join(summary['figures'])}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"-> {summary['path']}; figures: {', '.join(summary['figures'])}")
     return 0

@@ -2,8 +2,10 @@
 visualise features), then one HTML report and one JSON.
 
     robint study experiments/paper/cifar10.yaml --out runs/paper-cifar10
-    ray job submit --working-dir . -- robint study experiments/paper/cifar10.yaml --out /shared/paper-cifar10
+    ray job submit --working-dir . -- robint study experiments/paper/cifar10.yaml --out s3://bucket/paper-cifar10
 
+--out is a local path or a storage URI (s3://bucket/prefix; or a folder that every node mounts at the
+same path, e.g. NFS); before any work every node of the cluster is checked to write and read there.
 A rerun with the same --out skips every finished stage (and every generated shard), so a failed or
 killed job resumes where it stopped.
 """
@@ -16,7 +18,8 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="study config (YAML), e.g. experiments/smoke/paper_cifar10.yaml")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (shared storage on a multi-node cluster)")
+    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://bucket/prefix; "
+                        "on a multi-node cluster a URI or shared storage)")
     parser.add_argument("--workers", type=int, default=None, help="override the config's workers")
 
 
@@ -32,5 +35,5 @@ def run(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, workers=args.workers)
     page = Study(config, args.out).run()
     print(f"report: {page}")
-    print(f"numbers: {page.with_suffix('.json')}")
+    print(f"numbers: {page.parent / 'report.json'}")
     return 0

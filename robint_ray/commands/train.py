@@ -8,8 +8,10 @@
         --set data.path=/abs/path/cifar10.npz --out /shared/runs/robust --workers 4 --gpus-per-worker 1
 
 Writes RUN_DIR/config.yaml, metrics.jsonl, best/ (for `robint eval --checkpoint RUN_DIR/best`),
-test.json, tensorboard/ and Ray Train's checkpoints under RUN_DIR/ray/. Joins the cluster of
-$RAY_ADDRESS when set (as under `ray job submit`), else starts a local Ray on 127.0.0.1.
+test.json, tensorboard/ and Ray Train's checkpoints under RUN_DIR/ray/. RUN_DIR is a local path or a
+storage URI (--out s3://bucket/runs/robust); every node must be able to write it (checked first).
+Joins the running cluster ($RAY_ADDRESS as under `ray job submit`, or one `ray start` started on this
+machine), else starts a local Ray on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path, help="experiment YAML (optional with --resume)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (dotted, e.g. optim.lr=0.05; value read as YAML); repeatable")
-    parser.add_argument("--out", type=Path, help="run folder to create (must not hold a run yet)")
-    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    parser.add_argument("--out", help="run folder to create, a path or a storage URI (must not hold a run yet)")
+    parser.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR (a path or URI) from its "
+                        "latest checkpoint")
     parser.add_argument("--workers", type=int, default=1, help="training workers (default: 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (default: 0, CPU training)")
 
@@ -47,15 +50,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import check
+    from ..storage import Location
     from ..train import resolve_paths, run as train_run
 
     if args.resume is not None:
-        check(args.out is None or args.out.resolve() == args.resume.resolve(),
+        check(args.out is None or Location(args.out) == Location(args.resume),
               "--out and --resume name different folders; give only --resume RUN_DIR")
-        run_dir = args.resume
+        run_dir = Location(args.resume)
         stored_path = run_dir / "config.yaml"
         check(stored_path.is_file(), f"{run_dir}: no run to resume (no config.yaml)")
-        stored = load_config(stored_path)
+        stored = load_config(str(stored_path))
         cfg = resolve_paths(load_config(args.config, args.sets) if args.config else stored.override(args.sets))
         old, new = _flat(stored.to_dict()), _flat(cfg.to_dict())
         changed = sorted(k for k in old if old[k] != new[k])
@@ -65,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         check(args.config is not None, "give an experiment CONFIG (or --resume RUN_DIR)")
         check(args.out is not None, "give --out RUN_DIR")
-        run_dir, cfg = args.out, load_config(args.config, args.sets)
+        run_dir, cfg = Location(args.out), load_config(args.config, args.sets)
 
     from ray.train import TrainingFailedError
 
@@ -76,13 +80,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"robint train: training failed ({err}); continue it with: robint train --resume {run_dir}",
               file=sys.stderr)
         return 1
-    run_dir = run_dir.resolve()
     print(f"run folder {run_dir}")
     if metrics:
         print(f"epochs {metrics.get('epoch')}, best epoch {metrics.get('best_epoch')} "
               f"(val score {metrics.get('best_val_score', float('nan')):.4f})")
     if (run_dir / "test.json").is_file():
-        test = json.loads((run_dir / "test.json").read_text())
+        test = (run_dir / "test.json").read_json()
         print(f"test (best epoch {test['test_epoch']}): clean accuracy {test['test_clean_accuracy']:.4f}, "
               f"PGD accuracy {test['test_adversarial_accuracy']:.4f} ({test['test_images']} images)")
     print(f"evaluate with: robint eval --checkpoint {run_dir / 'best'}")
