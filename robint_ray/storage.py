@@ -377,7 +377,7 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
             raise InputError(f"{location}: cannot write and read there ({error or why or 'the file written is not there'})")
         return
 
-    def on_each(fn, *args_of):
+    def on_each(fn, args_of):
         calls = [ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
             node, soft=False)).remote(*args_of(node)) for node in nodes]
         try:

@@ -29,6 +29,7 @@ that ran all their epochs (ASHA-stopped trials only if none did), never on the t
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 import logging
@@ -43,6 +44,7 @@ from ray.tune import Callback
 
 from .config import TrainConfig, _build, apply_overrides, dump_config
 from .errors import InputError, check
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -285,17 +287,20 @@ def _run_trial(params: dict[str, Any], *, start: dict[str, Any], val_attack: dic
 
     cfg = trial_config(TrainConfig.from_dict(start), params,
                        val_attack=ValAttackConfig(**val_attack) if val_attack else None)
-    run_dir = Path(trials_dir) / ray.tune.get_context().get_trial_id()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Location(trials_dir) / ray.tune.get_context().get_trial_id()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    with open(run_dir / "starts.jsonl", "a") as f:
-        f.write(json.dumps({"started": time.time(), "pid": os.getpid(), "params": params}) + "\n")
+    _append_line(run_dir / "starts.jsonl", json.dumps({"started": time.time(), "pid": os.getpid(), "params": params}))
     trainer = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
                            callbacks=[TuneReportCallback(), _placement_group_recorder(run_dir / PLACEMENT_GROUPS)])
     trainer.fit()
 
 
-def _placement_group_recorder(path: Path):
+def _append_line(target: Location, line: str) -> None:
+    """Add a line to a small file (rewritten whole: object stores cannot append)."""
+    target.write_text((target.read_text() if target.exists() else "") + line + "\n")
+
+
+def _placement_group_recorder(path: Location):
     """A Ray Train callback (run by the Train controller) that appends the id of every worker group's
     placement group to `path`. When ASHA stops a trial, Tune kills the trial's actor and with it the
     controller and the workers it owns; their placement group, though, lives as long as the job and
@@ -306,18 +311,17 @@ def _placement_group_recorder(path: Path):
     class RecordPlacementGroup(WorkerGroupCallback):
         def after_worker_group_start(self, worker_group):
             group = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            with open(path, "a") as f:
-                f.write(group.id.hex() + "\n")
+            _append_line(path, group.id.hex())
 
     return RecordPlacementGroup()
 
 
-def remove_placement_groups(run_dir: Path) -> int:
+def remove_placement_groups(run_dir: Location) -> int:
     """Remove the placement groups recorded in run_dir that still exist; returns how many."""
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
-    path = run_dir / PLACEMENT_GROUPS
+    path = Location(run_dir) / PLACEMENT_GROUPS
     if not path.is_file():
         return 0
     removed = 0
@@ -358,18 +362,17 @@ def trial_rows(trials, epochs_planned: int, finished: Mapping[str, str] = {}) ->
                       state=finished.get(t.trial_id, t.status)) for t in trials]
 
 
-def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trial_id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+def write_table(path: str | Path | Location, rows: list[dict[str, Any]]) -> None:
+    """results.csv, written whole and atomically (a local path or a storage URI)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["trial_id"])
+    writer.writeheader()
+    writer.writerows(rows)
+    Location(path).write_text(text.getvalue())
 
 
-def read_table(path: str | Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+def read_table(path: str | Path | Location) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(Location(path).read_text(), newline="")))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -379,7 +382,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i])
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
+def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path | Location) -> None:
     """Val clean vs val PGD accuracy (last epoch) of every trial that reported, labelled by eps; the
     Pareto front of the completed trials circled and joined."""
     import matplotlib
@@ -410,8 +413,10 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    Location(path).write_bytes(png.getvalue())
 
 
 def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -427,7 +432,7 @@ class SweepCallback(Callback):
     the placement groups of a trial that ended (see _placement_group_recorder). A module-level class:
     Tune pickles it with the experiment and `--resume` unpickles it by reference, so with this code."""
 
-    def __init__(self, table: Path, trials_dir: Path, epochs_planned: int):
+    def __init__(self, table: Location, trials_dir: Location, epochs_planned: int):
         self.table, self.trials_dir, self.epochs_planned = table, trials_dir, epochs_planned
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -468,21 +473,25 @@ def check_resources(sweep: Sweep) -> None:
                     "; ".join(short))
 
 
-def run_sweep(sweep: Sweep, sweep_dir: str | Path, *, resume: bool = False) -> list[dict[str, Any]]:
-    """Run (or, with resume, continue) the sweep in sweep_dir; writes results.csv, tradeoff.png and
-    best.yaml and returns the rows of results.csv."""
+def run_sweep(sweep: Sweep, sweep_dir: str | Path | Location, *, resume: bool = False) -> list[dict[str, Any]]:
+    """Run (or, with resume, continue) the sweep in sweep_dir (a local path or a storage URI; Tune's
+    and every trial's files go there too); writes results.csv, tradeoff.png and best.yaml and returns
+    the rows of results.csv."""
     import yaml
     from ray import tune
 
+    from . import storage
     from .distributed import init_ray
     from .train import preflight, resolve_paths
 
-    sweep_dir = Path(sweep_dir).resolve()
+    sweep_dir = Location(sweep_dir)
     tune_dir = sweep_dir / TUNE_NAME
+    storage_path, storage_filesystem = sweep_dir.for_ray_train()
+    tune_path, _ = tune_dir.for_ray_train()
     stored = sweep_dir / "sweep.yaml"
     sweep = replace(sweep, trial=resolve_paths(sweep.trial))
     if resume:
-        check(stored.is_file() and tune.Tuner.can_restore(str(tune_dir)),
+        check(stored.is_file() and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_filesystem),
               f"{sweep_dir}: no sweep to resume (no {stored.name} and Tune state in {tune_dir})")
         check(yaml.safe_load(stored.read_text()) == yaml.safe_load(yaml.safe_dump(sweep.to_dict(), sort_keys=False)),
               f"{sweep_dir} holds a different sweep than CONFIG: resume it with the config it started with")
@@ -491,7 +500,8 @@ def run_sweep(sweep: Sweep, sweep_dir: str | Path, *, resume: bool = False) -> l
     preflight(sweep.trial, sweep.options.workers)
     init_ray()
     check_resources(sweep)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    storage.preflight(sweep_dir)  # every node can write and read there, before a trial starts
+    sweep_dir.mkdir()
     if not resume:
         stored.write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))
 
@@ -499,7 +509,7 @@ def run_sweep(sweep: Sweep, sweep_dir: str | Path, *, resume: bool = False) -> l
     trainable = tune.with_resources(
         tune.with_parameters(_run_trial, start=sweep.trial.to_dict(),
                              val_attack=asdict(o.val_pgd) if o.val_pgd else None, workers=o.workers,
-                             gpus_per_worker=o.gpus_per_worker, trials_dir=str(sweep_dir / "trials")),
+                             gpus_per_worker=o.gpus_per_worker, trials_dir=(sweep_dir / "trials").uri),
         # The trial only waits on its Train controller; the training workers reserve the CPUs and GPUs.
         # Tune refuses an all-zero request, so a trial holds one byte of Ray's `memory` resource.
         {"cpu": 0, "memory": 1})
@@ -507,7 +517,8 @@ def run_sweep(sweep: Sweep, sweep_dir: str | Path, *, resume: bool = False) -> l
     epochs = sweep.trial.epochs
     if resume:
         log.info("resuming the sweep in %s", sweep_dir)
-        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(tune_path, trainable, resume_unfinished=True, resume_errored=True,
+                                   storage_filesystem=storage_filesystem)
     else:
         scheduler = None
         if o.asha is not None:
@@ -526,14 +537,14 @@ def run_sweep(sweep: Sweep, sweep_dir: str | Path, *, resume: bool = False) -> l
             tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=scheduler, search_alg=search_alg,
                                         num_samples=o.num_samples, max_concurrent_trials=o.max_concurrent_trials,
                                         trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=str(sweep_dir),
+            run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, storage_filesystem=storage_filesystem,
                                       callbacks=[SweepCallback(table, sweep_dir / "trials", epochs)], verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=0)),  # Train retries workers
         )
     log.info("sweeping %s into %s", ", ".join(d.name for d in sweep.space), sweep_dir)
     tuner.fit()
 
-    trials = tune.ExperimentAnalysis(str(tune_dir)).trials
+    trials = tune.ExperimentAnalysis(tune_path, storage_filesystem=storage_filesystem).trials
     for trial in trials:  # the trials that ran but did not end through the callback (interrupted ones)
         remove_placement_groups(sweep_dir / "trials" / trial.trial_id)
     rows = sorted(trial_rows(trials, epochs),

@@ -1,5 +1,5 @@
-"""The study as one job: its config, its report, resuming after a kill, and `ray job submit` to a
-simulated two-node cluster."""
+"""The study as one job: its config, its report, resuming after a kill. `ray job submit` to a
+two-node cluster: tests/test_two_nodes.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -109,43 +108,3 @@ def test_killed_in_generation_resumes_without_redoing(tmp_path):
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=1800)
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # nothing done twice
     assert (out / "report.html").is_file() and (out / "report.json").is_file()
-
-
-@pytest.mark.ray
-@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare -n")
-def test_ray_job_submit_to_a_two_node_cluster(tmp_path):
-    """A Ray head and a second node on 127.0.0.1 in a private network namespace; the smoke study is
-    submitted with `ray job submit` and its Ray tasks run on both nodes."""
-    config, out = smoke_config(tmp_path, **TINY), tmp_path / "out"
-    bin_dir = Path(sys.executable).parent
-    # This cluster's session files (a short path: Ray's unix sockets live there) and the tag its
-    # processes are stopped by.
-    temp = tempfile.mkdtemp(prefix="rt2n", dir="/tmp")
-    script = f"""
-set -e
-ip link set lo up
-# A real multi-node cluster: undo the loopback-only switch robint_ray set in this test process.
-export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 PATH={bin_dir}:$PATH
-# Stop this cluster's processes only (`ray stop` would stop every Ray instance on the machine). The
-# path comes in $CLUSTER_TEMP: written out here it would be in this shell's command line, and pkill -f
-# would kill the shell too.
-trap 'pkill -9 -f "$CLUSTER_TEMP" >/dev/null 2>&1 || true' EXIT
-# Each node its own temp dir, as on separate machines: sharing one, the two nodes' runtime-env agents
-# unpack the job's working_dir into the same folder and delete it under each other's workers.
-ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 --disable-usage-stats --temp-dir="$CLUSTER_TEMP/head"
-ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats --temp-dir="$CLUSTER_TEMP/node2"
-cd {ROOT}
-ray job submit --address http://127.0.0.1:8271 --working-dir . \\
-  --runtime-env-json '{{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}}' \\
-  -- python -m robint_ray study {config} --out {out}
-"""
-    try:
-        proc = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=2400,
-                              env={**os.environ, "CLUSTER_TEMP": temp})
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "report.json").read_text())
-    assert (out / "report.html").is_file()
-    assert report["hardware"]["ray_nodes"] == 2
-    assert len(report["nodes_used"]) == 2, report["nodes_used"]

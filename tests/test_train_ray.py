@@ -307,3 +307,33 @@ def test_deterministic_setting_reaches_cudnn(deterministic):
         assert torch.backends.cudnn.benchmark is not deterministic
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
+
+
+def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp_path, capsys):
+    """`robint train --out s3://...`, then `--resume s3://...` for one more epoch, then `robint eval
+    --checkpoint s3://.../best`: every file of the run is in the bucket and nothing else is written. The
+    drivers are subprocesses with their own local Ray, whose workers inherit the S3 endpoint."""
+    from robint_ray.checkpoint import read_meta
+    from robint_ray.cli import main
+    from robint_ray.storage import Location
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(dump_config(tiny(epochs=2, test=True, **{"data.train_n": 256, "data.val_n": 64,
+                                                                 "data.test_n": 64})))
+    run = Location(s3_server()) / "runs" / "standard"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for args in (["train", str(config), "--out", run.uri], ["train", "--resume", run.uri, "--set", "epochs=3"]):
+        proc = subprocess.run([sys.executable, "-m", "robint_ray", *args, "--workers", "2"], env=env,
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["resumed_from_epoch"] == 2
+    assert {"config.yaml", "metrics.jsonl", "best", "test.json", "tensorboard", "workers", "ray"} <= set(run.list())
+    assert any(name.startswith("events.") for name in (run / "tensorboard").list())
+    assert "epoch_0003" in (run / "ray" / "train").list()
+    test = (run / "test.json").read_json()
+    assert read_meta(run / "best")["metrics"]["epoch"] == test["test_epoch"] == rows[-1]["best_epoch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # nothing written locally
+    assert main(["eval", "--checkpoint", (run / "best").uri, "--data", "sample", "--split", "test", "--n", "50",
+                 "--attack", "none"]) == 0
+    assert "clean accuracy" in capsys.readouterr().out

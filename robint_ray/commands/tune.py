@@ -17,7 +17,8 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="sweep YAML (see experiments/sweep_cifar10_l2.yaml)")
-    parser.add_argument("--out", type=Path, required=True, help="sweep folder (must not hold a sweep, unless --resume)")
+    parser.add_argument("--out", required=True, help="sweep folder, a path or a storage URI (must not hold a sweep, "
+                        "unless --resume)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the interrupted sweep in --out: finished trials are not run again")
 
@@ -25,6 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from ..storage import Location
     from ..tune import SweepInterrupted, best_row, load_sweep, run_sweep
 
     try:
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     except SweepInterrupted as err:
         print(f"robint tune: {err}: robint tune {args.config} --out {args.out} --resume", file=sys.stderr)
         return 1
-    sweep_dir = args.out.resolve()
+    sweep_dir = Location(args.out)
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
