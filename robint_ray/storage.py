@@ -311,7 +311,7 @@ def _node_write(folder: Location, node: str) -> str | None:
     """Write this node's marker into folder; returns None, or why it could not."""
     try:
         (folder / node).write_text(node)
-    except (OSError, InputError, PermissionError) as err:  # pyarrow raises OSError subclasses
+    except (OSError, InputError) as err:  # pyarrow raises OSError subclasses (PermissionError, ...)
         return _one_line(err)
     return None
 
