@@ -521,6 +521,7 @@ def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, g
     import ray
 
     from . import storage
+    from .cluster import WorkerRequest, check_fits, cluster_nodes
     from .distributed import init_ray, joined_cluster
 
     run_dir = Location(run_dir)
@@ -532,6 +533,8 @@ def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, g
     cfg = resolve_paths(cfg)
     preflight(cfg, workers)
     init_ray()
+    # A worker that fits no node would leave Ray Train retrying its worker group forever.
+    check_fits(WorkerRequest(cpus=cfg.cpus_per_worker, gpus=gpus_per_worker), cluster_nodes())
     need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * gpus_per_worker}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]

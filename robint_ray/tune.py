@@ -461,7 +461,10 @@ def check_resources(sweep: Sweep) -> None:
     would leave Tune waiting); under $RAY_ADDRESS only warn, an autoscaler may add nodes."""
     import ray
 
+    from .cluster import WorkerRequest, check_fits, cluster_nodes
+
     o = sweep.options
+    check_fits(WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=o.gpus_per_worker), cluster_nodes())
     need = {"CPU": o.workers * sweep.trial.cpus_per_worker, "GPU": o.workers * o.gpus_per_worker}
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
