@@ -144,3 +144,47 @@ def check_fits(request: WorkerRequest, nodes: list[Node], *, what: str = "one tr
         raise InputError(f"{what} needs {request.describe()}, which fits no node of the cluster: {why}")
     if fits is None:
         log.warning("%s: %s", what, why)
+
+
+# --- the shipped configs -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShippedConfig:
+    """One shipped experiment file and what each of its training workers asks for on a GPU cluster."""
+
+    path: Path
+    kind: str  # "train", "sweep" or "study"
+    workers: int
+    request: WorkerRequest
+
+
+def shipped_configs(experiments: str | Path) -> list[ShippedConfig]:
+    """Every training, sweep and study config of experiments/*.yaml and experiments/paper/*.yaml
+    (the small CPU versions in experiments/smoke/ are left out). A training config's workers take one
+    GPU each, as `robint train ... --gpus-per-worker 1` on a GPU cluster; a sweep or a study says its
+    own workers and gpus_per_worker; a study asks for the larger of its two models' workers."""
+    import yaml
+
+    from .config import load_config
+    from .study import load_study
+    from .tune import load_sweep
+
+    experiments = Path(experiments)
+    shipped = []
+    for path in sorted(experiments.glob("*.yaml")) + sorted((experiments / "paper").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if "space" in data:
+            sweep = load_sweep(path)
+            request = WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=sweep.options.gpus_per_worker)
+            shipped.append(ShippedConfig(path, "sweep", sweep.options.workers, request))
+        elif "standard" in data or "robust" in data:
+            study = load_study(path)
+            cpus = max(load_config(source.train).cpus_per_worker
+                       for source in (study.standard, study.robust) if source.train is not None)
+            shipped.append(ShippedConfig(path, "study", study.workers,
+                                         WorkerRequest(cpus=cpus, gpus=study.gpus_per_worker)))
+        else:
+            cfg = load_config(path)
+            shipped.append(ShippedConfig(path, "train", 1, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=1)))
+    return shipped

@@ -1,9 +1,14 @@
-"""cluster.yaml and cluster-local.yaml validate against Ray's own cluster-config schema."""
+"""cluster.yaml and cluster-local.yaml: Ray's own cluster-config schema, token auth, node types that fit
+every shipped training config, and the autoscaler starting a GPU node of cluster.yaml for a GPU task."""
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -41,3 +46,111 @@ def test_the_schema_check_is_real():
     broken["max_workers"] = "four"
     with pytest.raises(jsonschema.ValidationError):
         validate(broken)
+
+
+def _start_commands(config: dict) -> list[str]:
+    return [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_every_ray_process_uses_token_auth_and_raised_file_limits(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    for command in _start_commands(config):
+        assert "RAY_AUTH_MODE=token" in command and "ulimit -n 65536" in command, command
+    head = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
+    assert "--num-cpus=0" in head and "--num-gpus=0" in head  # no tasks beside the driver
+    # The token every node authenticates with travels with the file mounts.
+    assert any(remote.endswith("/.ray/auth_token") for remote in config["file_mounts"])
+
+
+def test_every_shipped_training_config_fits_a_node_type_of_cluster_yaml():
+    """Read from the files: the node types of cluster.yaml and every config of experiments/ and
+    experiments/paper/; each config's workers must fit a GPU node type, and the node types' max_workers
+    must hold as many workers as the config starts."""
+    from robint_ray.cluster import fit_verdict, node_types, shipped_configs
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    types = node_types(config)
+    shipped = shipped_configs(ROOT / "experiments")
+    assert {s.kind for s in shipped} == {"train", "sweep", "study"} and len(shipped) >= 7
+    assert any(s.request.cpus == 6 for s in shipped)  # the Small ImageNet 150 configs are among them
+    specs = config["available_node_types"]
+    for s in shipped:
+        fits, why = fit_verdict(s.request, types)
+        assert fits, f"{s.path.name}: {why}"
+        held = sum(int(specs[n.name]["max_workers"]) * int(min(n.cpus // s.request.cpus, n.gpus // s.request.gpus))
+                   for n in types if s.request.fits(n))
+        assert held >= s.workers, f"{s.path.name}: {s.workers} workers, the node types hold {held}"
+    head = config["available_node_types"][config["head_node_type"]]["resources"]
+    assert head == {"CPU": 0, "GPU": 0}
+
+
+def test_a_4_vcpu_gpu_node_would_not_fit_the_small_imagenet_workers():
+    """The check of the test above can fail: g5.xlarge's 4 vCPUs hold no 6-CPU worker."""
+    from robint_ray.cluster import fit_verdict, node_types, shipped_configs
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
+    failing = [s.path.name for s in shipped_configs(ROOT / "experiments") if not fit_verdict(s.request, node_types(config))[0]]
+    assert failing == ["smallimagenet150_robust_l2.yaml", "smallimagenet150_standard.yaml", "smallimagenet150.yaml"]
+
+
+AUTOSCALE = """
+import json, subprocess, sys, yaml, ray
+
+# Ray's fake multi-node provider (what ray.cluster_utils.AutoscalingCluster starts, from Ray's docs
+# "Testing autoscaling locally"): every node a raylet on this machine, node types as in the config.
+config = yaml.safe_load(open(sys.argv[1]))
+types, head_type = config["available_node_types"], config["head_node_type"]
+head = types[head_type]["resources"]
+fake = {"cluster_name": "fake", "max_workers": config["max_workers"], "head_node_type": "ray.head.default",
+        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                     "disable_launch_config_check": True},
+        "available_node_types": {
+            "ray.head.default": {"resources": head, "node_config": {}, "max_workers": 0},
+            **{name: {"resources": {**spec["resources"], "object_store_memory": 100 * 2**20}, "node_config": {},
+                      "min_workers": 0, "max_workers": spec["max_workers"]}
+               for name, spec in types.items() if name != head_type}},
+        "auth": {}, "upscaling_speed": 1.0, "idle_timeout_minutes": 1, "docker": {}, "initialization_commands": [],
+        "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+        "worker_start_ray_commands": [], "file_mounts": {}, "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": []}
+with open("fake.json", "w") as f:
+    json.dump(fake, f)
+subprocess.check_call(["ray", "start", "--head", "--autoscaling-config=fake.json", f"--num-cpus={head['CPU']}",
+                       f"--num-gpus={head['GPU']}", "--object-store-memory=100000000", "--disable-usage-stats"])
+ray.init("auto")
+before = ray.cluster_resources().get("GPU", 0)
+
+@ray.remote(num_gpus=1, num_cpus=6)
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+node = ray.get(where.remote(), timeout=240)
+info = next(n for n in ray.nodes() if n["NodeID"] == node)
+print(json.dumps({"gpus_before": before, "resources": info["Resources"], "nodes": len(ray.nodes())}))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
+def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_path):
+    """Ray's fake multi-node provider with the node types of cluster.yaml (min_workers 0): a head with
+    no GPU, a task that needs 1 GPU and 6 CPUs, and the autoscaler starts a gpu_worker node for it. In
+    private network, PID and mount namespaces: AutoscalingCluster runs `ray stop --force`, which there
+    stops only its own processes, and all of them end with the namespace."""
+    script = tmp_path / "autoscale.py"
+    script.write_text(AUTOSCALE)
+    shell = (f"set -e; ip link set lo up; mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray; cd {tmp_path}; "
+             f"exec {sys.executable} {script} {ROOT / 'cluster.yaml'}")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_FAKE_CLUSTER": "1",
+           "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(["unshare", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["gpus_before"] == 0
+    assert result["resources"]["GPU"] == 1 and result["resources"]["CPU"] == 8  # gpu_worker's resources
+    assert result["nodes"] == 2
