@@ -26,6 +26,7 @@ COMMANDS = {
     "featvis": "direct feature visualisation (eq. 13-14) and the most/least activating test images",
     "explain": "Integrated Gradients or SHAP attributions with metrics and figures, on Ray",
     "study": "the paper end to end as one job: train, evaluate, explain, generate + FID, invert, report",
+    "doctor": "on a Ray cluster's head: its nodes, which shipped config fits, CUDA on each GPU node, shared --out",
 }
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +87,48 @@ def test_a_worker_larger_than_every_node_fails_before_training(ray_local, tmp_pa
     check_fits(WorkerRequest(cpus=6, gpus=1), cluster_nodes())
     with pytest.raises(InputError, match="the largest is node type 'gpu' \\(not started\\): 8 CPU \\+ 1 GPU"):
         check_fits(WorkerRequest(cpus=6, gpus=2), cluster_nodes())
+
+
+DOCTOR = """
+set -e
+ip link set lo up
+mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
+export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+# A head with no resources for tasks (as cluster.yaml's) and a second node that claims a GPU it has not.
+ray start --head --port=6393 --num-cpus=0 --num-gpus=0 --dashboard-host=127.0.0.1 --disable-usage-stats --temp-dir=/tmp/ray/head >/dev/null
+ray start --address=127.0.0.1:6393 --num-cpus=4 --num-gpus=1 --disable-usage-stats --temp-dir=/tmp/ray/node2 >/dev/null
+cd "$ROOT"
+python -m robint_ray doctor --address 127.0.0.1:6393 --timeout 60 > /tmp/ray/plain.txt && echo "exit 0" >> /tmp/ray/plain.txt || echo "exit $?" >> /tmp/ray/plain.txt
+python -m robint_ray doctor --cluster-config cluster.yaml --timeout 60 > /tmp/ray/types.txt && echo "exit 0" >> /tmp/ray/types.txt || echo "exit $?" >> /tmp/ray/types.txt
+cat /tmp/ray/plain.txt; echo ====; cat /tmp/ray/types.txt
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() != 0, reason="needs root and unshare")
+def test_doctor_on_a_two_node_cluster(tmp_path):
+    """`robint doctor` on a simulated two-node cluster (private network, PID and mount namespaces: every
+    Ray process ends with them): every node, a verdict per shipped config, the 6-CPU workers fitting no
+    node until cluster.yaml's node types are known, CUDA failing on the node that claims a GPU."""
+    env = {**os.environ, "ROOT": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(["unshare", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", DOCTOR],
+                          capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    plain, types = proc.stdout.split("====\n")
+    for text in (plain, types):
+        assert "2 alive node(s):" in text
+        assert ": 0 CPU + 0 GPU" in text and ": 4 CPU + 1 GPU" in text  # the head and the second node
+        verdicts = {line.split(" (")[0].split()[-1]: line.split()[0] for line in text.splitlines() if "worker(s) x" in line}
+        assert len(verdicts) == 7, text
+        assert verdicts["experiments/cifar10_robust_l2.yaml"] == "fits" and verdicts["paper/cifar10.yaml"] == "fits"
+        assert "no GPU" in text  # the head
+        assert "FAIL" in text and "Ray counts a GPU, but torch" in text  # the second node has no CUDA
+        assert text.strip().endswith("exit 1")
+    # Alive nodes only: the Small ImageNet 150 workers (6 CPUs + 1 GPU) fit no node, and it says why.
+    line = next(l for l in plain.splitlines() if "paper/smallimagenet150.yaml" in l)
+    assert line.split()[0] == "FITS" and "6 CPU + 1 GPU" in line and "the largest is node" in line, line
+    assert line.rstrip().endswith(": 4 CPU + 1 GPU") or ": 4 CPU + 1 GPU +" in line, line
+    # With cluster.yaml's node types, gpu_worker (8 CPUs + 1 GPU) would hold them.
+    line = next(l for l in types.splitlines() if "paper/smallimagenet150.yaml" in l)
+    assert line.split()[0] == "fits" and "node type 'gpu_worker' (not started): 8 CPU + 1 GPU" in line, line
