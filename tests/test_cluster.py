@@ -112,7 +112,7 @@ def test_doctor_on_a_two_node_cluster(tmp_path):
     node until cluster.yaml's node types are known, CUDA failing on the node that claims a GPU."""
     env = {**os.environ, "ROOT": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(["unshare", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", DOCTOR],
+    proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", DOCTOR],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     plain, types = proc.stdout.split("====\n")

@@ -34,6 +34,12 @@ def test_cluster_configs_validate(name):
     for command in config["head_start_ray_commands"]:
         if "ray start --head" in command:
             assert "--dashboard-host=127.0.0.1" in command  # the dashboard stays on the head node
+    # Every command is whole shell (YAML ends a plain scalar at " #": a quote cut there breaks it).
+    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
+                "worker_start_ray_commands"):
+        for command in config.get(key, []):
+            check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
+            assert check.returncode == 0, f"{name} {key}: {command!r}: {check.stderr}"
 
 
 def test_the_schema_check_is_real():
@@ -147,7 +153,7 @@ def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_p
            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(["unshare", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
+    proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
                           capture_output=True, text=True, timeout=400, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
