@@ -34,12 +34,12 @@ import numpy as np
 import torch
 
 from .errors import InputError, check
-from .inception import RESIZE, FIDInception, inception_features
+from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FeatureStats", "merge_tree", "frechet_distance", "fid_from_stats", "inception_distance",
-           "ImageSource", "open_source", "read_images", "source_stats", "fid", "RESIZE"]
+           "ImageSource", "open_source", "read_images", "source_stats", "fid", "RESIZE", "PREPROCESSING"]
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -164,15 +164,17 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
 
 
 def inception_distance(model: FIDInception, originals: torch.Tensor, inverted: torch.Tensor, *, dims: int = 192,
-                       batch_size: int = 32) -> tuple[torch.Tensor, float]:
+                       batch_size: int = 32, preprocessing: str = "robint") -> tuple[torch.Tensor, float]:
     """The paper's feature distance between originals and their inversions (Tables 3 and 6).
 
     originals, inverted: (N, 3, H, W), uint8 or float in [0, 1], image i of one paired with image i of
     the other. Returns (per-image L2 distances (N,), the batch figure): the Frobenius norm of the
-    (N, dims) difference of features, as the authors' code computes it over a batch (not a mean)."""
+    (N, dims) difference of features, as the authors' code computes it over a batch (not a mean).
+    preprocessing: "robint" or "author" (`inception.preprocess`)."""
     check(originals.shape == inverted.shape, f"{tuple(originals.shape)} originals vs {tuple(inverted.shape)} inversions")
-    diff = (inception_features(model, originals, dims=dims, batch_size=batch_size).double()
-            - inception_features(model, inverted, dims=dims, batch_size=batch_size).double())  # (N, dims)
+    options = dict(dims=dims, batch_size=batch_size, preprocessing=preprocessing)
+    diff = (inception_features(model, originals, **options).double()
+            - inception_features(model, inverted, **options).double())  # (N, dims)
     return diff.norm(dim=1), float(diff.norm())
 
 
@@ -280,10 +282,12 @@ class Shard:
     stop: int
 
 
-def shard_stats(shard: Shard, *, model: FIDInception, dims: int, batch_size: int) -> FeatureStats:
+def shard_stats(shard: Shard, *, model: FIDInception, dims: int, batch_size: int,
+                preprocessing: str = "robint") -> FeatureStats:
     """Statistics of one shard's images (runs inside a Ray task, or in-process)."""
     images = read_images(shard.image_source, shard.start, shard.stop)
-    return FeatureStats.of(inception_features(model, images, dims=dims, batch_size=batch_size))
+    return FeatureStats.of(inception_features(model, images, dims=dims, batch_size=batch_size,
+                                              preprocessing=preprocessing))
 
 
 def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[Shard]:
@@ -301,30 +305,36 @@ def default_shard_size(sources: Sequence[ImageSource], workers: int, batch_size:
 
 
 def source_stats(sources: Sequence[ImageSource], model: FIDInception, *, dims: int = 2048, workers: int = 2,
-                 batch_size: int = 32, shard_size: int | None = None, progress: bool = True) -> list[FeatureStats]:
+                 batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
+                 preprocessing: str = "robint") -> list[FeatureStats]:
     """The statistics of each source. workers >= 1: shards are Ray tasks of one CPU (one torch thread)
-    each, on the running cluster (init_ray() first to size it); workers = 0: in this process."""
+    each, on the running cluster (init_ray() first to size it); workers = 0: in this process.
+    preprocessing: "robint" or "author" (`inception.preprocess`)."""
     from .distributed import fan_out
 
     check(all(s.count > 0 for s in sources), "an image source is empty")
+    check(preprocessing in PREPROCESSING, f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
     shards = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
+    options = {"dims": dims, "batch_size": batch_size, "preprocessing": preprocessing}
     if workers == 0:
-        results = [shard_stats(s, model=model, dims=dims, batch_size=batch_size) for s in shards]
+        results = [shard_stats(s, model=model, **options) for s in shards]
     else:
-        results = fan_out(shard_stats, shards, shared={"model": model.cpu(), "dims": dims, "batch_size": batch_size},
+        results = fan_out(shard_stats, shards, shared={"model": model.cpu(), **options},
                           num_cpus=1, sizes=[s.stop - s.start for s in shards], desc=f"Inception-{dims} features",
                           progress=progress)
     return [merge_tree([r for r, s in zip(results, shards) if s.source == i]) for i in range(len(sources))]
 
 
 def fid(source_a: ImageSource, source_b: ImageSource, model: FIDInception, *, dims: int = 2048, workers: int = 2,
-        batch_size: int = 32, shard_size: int | None = None, progress: bool = True) -> dict:
+        batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
+        preprocessing: str = "robint") -> dict:
     """The FID between two image sources, with what is needed to read the figure: n_a, n_b, dims,
-    resize, the weights' source and hash."""
+    the preprocessing (its name, and in `resize` what it does), the weights' source and hash."""
     stats_a, stats_b = source_stats([source_a, source_b], model, dims=dims, workers=workers, batch_size=batch_size,
-                                    shard_size=shard_size, progress=progress)
+                                    shard_size=shard_size, progress=progress, preprocessing=preprocessing)
     return {
-        "fid": fid_from_stats(stats_a, stats_b), "n_a": stats_a.n, "n_b": stats_b.n, "dims": dims, "resize": RESIZE,
+        "fid": fid_from_stats(stats_a, stats_b), "n_a": stats_a.n, "n_b": stats_b.n, "dims": dims,
+        "preprocessing": preprocessing, "resize": PREPROCESSING[preprocessing],
         "weights_hash": model.weights_info.get("sha256", ""), "weights_source": model.weights_info.get("source", ""),
         "source_a": source_a.describe(), "source_b": source_b.describe(),
     }

@@ -64,9 +64,12 @@ def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
     return path
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded to the nearest level."""
-    return (x.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+def to_uint8(x: torch.Tensor, *, rounding: str = "round") -> np.ndarray:
+    """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded to the nearest level (or, with
+    rounding="truncate", truncated as the paper's author did; `inception.quantize`)."""
+    from .inception import quantize
+
+    return quantize(x.detach().cpu(), rounding=rounding).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def from_uint8(images: np.ndarray) -> torch.Tensor:
@@ -104,7 +107,8 @@ class GenerationConfig:
     """What `generate` makes. per_class images of each of the classes (default: every class of the
     model), numbered class-major, in shards of shard_size, optimised batch_size at a time; settings:
     the PGD of eq. 16 (default: the paper's for the model's input size); seed: with the shard index,
-    the only source of randomness."""
+    the only source of randomness; rounding: how the images become uint8 ("round", or "truncate" as
+    the paper's author did before FID)."""
 
     per_class: int = 1000
     classes: tuple[int, ...] = ()
@@ -113,12 +117,14 @@ class GenerationConfig:
     batch_size: int = 100
     settings: PGDSettings = field(default_factory=lambda: generation_settings(32))
     device: str = "cpu"
+    rounding: str = "round"
 
     def __post_init__(self):
         check(isinstance(self.per_class, int) and self.per_class >= 1, f"per_class must be >= 1, got {self.per_class!r}")
         check(len(self.classes) >= 1, "no classes to generate")
         check(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        check(self.rounding in ("round", "truncate"), f"rounding must be round or truncate, got {self.rounding!r}")
 
     @property
     def total(self) -> int:
@@ -180,7 +186,7 @@ def generate_shard(shard: Shard, *, model: Classifier, seeds: ClassSeeds, config
     for i in range(0, shard.size, config.batch_size):
         batch = starts[i:i + config.batch_size].to(device)
         out.append(generate_classes(model, batch, classes[i:i + config.batch_size], settings=config.settings).cpu())
-    write_npz(path, images=to_uint8(torch.cat(out)), labels=classes.numpy().astype(np.int64),
+    write_npz(path, images=to_uint8(torch.cat(out), rounding=config.rounding), labels=classes.numpy().astype(np.int64),
               seeds=to_uint8(starts))
     return str(path)
 

