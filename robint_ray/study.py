@@ -469,7 +469,8 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Pat
             rows.append([name, row.get("epoch"), row.get("train_loss"), row.get("train_accuracy"),
                          row.get("val_clean_accuracy"), row.get("val_adversarial_accuracy")])
     sections.append(Section("Training", "Per epoch, on the validation split carved out of the training set; "
-                            "the best epoch by mean(clean, adversarial) validation accuracy is kept.",
+                            "the best epoch is kept: by clean validation accuracy for the standard model and by "
+                            "mean(clean, PGD) for the robust one, as the authors' two trainers select.",
                             [Table("Training curves", ["model", "epoch", "train loss", "train acc", "val clean",
                                                        "val PGD"], rows)] if rows else []))
 
