@@ -114,6 +114,9 @@ class TrainConfig:
     cpus_per_worker: int = 1  # CPU threads (and Ray CPUs) per training worker
     max_failures: int = 3  # worker-group restarts Ray Train may make before giving up
     log_every: int = 50  # batches between progress lines
+    # The best epoch: "mean" (val clean + val PGD) / 2, "clean" val accuracy, or "auto": clean for a
+    # standard model, mean for an adversarially trained one, as the authors' two trainers select.
+    selection: Literal["auto", "mean", "clean"] = "auto"
 
     def __post_init__(self):
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
@@ -123,6 +126,14 @@ class TrainConfig:
         check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        check(self.selection in ("auto", "mean", "clean"), f"selection must be auto, mean or clean, got {self.selection!r}")
+
+    @property
+    def selection_rule(self) -> str:
+        """The selection rule in force: "mean" or "clean" (see `selection`)."""
+        if self.selection != "auto":
+            return self.selection
+        return "mean" if self.adversarial else "clean"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """Attributions at scale: IG or expected gradients fanned out over Ray, metrics, figures, files.
 
     config = ExplainConfig(method="ig", workers=2)
-    result = explain(model, images, targets, config=config, indices=indices)      # an Explanation
+    result = explain(model, images, labels, config=config, indices=indices)       # an Explanation
     summary = summarize({"standard": result_a, "robust": result_b})                # means, CIs, differences
     plot_grid(images, {"standard": result_a.attributions, "robust": result_b.attributions}, "grid.png")
 
@@ -129,9 +129,11 @@ class ExplainConfig:
 class Explanation:
     """The attributions of N images and their per-image metrics, in input order.
 
-    attributions (N, C, H, W) float32; targets (N,) the explained classes; indices (N,) the images'
-    indices in their dataset; metrics: name -> (N,) per-image values (deletion_auc, insertion_auc,
-    gini, top_mass, and for IG output, baseline_output, completeness_gap, relative_completeness_gap)."""
+    attributions (N, C, H, W) float32; targets (N,) the explained classes (the model's own argmax,
+    or the labels: config["target"] says which); labels (N,) the true labels; indices (N,) the
+    images' indices in their dataset; metrics: name -> (N,) per-image values (deletion_auc,
+    insertion_auc, gini, top_mass, and for IG output, baseline_output, completeness_gap,
+    relative_completeness_gap)."""
 
     method: str
     attributions: np.ndarray
@@ -139,6 +141,7 @@ class Explanation:
     indices: np.ndarray
     metrics: dict[str, np.ndarray]
     config: dict[str, Any]
+    labels: np.ndarray | None = None
 
     def summary(self) -> dict[str, dict[str, float]]:
         """Per metric: mean with a 95 % t-interval over the images (see attributions.mean_ci)."""
@@ -251,20 +254,23 @@ def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[tuple[in
     return shard_ranges(n, size)
 
 
-def explain(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, config: ExplainConfig,
+def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, config: ExplainConfig,
             indices: np.ndarray | None = None, background: torch.Tensor | None = None,
             progress: bool = True, task: Callable[..., dict[str, np.ndarray]] = explain_shard) -> Explanation:
-    """Attributions of `images` (N, C, H, W) in [0, 1] for classes `targets` (N,), with metrics.
+    """Attributions of `images` (N, C, H, W) in [0, 1], with metrics, for the class config.target
+    names: "predicted" (the default, as the authors' notebooks: each model's own argmax, so a wrongly
+    classified image shows why the model chose what it chose) or "label" (the true `labels` (N,)).
 
     config.workers = 0 runs in this process; otherwise the images are split into aligned shards run as
     Ray tasks with config.num_cpus / num_gpus each (a local Ray instance with workers x num_cpus CPUs
     is started unless one is running or $RAY_ADDRESS names a cluster). indices: the images' dataset
     indices (default 0..N-1); they seed the random baselines and draws. task: the function each Ray
     task runs (explain_shard; tests wrap it)."""
-    check(images.dim() == 4 and len(targets) == len(images), "images must be (N, C, H, W) with N targets")
+    check(images.dim() == 4 and len(labels) == len(images), "images must be (N, C, H, W) with N labels")
     indices = np.arange(len(images)) if indices is None else np.asarray(indices)
     check(len(indices) == len(images), "indices must hold one index per image")
-    targets = torch.as_tensor(targets, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    targets = labels if config.target == "label" else predict(model, images, batch_size=config.batch_size)
     batch_size = resolve_batch_size(model, tuple(images.shape[1:]), config)
     if config.workers == 0 or len(images) == 0:
         parts = [explain_images(model, images, targets, indices, config=config, batch_size=batch_size,
@@ -284,7 +290,7 @@ def explain(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, *, co
                         max_in_flight=config.workers)
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     maps = merged.pop("attributions")
-    return Explanation(config.method, maps, targets.numpy(), indices, merged, config.to_dict())
+    return Explanation(config.method, maps, targets.numpy(), indices, merged, config.to_dict(), labels.numpy())
 
 
 def choose_background(dataset, n: int, *, seed: int = 0) -> torch.Tensor:
@@ -302,7 +308,9 @@ def summarize(explanations: Mapping[str, Explanation]) -> dict[str, Any]:
     out: dict[str, Any] = {"models": {}}
     for name, e in explanations.items():
         out["models"][name] = {
+            "target": e.config.get("target"),
             "per_image": {"index": e.indices.tolist(), "target": e.targets.tolist(),
+                          **({} if e.labels is None else {"label": e.labels.tolist()}),
                           **{k: v.tolist() for k, v in e.metrics.items()}},
             "mean": e.summary(),
         }
@@ -320,19 +328,24 @@ def summarize(explanations: Mapping[str, Explanation]) -> dict[str, Any]:
 def save(out_dir: str | Path, explanations: Mapping[str, Explanation], *, extra: Mapping[str, Any] | None = None,
          labels: np.ndarray | None = None) -> dict[str, Any]:
     """Write out_dir/attributions.npz (`attributions` (N, C, H, W) of the first model, `indices`,
-    `targets`, `labels`, and `<name>_attributions` for every model) and out_dir/metrics.json."""
+    `targets`, `labels`, `target_kind` ("predicted" or "label"), and `<name>_attributions`,
+    `<name>_targets` for every model) and out_dir/metrics.json (with "target": the kind)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(explanations)
     first = explanations[names[0]]
-    arrays = {"attributions": first.attributions, "indices": first.indices, "targets": first.targets}
+    arrays = {"attributions": first.attributions, "indices": first.indices, "targets": first.targets,
+              "target_kind": np.array(first.config.get("target", ""))}
+    if labels is None:
+        labels = first.labels
     if labels is not None:
         arrays["labels"] = np.asarray(labels)
     for name, e in explanations.items():
         arrays[f"{name}_attributions"] = e.attributions
         arrays[f"{name}_targets"] = e.targets
     np.savez_compressed(out_dir / "attributions.npz", **arrays)
-    metrics = {"method": first.method, "n": int(len(first.indices)), "config": first.config,
+    metrics = {"method": first.method, "n": int(len(first.indices)), "target": first.config.get("target"),
+               "config": first.config,
                **(dict(extra) if extra else {}), **summarize(explanations)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     return metrics
@@ -397,11 +410,20 @@ def plot_overlays(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarr
     return path
 
 
+def grid_cell(i: int, *, rows: int = 8) -> tuple[int, int, str]:
+    """Where image i sits in the paper's attribution grids (Figs. 10, 13, 16, 17): filled column by
+    column, `rows` images per column, as the authors' plotting code does (8 rows x 3 columns for 24
+    images); rows lettered A, B, ... from the top, columns numbered 1, 2, ... from the left, so the
+    paper's "H2" is the last image of the second column. Returns (row, column, label)."""
+    column, row = divmod(i, rows)
+    return row, column, f"{chr(ord('A') + row)}{column + 1}"
+
+
 def plot_grid(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarray], path: str | Path, *,
-              columns: int = 6, captions: list[str] | None = None, title: str = "") -> Path:
-    """The paper's Figs. 10 and 13 (24 images): a grid of `columns` images per row, each cell the image
-    followed by one attribution map per model, labelled by letter (row) and number (column) as the
-    paper's A1..D6, with an optional caption per image."""
+              rows: int = 8, captions: list[str] | None = None, title: str = "") -> Path:
+    """The paper's Figs. 10 / 13 (16 / 17): 24 images as 8 rows (A-H) x 3 columns (1-3), filled column
+    by column (`grid_cell`); each cell the image followed by one attribution map per model, labelled
+    like the paper's "H2", with an optional caption per image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,16 +431,16 @@ def plot_grid(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarray],
 
     pictures, cmap = _image_hwc(images), _red_blue()
     n, per_cell = len(pictures), 1 + len(maps)
-    rows = math.ceil(n / columns)
+    rows = max(1, min(rows, n))
+    columns = math.ceil(n / rows)
     fig, axes = plt.subplots(rows, columns * per_cell, figsize=(1.35 * columns * per_cell, 1.65 * rows + 0.6),
                              squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.45})
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):
-        r, c = divmod(i, columns)
+        r, c, label = grid_cell(i, rows=rows)
         ax = axes[r, c * per_cell]
         ax.imshow(pictures[i], interpolation="nearest")
-        label = f"{chr(ord('A') + r)}{c + 1}"
         ax.set_title(f"{label} {captions[i]}" if captions else label, fontsize=7, loc="left")
         for k, values in enumerate(maps.values(), start=1):
             _draw_attribution(axes[r, c * per_cell + k], pictures[i], np.asarray(values[i]), cmap)

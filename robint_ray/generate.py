@@ -29,7 +29,7 @@ import os
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -84,7 +84,7 @@ def fit_seeds(dataset, *, num_classes: int, pool: int | None = None, ridge: floa
               batch_size: int = 256) -> ClassSeeds:
     """The class seed distributions of `visualize.fit_class_seeds`, fitted on every image of a dataset
     split (the paper: the test set), read in batches and pooled on the fly (a 128-px split never
-    sits in memory at full size). pool: default `seed_pool(image size)` (8 x 8 seeds)."""
+    sits in memory at full size). pool: default `seed_pool(image size)` (4, the authors' grain)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     pooled, labels, shape = [], [], None
     for x, y in loader:
@@ -97,6 +97,17 @@ def fit_seeds(dataset, *, num_classes: int, pool: int | None = None, ridge: floa
     check(int(labels_all.max()) < num_classes, f"the data has labels up to {int(labels_all.max())}, the model only {num_classes} classes")
     return fit_class_seeds(torch.cat(pooled), labels_all, num_classes=num_classes, pool=pool,
                            image_shape=shape, ridge=ridge)
+
+
+def per_class_sample(labels: np.ndarray, per_class: int, *, seed: int = 0) -> np.ndarray:
+    """Positions of up to per_class images of each class, drawn without replacement (seeded), sorted:
+    the real-data FID's training images (the authors: 1,000 a class of a shuffled CIFAR-10 training
+    set). A class with fewer images gives all it has. labels: (N,). Returns (M,) int64."""
+    check(isinstance(per_class, int) and per_class >= 1, f"per_class must be an integer >= 1, got {per_class!r}")
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picks = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(picks)).astype(np.int64) if picks else np.zeros(0, np.int64)
 
 
 # --- sharded generation --------------------------------------------------------------------------
@@ -289,6 +300,57 @@ def inversions(model: Classifier, sources: torch.Tensor, targets: torch.Tensor, 
             "distance_after": normalised_distance(representation(model, images), rep_target)}
 
 
+def grey_noise(shape: Sequence[int], *, generator: torch.Generator) -> torch.Tensor:
+    """The authors' noise source for inversion: 0.5 + U / 20, U uniform on [0, 1), so a grey image
+    with values in [0.5, 0.55). shape: (N, C, H, W). Returns float32 on the CPU."""
+    return 0.5 + torch.rand(tuple(shape), generator=generator) / 20
+
+
+@dataclass(frozen=True)
+class InversionRun:
+    """One run of the authors' inversion protocol (Inv. 1, Inv. 2): a single target image inverted
+    from several sources, `source_indices` (test images of other classes) then `noise` grey-noise
+    images drawn from noise_seed. target_index / source_indices: positions in the test split."""
+
+    run: int
+    target_index: int
+    source_indices: tuple[int, ...]
+    noise: int
+    noise_seed: int
+
+    @property
+    def size(self) -> int:
+        return len(self.source_indices) + self.noise
+
+
+def plan_inversion_run(labels: np.ndarray, *, run: int, seed: int = 0, image_sources: int = 2,
+                       noise: int = 1) -> InversionRun:
+    """Pick one run's images as the authors' notebooks do (a batch of shuffled test images: the
+    target is one of them, the sources two others, plus one grey-noise image); Inv. 2 reruns the
+    cell on another shuffled batch, so each run draws its own target and sources. Here the draw is
+    seeded by (seed, run) alone, and the sources come from classes other than the target's, as the
+    paper's section 2.3.2 says. labels: (N,) the test split's labels."""
+    labels = np.asarray(labels)
+    check(image_sources >= 0 and noise >= 0 and image_sources + noise >= 1, "an inversion needs at least one source")
+    rng = np.random.default_rng([seed, run])
+    target = int(rng.integers(len(labels)))
+    others = np.flatnonzero(labels != labels[target])
+    check(len(others) >= image_sources, f"the split has {len(others)} images outside the target's class, "
+                                        f"{image_sources} needed")
+    sources = tuple(int(i) for i in rng.choice(others, size=image_sources, replace=False))
+    return InversionRun(run, target, sources, noise, int(rng.integers(2**62)))
+
+
+def inversion_run_images(dataset, plan: InversionRun) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets, sources), each (plan.size, C, H, W) in [0, 1]: the target image repeated, and the
+    image sources followed by the grey-noise ones (drawn from plan.noise_seed)."""
+    target = dataset[plan.target_index][0]
+    images = [dataset[i][0] for i in plan.source_indices]
+    noise = grey_noise((plan.noise, *target.shape), generator=torch.Generator().manual_seed(plan.noise_seed))
+    sources = torch.cat([torch.stack(images), noise]) if images else noise
+    return target.unsqueeze(0).expand(plan.size, -1, -1, -1).contiguous(), sources
+
+
 def dataset_representation(model: Classifier, dataset, *, batch_size: int = 256,
                            device: str | torch.device = "cpu") -> torch.Tensor:
     """R(x) of every image of a dataset split, read in batches: (N, k) on the CPU."""
@@ -382,11 +444,15 @@ def save_generation_figures(out_dir: str | Path, images: np.ndarray, labels: np.
                       title="seeds: draws from each class's multivariate normal")]
 
 
-def save_inversion_figure(path: str | Path, targets: np.ndarray, sources: np.ndarray, inverted: np.ndarray, *,
+def save_inversion_figure(path: str | Path, targets: np.ndarray, sources: np.ndarray,
+                          inverted: np.ndarray | Mapping[str, np.ndarray], *,
                           distance_after: Sequence[float] = (), title: str = "") -> Path:
-    """Figs. 4, 8: per column a target image, the source the inversion started from, the inversion."""
+    """Figs. 4, 8, 11, 18: per column a target image, the source the inversion started from, and the
+    inversion; `inverted` a mapping name -> images gives one row per model (the paper's figures:
+    original | source | robust | standard)."""
     cols = [f"d={d:.2f}" for d in distance_after]
-    return save_grid(path, [targets, sources, inverted], row_labels=["target", "source", "inversion"],
+    rows = dict(inverted) if isinstance(inverted, Mapping) else {"inversion": inverted}
+    return save_grid(path, [targets, sources, *rows.values()], row_labels=["target", "source", *rows],
                      col_labels=cols, title=title or "representation inversion")
 
 

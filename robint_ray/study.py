@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,12 +34,14 @@ PAPER = {
     "cifar10": {
         "accuracy": {"standard": (93.2, 0.36), "robust": (85.0, 64.6)},  # clean, PGD-20 L2 eps 0.5 (%)
         "fid": {"real": 5.39, "standard": 152.29, "robust": 88.25},
-        "inception192": {"standard": 30.1, "robust": 20.05},
+        "inception192": {"standard": 30.1, "robust": 20.05},  # Inv. 1 (Fig. 4)
+        "inception192_inv2": {"standard": 30.07, "robust": 21.18},  # Inv. 2 (Fig. 11)
     },
     "folder128": {
         "accuracy": {"standard": (70.1, 0.88), "robust": (55.8, 35.4)},  # PGD-20 L2 eps 1.5
         "fid": {"real": 7.62, "standard": 237.53, "robust": 81.2},
-        "inception192": {"standard": 23.3, "robust": 12.84},
+        "inception192": {"standard": 23.3, "robust": 12.84},  # Inv. 1 (Fig. 8)
+        "inception192_inv2": {"standard": 26.75, "robust": 14.91},  # Inv. 2 (Fig. 18)
     },
 }
 
@@ -75,6 +77,7 @@ class AttributionStage:
     ig_baselines: int = 10
     shap_nsamples: int = 200
     shap_background: int = 176
+    target: str = "predicted"  # explain each model's own argmax (the authors'), or "label"
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,11 @@ class GenerationStage:
     steps: int | None = None
     shard_size: int = 100
     fid_dims: int = 2048
-    real_n: int | None = None  # training images in the real-data FID (None: all)
+    # Training images per class in the real-data FID (train vs test), drawn seeded (the authors: 1,000
+    # a class, 10,000 against CIFAR-10's 10,000 test images); a class with fewer gives all it has.
+    # None: every training image.
+    real_per_class: int | None = 1000
+    seed_pool: int | None = None  # class seeds pooled by this (None: 4, the authors'; 16 at 128 px: robustness's)
     fid_preprocess: str = "robint"  # or "author": truncated uint8 generations, resized on uint8 (inception.py)
 
     def __post_init__(self):
@@ -97,7 +104,13 @@ class GenerationStage:
 
 @dataclass(frozen=True)
 class InversionStage:
-    n: int = 3  # the paper's batch of 3 images
+    """The authors' protocol: each run inverts one test image from `image_sources` test images of
+    other classes and `noise` grey-noise images (0.5 + U/20); run 1 is the paper's Inv. 1 (Figs. 4 / 8),
+    run 2 its Inv. 2 (Figs. 11 / 18), each with its own draw."""
+
+    runs: int = 2
+    image_sources: int = 2
+    noise: int = 1
     eps: float = 1000.0
     step_size: float = 1.0
     steps: int = 10_000
@@ -258,7 +271,7 @@ class Study:
         background = choose_background(load_split(self.config.data, "train"), c.shap_background, seed=self.config.seed)
         out = {}
         for method in ("ig", "shap"):
-            config = ExplainConfig(method=method, workers=self.config.workers,
+            config = ExplainConfig(method=method, workers=self.config.workers, target=c.target,
                                    ig=IGConfig(steps=c.ig_steps, num_baselines=c.ig_baselines, seed=self.config.seed),
                                    shap=ShapConfig(nsamples=c.shap_nsamples, background=c.shap_background,
                                                    seed=self.config.seed))
@@ -268,11 +281,16 @@ class Study:
             sub = folder / method
             metrics = save(sub, explanations, labels=y.numpy())
             maps = {name: e.attributions for name, e in explanations.items()}
-            plot_overlays(x[:c.overlays], {n: m[:c.overlays] for n, m in maps.items()}, sub / "overlay.png")
-            plot_grid(x, maps, sub / "grid.png", title=f"{method.upper()}: {self.config.name}")
+            captions = _attribution_captions(y, explanations, getattr(self.test_split(), "classes", None))
+            plot_overlays(x[:c.overlays], {n: m[:c.overlays] for n, m in maps.items()}, sub / "overlay.png",
+                          captions=captions[:c.overlays])
+            plot_grid(x, maps, sub / "grid.png", captions=captions,
+                      title=f"{method.upper()} of the {c.target} class: {self.config.name}")
             out[method] = {"means": {name: metrics["models"][name]["mean"] for name in explanations},
-                           "difference": metrics.get("difference"), "figures": [str(sub / "overlay.png"),
-                                                                                  str(sub / "grid.png")]}
+                           "difference": metrics.get("difference"), "target": c.target,
+                           "labels": y.tolist(),
+                           "targets": {name: e.targets.tolist() for name, e in explanations.items()},
+                           "figures": [str(sub / "overlay.png"), str(sub / "grid.png")]}
         return out
 
     # Tables 2/5, Figs. 3/7, 14/19
@@ -286,9 +304,7 @@ class Study:
         c = self.config.generation
         test = self.test_split()
         out: dict[str, Any] = {}
-        train = open_source(self.config.data, "train")
-        sources = {"test": open_source(self.config.data, "test"),
-                   "train": replace(train, count=min(c.real_n or train.count, train.count))}
+        sources = {"test": open_source(self.config.data, "test"), "train": self.real_images(folder)}
         for name in ("standard", "robust"):
             model = self.model(name)
             default = generation_settings(model.input_size)
@@ -298,14 +314,15 @@ class Study:
                                       seed=self.config.seed, shard_size=c.shard_size,
                                       batch_size=min(c.shard_size, 100), settings=settings,
                                       rounding=ROUNDING[c.fid_preprocess])
-            seeds = fit_seeds(test, num_classes=model.num_classes)
+            seeds = fit_seeds(test, num_classes=model.num_classes, pool=c.seed_pool)
             made = generate(model, seeds, config=config, out_dir=folder / name, workers=self.config.workers,
                             class_names=test.classes)
             with np.load(made["path"], allow_pickle=False) as f:
                 figures = save_generation_figures(folder / name, f["images"], f["labels"], f["seeds"], test.classes,
                                                   title=f"{name} model: class-specific generation")
             sources[name] = open_source(made["path"])
-            out[name] = {"images": made["images"], "settings": asdict(settings), "figures": [str(p) for p in figures]}
+            out[name] = {"images": made["images"], "settings": asdict(settings), "seed_pool": seeds.pool,
+                         "seed_dims": int(seeds.mean.shape[1]), "figures": [str(p) for p in figures]}
         inception = load_fid_inception()
         names = list(sources)
         stats = dict(zip(names, source_stats([sources[n] for n in names], inception, dims=c.fid_dims,
@@ -315,38 +332,64 @@ class Study:
             **{name: fid_from_stats(stats[name], stats["test"]) for name in ("standard", "robust")},
         }
         out["n"] = {n: s.n for n, s in stats.items()}
+        out["real_per_class"] = c.real_per_class
         out["dims"], out["weights_sha256"] = c.fid_dims, inception.weights_info.get("sha256")
         out["preprocessing"], out["resize"] = c.fid_preprocess, PREPROCESSING[c.fid_preprocess]
         return out
 
-    # Tables 3/6, Figs. 4/8
+    def real_images(self, folder: Path):
+        """The real-data FID's training images: generation.real_per_class of each class (seeded), written
+        to folder/real_train.npz as uint8 (fewer where a class has fewer), or the whole training split."""
+        from .data import load_split
+        from .fid import open_source
+        from .generate import per_class_sample, to_uint8, write_npz
+
+        c = self.config.generation
+        if c.real_per_class is None:
+            return open_source(self.config.data, "train")
+        train = load_split(self.config.data, "train")
+        subset = train.subset(per_class_sample(train.labels, c.real_per_class, seed=self.config.seed),
+                              train.transform)
+        loader = torch.utils.data.DataLoader(subset, batch_size=256, shuffle=False)
+        images = np.concatenate([to_uint8(x) for x, _ in loader])
+        return open_source(write_npz(folder / "real_train.npz", images=images, labels=subset.labels))
+
+    # Tables 3/6, Figs. 4/8, 11/18
 
     def inversion(self, folder: Path) -> dict[str, Any]:
-        from .data import stack
+        """Per run r (1, 2): out[f"inv{r}"] = {"target_index", "source_indices", "noise", "figure"} and per
+        model out[name][f"inception192_inv{r}"] (the Inception-192 distance of Tables 3 / 6: the
+        Frobenius norm over the run's batch) with out[name][f"inv{r}"] the per-image details."""
         from .fid import inception_distance
-        from .generate import inversions, save_inversion_figure, to_uint8
+        from .generate import inversion_run_images, inversions, plan_inversion_run, save_inversion_figure, to_uint8
         from .inception import load_fid_inception
         from .visualize import PGDSettings
 
         c = self.config.inversion
-        x, y = stack(self.test_split())
-        # Targets: the first image of classes 0..n-1; sources: an image of another class (the next one).
-        targets = torch.stack([x[int(np.flatnonzero(y.numpy() == k)[0])] for k in range(c.n)])
-        sources = torch.stack([x[int(np.flatnonzero(y.numpy() == (k + 1) % int(y.max() + 1))[1])] for k in range(c.n)])
+        test = self.test_split()
         settings = PGDSettings(eps=c.eps, step_size=c.step_size, steps=c.steps)
         inception = load_fid_inception()
-        out = {}
-        for name in ("standard", "robust"):
-            result = inversions(self.model(name), sources, targets, settings=settings, workers=self.config.workers,
-                                chunk=1)
-            per_image, batch = inception_distance(inception, targets, result["images"])
-            path = save_inversion_figure(folder / f"{name}.png", to_uint8(targets), to_uint8(sources),
-                                         to_uint8(result["images"]),
-                                         distance_after=result["distance_after"].tolist(),
-                                         title=f"{name} model: representation inversion")
-            out[name] = {"inception192_batch": batch, "inception192_per_image": per_image.tolist(),
-                         "representation_distance_before": result["distance_before"].tolist(),
-                         "representation_distance_after": result["distance_after"].tolist(), "figure": str(path)}
+        out: dict[str, Any] = {"settings": asdict(settings), "protocol": asdict(c)}
+        for r in range(1, c.runs + 1):
+            plan = plan_inversion_run(test.labels, run=r, seed=self.config.seed, image_sources=c.image_sources,
+                                      noise=c.noise)
+            targets, sources = inversion_run_images(test, plan)
+            inverted = {}
+            for name in ("robust", "standard"):  # the paper's row order
+                result = inversions(self.model(name), sources, targets, settings=settings,
+                                    workers=self.config.workers, chunk=1)
+                per_image, batch = inception_distance(inception, targets, result["images"])
+                inverted[name] = to_uint8(result["images"])
+                out.setdefault(name, {})[f"inception192_inv{r}"] = batch
+                out[name][f"inv{r}"] = {"inception192_per_image": per_image.tolist(),
+                                        "representation_distance_before": result["distance_before"].tolist(),
+                                        "representation_distance_after": result["distance_after"].tolist()}
+            kinds = ["image"] * len(plan.source_indices) + ["noise"] * plan.noise
+            path = save_inversion_figure(folder / f"inv{r}.png", to_uint8(targets), to_uint8(sources), inverted,
+                                         title=f"Inv. {r}: representation inversion (sources: {', '.join(kinds)})")
+            out[f"inv{r}"] = {"target_index": plan.target_index, "target_label": int(test.labels[plan.target_index]),
+                              "source_indices": list(plan.source_indices), "noise": plan.noise,
+                              "noise_seed": plan.noise_seed, "figure": str(path)}
         return out
 
     # Figs. 5/9
@@ -413,6 +456,17 @@ def _relocated(value: Any, local: str, uri: str) -> Any:
     return value
 
 
+def _attribution_captions(labels: torch.Tensor, explanations: dict[str, Any], classes) -> list[str]:
+    """Per image: its label, then each model's explained class where that differs ("cat; robust: dog")."""
+    name = (lambda k: classes[k] if classes and k < len(classes) else str(k))  # noqa: E731
+    captions = []
+    for i, label in enumerate(labels.tolist()):
+        other = [f"{model}: {name(int(e.targets[i]))}" for model, e in explanations.items()
+                 if int(e.targets[i]) != label]
+        captions.append("; ".join([name(label), *other]))
+    return captions
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (np.floating, np.integer)):
         return value.item()
@@ -442,7 +496,8 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Loc
             rows.append([name, row.get("epoch"), row.get("train_loss"), row.get("train_accuracy"),
                          row.get("val_clean_accuracy"), row.get("val_adversarial_accuracy")])
     sections.append(Section("Training", "Per epoch, on the validation split carved out of the training set; "
-                            "the best epoch by mean(clean, adversarial) validation accuracy is kept.",
+                            "the best epoch is kept: by clean validation accuracy for the standard model and by "
+                            "mean(clean, PGD) for the robust one, as the authors' two trainers select.",
                             [Table("Training curves", ["model", "epoch", "train loss", "train acc", "val clean",
                                                        "val PGD"], rows)] if rows else []))
 
@@ -490,15 +545,19 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Loc
         [Table("FID (lower is better)", ["images", "FID (ours)", "n", "FID (paper)"], rows)], figures))
 
     inv = results["inversion"]
-    rows = [[name, inv[name]["inception192_batch"], float(np.mean(inv[name]["representation_distance_after"])),
-             paper["inception192"][name]] for name in models]
+    runs = [r for r in (1, 2) if f"inv{r}" in inv]
+    rows = [[name, *[inv[name][f"inception192_inv{r}"] for r in runs],
+             *[paper["inception192" if r == 1 else "inception192_inv2"][name] for r in runs]] for name in models]
+    figure_names = {1: "Figs. 4 / 8", 2: "Figs. 11 / 18"}
     sections.append(Section(
-        "Representation inversion (Tables 3 / 6, Figs. 4 / 8)",
-        "Inception-192 distance between original and inverted images: the Frobenius norm over the batch, as the "
-        "authors computed it.",
-        [Table("Inversion", ["model", "Inception-192 distance (ours)", "normalised R distance after",
-                             "Inception-192 (paper)"], rows)],
-        [(f"{name} model: target | source | inversion", Location(inv[name]["figure"])) for name in models]))
+        "Representation inversion (Tables 3 / 6, Figs. 4 / 8, 11 / 18)",
+        "Each run inverts one test image from two test images of other classes and one grey-noise image "
+        "(0.5 + U/20), as the authors' notebooks; Inv. 2 is a second draw. Inception-192 distance between the "
+        "original and the inverted images: the Frobenius norm over the run's batch of 3, as the authors computed it.",
+        [Table("Inception-192 distance (lower is closer)",
+               ["model", *[f"Inv. {r} (ours)" for r in runs], *[f"Inv. {r} (paper)" for r in runs]], rows)],
+        [(f"Inv. {r} ({figure_names[r]}): target | source | robust | standard", Location(inv[f"inv{r}"]["figure"]))
+         for r in runs]))
 
     feat = results["features"]
     rows = [[name, str(feat[name]["features"]), float(np.mean(feat[name]["objective_before"])),

@@ -17,7 +17,8 @@ through storage.Location, on whichever node it runs: on several nodes RUN_DIR mu
 that every node mounts at the same path, which storage.preflight checks before training):
     config.yaml          the full resolved config
     metrics.jsonl        one JSON object per finished epoch
-    best/                a robint checkpoint of the best epoch by mean(val clean, val PGD) accuracy
+    best/                a robint checkpoint of the best epoch by `selection` (mean(val clean, val PGD) accuracy;
+                         val clean for a standard model by default, as the authors)
     test.json            the best model's test clean and PGD accuracy (when config.test)
     tensorboard/         TensorBoard event files
     workers/rank*.json   pid and host of each training worker (of the latest attempt)
@@ -142,9 +143,11 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, a
     return {"loss_sum": float(loss_sum), "correct": int(correct), "n": n}
 
 
-def selection_score(clean_accuracy: float, adversarial_accuracy: float) -> float:
-    """The paper's model-selection metric: the mean of clean and adversarial accuracy."""
-    return (clean_accuracy + adversarial_accuracy) / 2
+def selection_score(clean_accuracy: float, adversarial_accuracy: float, *, rule: str = "mean") -> float:
+    """The model-selection metric: "mean" of clean and adversarial accuracy (the paper's rule for the
+    robust models) or "clean" accuracy alone (the authors' standard trainer, which measures no other)."""
+    check(rule in ("mean", "clean"), f"selection rule must be mean or clean, got {rule!r}")
+    return clean_accuracy if rule == "clean" else (clean_accuracy + adversarial_accuracy) / 2
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -378,7 +381,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         val_started = time.perf_counter()
         result = evaluate_sharded(module, val, cfg.val_pgd or cfg.pgd, rank=rank, world=world, batch_size=cfg.eval_batch_size,
                                   device=device, bf16=bf16)
-        score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"])
+        score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"], rule=cfg.selection_rule)
         if score > state.best_score:
             state.best_epoch, state.best_score = epoch, score
         epoch_seconds.append(time.perf_counter() - started)

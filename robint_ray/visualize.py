@@ -18,12 +18,12 @@ on the others; here it is each example's own normalised distance. The authors' m
 gradient through the last ReLU ("fake ReLU"); ours use the plain ReLU, so a coordinate that is zero at
 every position of the start image cannot grow (its gradient is zero: the engine leaves it put).
 
-Class seeds (section 2.4, as the authors' notebooks and Santurkar et al.'s `robustness` code do it):
-each class's images are average-pooled to 8 x 8 (`pool` = 4 at 32 px, so 8 x 8 x 3 = 192 dimensions;
-`pool` = 16 at 128 px, the `robustness` library's ImageNet grain, again 192 dimensions, where a full
-128 x 128 x 3 covariance would be 49,152-dimensional), a normal with the class's mean and covariance
-(eq. 19-22, 1/n) plus 1e-4 * I is fitted there, and the draws are upsampled back by repeating each
-value over its pool x pool block and clipped to [0, 1].
+Class seeds (section 2.4, as the authors' notebooks do it): each class's images are average-pooled
+by 4 at every input size (`pool` = 4: 8 x 8 x 3 = 192 dimensions at 32 px, 32 x 32 x 3 = 3,072 at
+128 px; Santurkar et al.'s `robustness` code pools ImageNet to 8 x 8, `pool` = 16 at 128 px, which
+the study offers as `generation.seed_pool`), a normal with the class's mean and covariance (eq. 19-22,
+1/n) plus 1e-4 * I is fitted there, and the draws are upsampled back by repeating each value over its
+pool x pool block and clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -186,21 +186,32 @@ def extreme_activations(activations: torch.Tensor, k: int) -> tuple[torch.Tensor
 # --- class seeds (section 2.4) -------------------------------------------------------------------
 
 
+SEED_POOL = 4  # the authors' GRAIN, at 32 px and at 128 px alike
+
+
 def seed_pool(input_size: int) -> int:
-    """Pooling factor that brings an image to 8 x 8 before fitting (4 at 32 px, 16 at 128 px)."""
-    return max(1, input_size // 8)
+    """The pooling factor of the class seeds: 4, the authors' grain at every input size (8 x 8 x 3 =
+    192 dimensions at 32 px, 32 x 32 x 3 = 3,072 at 128 px), or 1 for images too small to pool."""
+    return SEED_POOL if input_size % SEED_POOL == 0 else 1
 
 
 @dataclass(frozen=True)
 class ClassSeeds:
-    """One multivariate normal per class over average-pooled images.
+    """One multivariate normal per class over average-pooled images: a draw is
+    mean + scale @ z + noise_sd * z', with z (r,) and z' (d,) standard normal.
 
-    mean: (classes, d); scale_tril: (classes, d, d) lower Cholesky factors of the regularised
-    covariances; d = C * (H / pool) * (W / pool). image_shape: (C, H, W) of the full-size images.
+    mean: (classes, d); scale: (classes, d, r); noise_sd: (classes,); d = C * (H / pool) * (W / pool).
+    With at least d images in some class, scale is the lower Cholesky factor of the regularised
+    covariance (r = d) and noise_sd is 0; with fewer (d = 3,072 at 128 px, 50 images a class), the
+    covariance has rank below d, and the same normal is stored exactly in low-rank form: scale holds
+    the class's centred images / sqrt(n) (r = the largest class size, zero columns for smaller
+    classes) and noise_sd = sqrt(ridge) adds the ridge, so no (d, d) matrix is kept per class (150
+    classes x 3,072^2 floats would be 5.7 GB). image_shape: (C, H, W) of the full-size images.
     """
 
     mean: torch.Tensor
-    scale_tril: torch.Tensor
+    scale: torch.Tensor
+    noise_sd: torch.Tensor
     pool: int
     image_shape: tuple[int, int, int]
 
@@ -208,12 +219,19 @@ class ClassSeeds:
     def num_classes(self) -> int:
         return self.mean.shape[0]
 
+    def covariance(self, c: int) -> torch.Tensor:
+        """Class c's covariance, (d, d) float64 (for checks; a 3,072-d one is 75 MB)."""
+        scale = self.scale[c].double()
+        eye = torch.eye(scale.shape[0], dtype=torch.float64)
+        return scale @ scale.T + float(self.noise_sd[c]) ** 2 * eye
+
 
 def fit_class_seeds(pooled: torch.Tensor, labels: torch.Tensor, *, num_classes: int, pool: int,
                     image_shape: tuple[int, int, int], ridge: float = 1e-4) -> ClassSeeds:
     """Fit each class's normal on its pooled images (eq. 19-22: mean and 1/n covariance, in float64),
     with ridge * I added to the covariance (the authors' 1e-4). Should a covariance still not factor
-    (round-off), the ridge grows tenfold until it does, so sampling never fails.
+    (round-off), the ridge grows tenfold until it does, so sampling never fails. Where every class
+    has fewer images than dimensions the low-rank form of `ClassSeeds` is stored (the same normal).
 
     pooled: (N, C, h, w) images already average-pooled by `pool` (see `pool_images`); labels: (N,).
     Every class in 0..num_classes-1 needs at least one image.
@@ -222,24 +240,36 @@ def fit_class_seeds(pooled: torch.Tensor, labels: torch.Tensor, *, num_classes: 
     check(pooled.dim() == 4 and len(pooled) == len(labels), "pooled must be (N, C, h, w) with one label per image")
     flat = pooled.flatten(1).to(torch.float64)  # (N, d)
     d = flat.shape[1]
-    eye = torch.eye(d, dtype=torch.float64)
-    means, trils = [], []
-    for c in range(num_classes):
-        members = flat[labels == c]
+    members_of = [flat[labels == c] for c in range(num_classes)]
+    for c, members in enumerate(members_of):
         check(len(members) >= 1, f"class {c} has no images to fit its seed distribution on")
+    largest = max(len(m) for m in members_of)
+    low_rank = largest < d
+    eye = None if low_rank else torch.eye(d, dtype=torch.float64)
+    means, scales, noise = [], [], []
+    for c, members in enumerate(members_of):
         mu = members.mean(dim=0)
-        centred = members - mu
-        cov = centred.T @ centred / len(members)  # (d, d), eq. 20
-        jitter = ridge
-        while True:
-            tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
-            if int(info) == 0:
-                break
-            log.warning("class %d: covariance + %.0e I is not positive definite; trying %.0e", c, jitter, jitter * 10)
-            jitter *= 10
+        centred = members - mu  # (n, d)
+        if low_rank:  # cov = centred.T @ centred / n exactly, kept as its (d, n) factor
+            scale = torch.zeros(d, largest, dtype=torch.float64)
+            scale[:, :len(members)] = centred.T / len(members) ** 0.5
+            scales.append(scale)
+            noise.append(ridge ** 0.5)
+        else:
+            cov = centred.T @ centred / len(members)  # (d, d), eq. 20
+            jitter = ridge
+            while True:
+                tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
+                if int(info) == 0:
+                    break
+                log.warning("class %d: covariance + %.0e I is not positive definite; trying %.0e", c, jitter,
+                            jitter * 10)
+                jitter *= 10
+            scales.append(tril)
+            noise.append(0.0)
         means.append(mu)
-        trils.append(tril)
-    return ClassSeeds(torch.stack(means).float(), torch.stack(trils).float(), pool, tuple(image_shape))
+    return ClassSeeds(torch.stack(means).float(), torch.stack(scales).float(), torch.tensor(noise), pool,
+                      tuple(image_shape))
 
 
 def pool_images(x: torch.Tensor, pool: int) -> torch.Tensor:
@@ -257,8 +287,10 @@ def sample_class_seeds(seeds: ClassSeeds, classes: torch.Tensor, *, generator: t
     check(len(classes) == 0 or (int(classes.min()) >= 0 and int(classes.max()) < seeds.num_classes),
           f"classes must lie in 0..{seeds.num_classes - 1}")
     c, h, w = seeds.image_shape
-    z = torch.randn(len(classes), seeds.mean.shape[1], generator=generator)  # (M, d)
-    draws = seeds.mean[classes] + (seeds.scale_tril[classes] @ z.unsqueeze(2)).squeeze(2)  # (M, d)
+    z = torch.randn(len(classes), seeds.scale.shape[2], generator=generator)  # (M, r)
+    draws = seeds.mean[classes] + (seeds.scale[classes] @ z.unsqueeze(2)).squeeze(2)  # (M, d)
+    if bool((seeds.noise_sd > 0).any()):  # the low-rank form: the ridge as independent noise
+        draws = draws + seeds.noise_sd[classes].view(-1, 1) * torch.randn(draws.shape, generator=generator)
     small = draws.view(len(classes), c, h // seeds.pool, w // seeds.pool)
     full = small.repeat_interleave(seeds.pool, dim=2).repeat_interleave(seeds.pool, dim=3)  # (M, C, H, W)
     return full.clamp(0, 1)

@@ -79,3 +79,16 @@ def test_sets_are_typed_and_dotted():
 def test_bad_values_are_input_errors(setting, message):
     with pytest.raises(InputError, match=message):
         load_config(None, [setting])
+
+
+def test_selection_rule_follows_the_authors_trainers():
+    """Standard models keep the best clean accuracy, robust ones the best mean(clean, PGD), unless set."""
+    from robint_ray.config import TrainConfig
+    from robint_ray.train import selection_score
+
+    assert TrainConfig(adversarial=False).selection_rule == "clean"
+    assert TrainConfig(adversarial=True).selection_rule == "mean"
+    assert TrainConfig(adversarial=False, selection="mean").selection_rule == "mean"
+    assert selection_score(0.9, 0.1, rule="clean") == 0.9 and selection_score(0.9, 0.1, rule="mean") == 0.5
+    with pytest.raises(InputError, match="selection"):
+        TrainConfig(selection="best")

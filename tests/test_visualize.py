@@ -36,13 +36,13 @@ def test_extreme_activations_match_topk():
 def test_class_seed_fit_matches_numpy_and_samples(sample_test):
     x, y = sample_test
     seeds = V.fit_class_seeds(V.pool_images(x, 4), y, num_classes=10, pool=4, image_shape=(3, 32, 32))
-    assert seeds.mean.shape == (10, 192) and seeds.scale_tril.shape == (10, 192, 192)  # 8 x 8 x 3
+    # The sample's 500 test images hold about 50 a class, fewer than 192 dimensions: the low-rank form.
+    assert seeds.mean.shape == (10, 192) and seeds.scale.shape[:2] == (10, 192)  # 8 x 8 x 3
     pooled = V.pool_images(x, 4).flatten(1).double().numpy()
     for c in (0, 7):
         members = pooled[y.numpy() == c]
         cov = np.cov(members, rowvar=False, bias=True) + 1e-4 * np.eye(192)  # eq. 20 (1/n) + the ridge
-        tril = seeds.scale_tril[c].double()
-        np.testing.assert_allclose((tril @ tril.T).numpy(), cov, atol=1e-6)
+        np.testing.assert_allclose(seeds.covariance(c).numpy(), cov, atol=1e-6)
         np.testing.assert_allclose(seeds.mean[c].numpy(), members.mean(0), atol=1e-6)
     classes = torch.tensor([0, 0, 7, 3])
     a = V.sample_class_seeds(seeds, classes, generator=torch.Generator().manual_seed(5))
@@ -64,8 +64,36 @@ def test_class_seeds_never_fail_on_degenerate_classes():
     assert (V.pool_images(draws[2::3], 4) - 0.5).abs().max() < 0.1  # sd 0.01 around the constant
 
 
-def test_seed_pool_is_eight_by_eight():
-    assert V.seed_pool(32) == 4 and V.seed_pool(128) == 16
+def test_class_seed_draws_have_the_fitted_covariance_in_both_forms():
+    """Full (Cholesky, n >= d) and low-rank (n < d) forms: the empirical covariance of many draws
+    matches cov + ridge I, and a broken low-rank form (the ridge left out) is caught."""
+    g = torch.Generator().manual_seed(3)
+    for n in (40, 6):  # d = 3 x 2 x 2 = 12 dimensions
+        pooled = 0.3 + 0.2 * torch.rand(n, 3, 2, 2, generator=g)
+        seeds = V.fit_class_seeds(pooled, torch.zeros(n, dtype=torch.long), num_classes=1, pool=4,
+                                  image_shape=(3, 8, 8), ridge=1e-3)
+        assert (seeds.scale.shape[2] == 12) == (n >= 12) and (float(seeds.noise_sd[0]) > 0) == (n < 12)
+        flat = pooled.flatten(1).double()
+        expected = torch.cov(flat.T, correction=0) + 1e-3 * torch.eye(12, dtype=torch.float64)
+        torch.testing.assert_close(seeds.covariance(0), expected, atol=1e-6, rtol=0)
+        draws = V.pool_images(V.sample_class_seeds(seeds, torch.zeros(40_000, dtype=torch.long),
+                                                   generator=torch.Generator().manual_seed(0)), 4).flatten(1)
+        empirical = torch.cov(draws.double().T)
+        torch.testing.assert_close(empirical, expected, atol=4e-4, rtol=0)
+        if n < 12:  # without the ridge term the smallest variances are ~0, not 1e-3
+            assert torch.linalg.eigvalsh(empirical).min() > 5e-4
+
+
+def test_seed_pool_is_the_authors_grain_at_both_sizes():
+    """The authors pool by 4 at 32 and at 128 px: 8 x 8 x 3 and 32 x 32 x 3 dimensions."""
+    assert V.seed_pool(32) == 4 and V.seed_pool(128) == 4
+    x = torch.rand(6, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    seeds = V.fit_class_seeds(V.pool_images(x, V.seed_pool(128)), torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2,
+                              pool=V.seed_pool(128), image_shape=(3, 128, 128))
+    assert seeds.mean.shape == (2, 3 * 32 * 32) and seeds.scale.shape == (2, 3072, 3)  # 3 images a class
+    draw = V.sample_class_seeds(seeds, torch.tensor([1]), generator=torch.Generator().manual_seed(0))
+    assert draw.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(draw, V.pool_images(draw, 4).repeat_interleave(4, 2).repeat_interleave(4, 3))
 
 
 def test_fit_seeds_streams_a_dataset():

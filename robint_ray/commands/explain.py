@@ -3,7 +3,7 @@
     robint explain --method ig --arch cifar_resnet20 --weights resnet20-12fca82f.th \\
         --data ../shared/data/cifar10/cifar10_exact_subset.npz --split test --n 24 --out DIR --workers 2
 
-Writes DIR/attributions.npz (`attributions` (N, C, H, W), `indices`, `targets`, `labels`),
+Writes DIR/attributions.npz (`attributions` (N, C, H, W), `indices`, `targets`, `labels`, `target_kind`),
 DIR/metrics.json (per-image and mean metrics with 95 % intervals; for IG the completeness gaps),
 DIR/grid.png (the 24-image grid of Figs. 10 / 13) and DIR/overlay.png (image | attributions, Figs. 2 / 6).
 With a second model (--compare-checkpoint, or --compare-arch with --compare-weights) both models'
@@ -119,9 +119,8 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
 
     results, timing = {}, {}
     for name, (model, _source) in zip(names, models):
-        targets = labels if args.target == "label" else ex.predict(model, images)
-        start = time.perf_counter()
-        results[name] = ex.explain(model, images, targets, config=config, indices=indices, background=background)
+        start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
+        results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
         timing[name] = time.perf_counter() - start
         log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name],
                  len(images) / timing[name])
