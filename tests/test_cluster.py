@@ -99,7 +99,7 @@ ray start --head --port=6393 --num-cpus=0 --num-gpus=0 --dashboard-host=127.0.0.
 ray start --address=127.0.0.1:6393 --num-cpus=4 --num-gpus=1 --disable-usage-stats --temp-dir=/tmp/ray/node2 >/dev/null
 cd "$ROOT"
 python -m robint_ray doctor --address 127.0.0.1:6393 --timeout 60 > /tmp/ray/plain.txt && echo "exit 0" >> /tmp/ray/plain.txt || echo "exit $?" >> /tmp/ray/plain.txt
-python -m robint_ray doctor --cluster-config cluster.yaml --timeout 60 > /tmp/ray/types.txt && echo "exit 0" >> /tmp/ray/types.txt || echo "exit $?" >> /tmp/ray/types.txt
+python -m robint_ray doctor --cluster-config cluster.yaml --timeout 60 --out /tmp/ray/shared-out > /tmp/ray/types.txt && echo "exit 0" >> /tmp/ray/types.txt || echo "exit $?" >> /tmp/ray/types.txt
 cat /tmp/ray/plain.txt; echo ====; cat /tmp/ray/types.txt
 """
 
@@ -129,6 +129,8 @@ def test_doctor_on_a_two_node_cluster(tmp_path):
     line = next(l for l in plain.splitlines() if "paper/smallimagenet150.yaml" in l)
     assert line.split()[0] == "FITS" and "6 CPU + 1 GPU" in line and "the largest is node" in line, line
     assert line.rstrip().endswith(": 4 CPU + 1 GPU") or ": 4 CPU + 1 GPU +" in line, line
+    # The output folder: both nodes share this machine's disk here, so each reads what the other wrote.
+    assert "/tmp/ray/shared-out: every node writes there and reads what the others wrote" in types, types
     # With cluster.yaml's node types, gpu_worker (8 CPUs + 1 GPU) would hold them.
     line = next(l for l in types.splitlines() if "paper/smallimagenet150.yaml" in l)
     assert line.split()[0] == "fits" and "node type 'gpu_worker' (not started): 8 CPU + 1 GPU" in line, line

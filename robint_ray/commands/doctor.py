@@ -86,14 +86,8 @@ def check_cuda(nodes: list[dict], timeout: float) -> list[tuple[str, bool | None
 def check_storage(out: str | None) -> tuple[bool | None, str]:
     if out is None:
         return None, "not checked (give --out FOLDER_OR_URI)"
-    from .. import storage  # issue 15
-
-    # GAP (issue 15): robint_ray.storage.preflight (every node writes there and reads what the others
-    # wrote) is not on main yet; until it lands, --out is only reported, not checked.
-    preflight = getattr(storage, "preflight", None)
-    if preflight is None:
-        return None, f"{out}: not checked (robint_ray.storage.preflight is not in this install yet)"
     from ..errors import InputError
+    from ..storage import preflight
 
     try:
         preflight(out)
