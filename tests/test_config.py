@@ -31,7 +31,7 @@ def test_the_four_paper_runs(name, adversarial):
         assert (cfg.pgd.eps, cfg.pgd.step_size, cfg.pgd.steps) == (0.5, 0.1, 20)
     else:
         assert (cfg.arch, cfg.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("resnet50", 200, "adam", 1e-4, 5e-4)
-        assert cfg.optim.schedule == "constant"
+        assert (cfg.optim.schedule, cfg.optim.t_max) == ("cosine", 200)  # the author's notebook
         assert (cfg.pgd.eps, cfg.pgd.steps) == (1.5, 20) and cfg.pgd.step_size == pytest.approx(2.5 * 1.5 / 20)
     assert cfg.pgd.norm == "l2" and not cfg.pgd.random_start and cfg.pgd.bn_mode == "train"
     smoke = load_config(EXPERIMENTS / "smoke" / f"{name}.yaml")
