@@ -102,7 +102,7 @@ def test_more_resources_per_trial_than_the_cluster_has_fails_before_any_trial(ra
         run_sweep(sweep, tmp_path / "sweep")
     assert not (tmp_path / "sweep" / "trials").exists() and not (tmp_path / "sweep" / "tune").exists()
     gpu = parse_sweep(smoke_data(gpus_per_worker=1))
-    with pytest.raises(InputError, match=r"needs 1 GPU \(the cluster has 0\)"):
+    with pytest.raises(InputError, match=r"one training worker needs 1 CPU \+ 1 GPU, which fits no node"):
         run_sweep(gpu, tmp_path / "sweep")
 
 
