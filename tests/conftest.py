@@ -81,6 +81,18 @@ def sample_test():
     return stack(load_split("sample", "test"))
 
 
+def token_auth_env(folder: Path) -> dict[str, str]:
+    """Environment for the Ray processes of a test cluster with token authentication: a fresh token
+    (as `ray get-auth-token --generate` makes) in folder, not the machine's ~/.ray/auth_token, which a
+    fresh machine does not have and `ray start` does not create."""
+    import secrets
+
+    path = Path(folder) / "auth_token"
+    path.write_text(secrets.token_hex(32))
+    path.chmod(0o600)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray instance (2 CPUs, loopback only) for every Ray test of the session."""

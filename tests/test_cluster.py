@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import token_auth_env
+
 from robint_ray.cluster import Node, WorkerRequest, check_fits, fit_verdict, largest, node_types
 from robint_ray.config import TrainConfig
 from robint_ray.errors import InputError
@@ -93,7 +95,7 @@ DOCTOR = """
 set -e
 ip link set lo up
 mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
-export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1  # RAY_AUTH_MODE=token and the token: from the test
 # A head with no resources for tasks (as cluster.yaml's) and a second node that claims a GPU it has not.
 ray start --head --port=6393 --num-cpus=0 --num-gpus=0 --dashboard-host=127.0.0.1 --disable-usage-stats --temp-dir=/tmp/ray/head >/dev/null
 ray start --address=127.0.0.1:6393 --num-cpus=4 --num-gpus=1 --disable-usage-stats --temp-dir=/tmp/ray/node2 >/dev/null
@@ -110,7 +112,8 @@ def test_doctor_on_a_two_node_cluster(tmp_path):
     """`robint doctor` on a simulated two-node cluster (private network, PID and mount namespaces: every
     Ray process ends with them): every node, a verdict per shipped config, the 6-CPU workers fitting no
     node until cluster.yaml's node types are known, CUDA failing on the node that claims a GPU."""
-    env = {**os.environ, "ROOT": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**os.environ, **token_auth_env(tmp_path), "ROOT": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", DOCTOR],
                           capture_output=True, text=True, timeout=400, env=env)

@@ -15,6 +15,8 @@ import jsonschema
 import pytest
 import yaml
 
+from conftest import token_auth_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = Path(__import__("ray.autoscaler", fromlist=["x"]).__file__).parent / "ray-schema.json"
 
@@ -149,7 +151,7 @@ def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_p
     script.write_text(AUTOSCALE)
     shell = (f"set -e; ip link set lo up; mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray; cd {tmp_path}; "
              f"exec {sys.executable} {script} {ROOT / 'cluster.yaml'}")
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_FAKE_CLUSTER": "1",
+    env = {**os.environ, **token_auth_env(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_FAKE_CLUSTER": "1",
            "AUTOSCALER_UPDATE_INTERVAL_S": "1",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import token_auth_env
+
 from test_study import TINY, smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +36,12 @@ SCRIPT = r"""
 set -e
 ip link set lo up
 # A real multi-node cluster: undo the loopback-only switch robint_ray set in this test process.
-export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 PATH="$BIN:$PATH" PYTHONUNBUFFERED=1
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1 PATH="$BIN:$PATH" PYTHONUNBUFFERED=1
 export AWS_ENDPOINT_URL=http://127.0.0.1:9123 AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing \
        AWS_DEFAULT_REGION=us-east-1 AWS_EC2_METADATA_DISABLED=true
 unset RAY_ADDRESS
-# Stop this cluster's processes only (`ray stop` would stop every Ray instance on the machine): each
-# carries $CLUSTER_TEMP in its command line (the keepers by their argv[0]).
+# The script is PID 1 of a private PID namespace (see cluster_run): every process of this cluster,
+# Ray's agents and client server included, ends with it. The trap stops them early.
 python -m moto.server -H 127.0.0.1 -p 9123 >/dev/null 2>&1 &
 MOTO=$!
 trap 'kill $MOTO; pkill -9 -f "$CLUSTER_TEMP" >/dev/null 2>&1 || true' EXIT
@@ -155,11 +157,11 @@ def cluster_run(tmp_path_factory, request):
     private.mkdir()
     results.mkdir()
     temp = tempfile.mkdtemp(prefix="rt2n", dir="/tmp")
-    env = {**os.environ, "CLUSTER_TEMP": temp, "PRIVATE": str(private), "RESULTS": str(results), "ROOT": str(ROOT),
+    env = {**os.environ, **token_auth_env(tmp), "CLUSTER_TEMP": temp, "PRIVATE": str(private), "RESULTS": str(results), "ROOT": str(ROOT),
            "CONFIG": str(config), "BIN": str(Path(sys.executable).parent), "EVAL_N": "40",
            "PYTHONPATH": str(ROOT), "KILL_CONFIG": str(kill_config) if kill else ""}
     try:
-        proc = subprocess.run(["unshare", "-n", "bash", "-c", SCRIPT], capture_output=True, text=True, timeout=2400,
+        proc = subprocess.run(["unshare", "--kill-child", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT], capture_output=True, text=True, timeout=2400,
                               env=env)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
