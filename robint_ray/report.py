@@ -73,6 +73,41 @@ def hardware() -> dict[str, Any]:
     return info
 
 
+def training_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:
+    """A PNG of the training curves, one line per model (name -> metrics.jsonl rows): training loss,
+    and clean and PGD accuracy on the validation split, per epoch; the kept (best) epoch is marked."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = (("train_loss", "training loss"), ("val_clean_accuracy", "validation clean accuracy"),
+              ("val_adversarial_accuracy", "validation PGD accuracy"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+    for ax, (key, label) in zip(axes, panels):
+        for name, rows in histories.items():
+            points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+            if not points:
+                continue
+            line, = ax.plot(*zip(*points), marker=".", label=name)
+            best = rows[-1].get("best_epoch")
+            for epoch, value in points:
+                if epoch == best:
+                    ax.plot([epoch], [value], "o", mfc="none", ms=10, color=line.get_color())
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("training curves (circle: the kept epoch)", fontsize=10)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -29,19 +29,53 @@ from .storage import Location
 
 log = logging.getLogger(__name__)
 
-# The paper's figures, shown beside ours in the report (Tables 1-6).
+def _pgd(norm: str, eps: float, step_size: float, steps: int) -> str:
+    """A PGD budget as the report prints it, for the paper's settings and ours alike."""
+    return f"{norm.upper()} eps {eps:g}, step {step_size:g}, {steps} steps"
+
+
+# The paper's figures, shown beside ours in the report (Tables 1-6); where each of its tables and figures
+# lands in our report (`numbers`); and its settings (`settings`, section 3 and the authors' code), which
+# the report compares with the run's own ("How this run differs from the paper").
 PAPER = {
     "cifar10": {
         "accuracy": {"standard": (93.2, 0.36), "robust": (85.0, 64.6)},  # clean, PGD-20 L2 eps 0.5 (%)
         "fid": {"real": 5.39, "standard": 152.29, "robust": 88.25},
         "inception192": {"standard": 30.1, "robust": 20.05},  # Inv. 1 (Fig. 4)
         "inception192_inv2": {"standard": 30.07, "robust": 21.18},  # Inv. 2 (Fig. 11)
+        "numbers": {"accuracy": "Table 1", "fid": "Table 2", "inversion": "Table 3", "overlays": "Fig. 2",
+                    "ig_grid": "Fig. 10", "shap_grid": "Fig. 13", "classes": "Fig. 3", "seeds": "Fig. 14",
+                    "inv1": "Fig. 4", "inv2": "Fig. 11", "features": "Figs. 5 / 12"},
+        "settings": {"architecture": "cifar_resnet18", "training images": 50_000, "epochs": 100, "batch size": 128,
+                     "robust training PGD": _pgd("l2", 0.5, 0.1, 20), "test images (clean, PGD)": 10_000,
+                     "evaluation PGD": _pgd("l2", 0.5, 0.1, 20), "AutoAttack images": 0, "explained images": 24,
+                     "explained class": "predicted", "IG baselines x steps": "10 x 50",
+                     "SHAP samples, background": "200, 176", "generated images a class": 1000,
+                     "generation PGD": _pgd("l2", 30, 0.5, 60), "class seeds pooled by": 4,
+                     "real-data FID images (train vs test)": "10000 vs 10000",
+                     "generated-image FID images (generated vs test)": "10000 vs 10000",
+                     "inversion PGD": _pgd("l2", 1000, 1, 10_000), "inversion runs": 2,
+                     "feature visualisation PGD": _pgd("l2", 1000, 1, 400)},
     },
     "folder128": {
         "accuracy": {"standard": (70.1, 0.88), "robust": (55.8, 35.4)},  # PGD-20 L2 eps 1.5
         "fid": {"real": 7.62, "standard": 237.53, "robust": 81.2},
         "inception192": {"standard": 23.3, "robust": 12.84},  # Inv. 1 (Fig. 8)
         "inception192_inv2": {"standard": 26.75, "robust": 14.91},  # Inv. 2 (Fig. 18)
+        "numbers": {"accuracy": "Table 4", "fid": "Table 5", "inversion": "Table 6", "overlays": "Fig. 6",
+                    "ig_grid": "Fig. 16", "shap_grid": "Fig. 17", "classes": "Fig. 7", "seeds": "Fig. 19",
+                    "inv1": "Fig. 8", "inv2": "Fig. 18", "features": "Figs. 9 / 15"},
+        "settings": {"architecture": "resnet50", "training images": 90_000, "epochs": 100, "batch size": 200,
+                     "robust training PGD": _pgd("l2", 1.5, 2.5 * 1.5 / 20, 20),
+                     "test images (clean, PGD)": "7500 (val) and ImageNetV2",
+                     "evaluation PGD": _pgd("l2", 1.5, 2.5 * 1.5 / 20, 20), "AutoAttack images": 0,
+                     "explained images": 24, "explained class": "predicted", "IG baselines x steps": "10 x 50",
+                     "SHAP samples, background": "200, 176", "generated images a class": 60,
+                     "generation PGD": _pgd("l2", 40, 1, 60), "class seeds pooled by": 4,
+                     "real-data FID images (train vs test)": "9000 vs 9000",
+                     "generated-image FID images (generated vs test)": "9000 vs 9000",
+                     "inversion PGD": _pgd("l2", 1000, 1, 10_000), "inversion runs": 2,
+                     "feature visualisation PGD": _pgd("l2", 1000, 1, 400)},
     },
 }
 
@@ -204,8 +238,15 @@ class Study:
 
     # the models
 
-    def train(self, folder: Location) -> dict[str, Any]:
+    def train_config(self, name: str):
+        """The TrainConfig a model trained here follows: its file, the study's data and seed, its `set`."""
         from .config import load_config
+
+        source: ModelSource = getattr(self.config, name)
+        cfg = load_config(source.train, {"data.path": self.config.data, "seed": self.config.seed})
+        return cfg.override(list(source.set))
+
+    def train(self, folder: Location) -> dict[str, Any]:
         from .train import RAY_NAME, run
 
         out = {}
@@ -214,8 +255,7 @@ class Study:
             if source.checkpoint is not None:
                 out[name] = {"checkpoint": source.checkpoint}
                 continue
-            cfg = load_config(source.train, {"data.path": self.config.data, "seed": self.config.seed})
-            cfg = cfg.override(list(source.set))
+            cfg = self.train_config(name)
             run_dir = folder / name
             if not (run_dir / "done").exists():
                 resume = (run_dir / "ray" / RAY_NAME).exists()
@@ -482,44 +522,106 @@ def _ci(m: dict[str, float]) -> str:
     return f"{m['mean']:.4g} [{m['ci_low']:.4g}, {m['ci_high']:.4g}]"
 
 
+def _minus(ours: float | None, paper: float | None) -> float | None:
+    return None if ours is None or paper is None else ours - paper
+
+
+def run_settings(study: Study, results: dict[str, Any]) -> dict[str, Any]:
+    """This run's values of the settings in PAPER[...]["settings"] (same keys), from the study config,
+    the models' training configs and what the stages recorded."""
+    from .data import load_split
+
+    c, g = study.config, results["generation"]
+    trained = {name: study.train_config(name) for name in ("standard", "robust")
+               if getattr(c, name).train is not None}
+
+    def per_model(value) -> str:  # "x" where both models agree, else "standard: x; robust: y"
+        values = {name: value(name) for name in ("standard", "robust")}
+        return str(values["standard"]) if values["standard"] == values["robust"] else \
+            "; ".join(f"{k}: {v}" for k, v in values.items())
+
+    def train_value(name: str, read) -> Any:
+        return read(trained[name]) if name in trained else f"checkpoint ({getattr(c, name).checkpoint})"
+
+    robust = trained.get("robust")
+    e, a, inv, feat = c.evaluation, c.attributions, c.inversion, c.features
+    generation = g["robust"]["settings"]
+    return {
+        "architecture": per_model(lambda name: study.model(name).arch),
+        "training images": len(load_split(c.data, "train")),
+        "epochs": per_model(lambda name: train_value(name, lambda cfg: cfg.epochs)),
+        "batch size": per_model(lambda name: train_value(name, lambda cfg: cfg.batch_size)),
+        "robust training PGD": _pgd(robust.pgd.norm, robust.pgd.eps, robust.pgd.step_size, robust.pgd.steps)
+        if robust else f"checkpoint ({c.robust.checkpoint})",
+        "test images (clean, PGD)": results["evaluation"]["robust"]["pgd"]["n"],
+        "evaluation PGD": _pgd(e.norm, e.eps, e.step_size, e.steps),
+        "AutoAttack images": (results["evaluation"]["robust"].get("autoattack") or {}).get("n", 0),
+        "explained images": a.n, "explained class": a.target,
+        "IG baselines x steps": f"{a.ig_baselines} x {a.ig_steps}",
+        "SHAP samples, background": f"{a.shap_nsamples}, {a.shap_background}",
+        "generated images a class": c.generation.per_class,
+        "generation PGD": _pgd("l2", generation["eps"], generation["step_size"], generation["steps"]),
+        "class seeds pooled by": g["robust"]["seed_pool"],
+        "real-data FID images (train vs test)": f"{g['n']['train']} vs {g['n']['test']}",
+        "generated-image FID images (generated vs test)": f"{g['n']['robust']} vs {g['n']['test']}",
+        "inversion PGD": _pgd("l2", inv.eps, inv.step_size, inv.steps), "inversion runs": inv.runs,
+        "feature visualisation PGD": _pgd("l2", feat.eps, feat.step_size, feat.steps),
+    }
+
+
 def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Location:
-    from .report import Section, Table, code_version, hardware, write_report
+    from .report import Section, Table, code_version, hardware, training_curves_png, write_report
 
     c, paper = study.config, PAPER[study.config.paper]
+    number = paper["numbers"]
     models = ("standard", "robust")
     sections = []
 
+    settings = run_settings(study, results)
+    rows = [[key, paper["settings"][key], ours, "same" if str(ours) == str(paper["settings"][key]) else "differs"]
+            for key, ours in settings.items()]
+    sections.append(Section(
+        "How this run differs from the paper",
+        "Every setting of the paper's experiment (its section 3 and its author's code) beside this run's, as "
+        "configured and as the stages recorded them. Where they differ, the figures below are not the paper's "
+        "experiment and compare the two models with each other, not with the paper's numbers.",
+        [Table("Settings", ["setting", "paper", "this run", ""], rows)]))
+
     train = results["train"]
-    rows = []
-    for name in models:
-        for row in train[name].get("epochs", []):
-            rows.append([name, row.get("epoch"), row.get("train_loss"), row.get("train_accuracy"),
-                         row.get("val_clean_accuracy"), row.get("val_adversarial_accuracy")])
+    histories = {name: train[name]["epochs"] for name in models if train[name].get("epochs")}
+    rows = [[name, row.get("epoch"), row.get("train_loss"), row.get("train_accuracy"), row.get("val_clean_accuracy"),
+             row.get("val_adversarial_accuracy")] for name in histories for row in histories[name]]
+    figures = []
+    if histories:
+        curves = (study.out / "report_training_curves.png").write_bytes(training_curves_png(histories))
+        figures.append(("training loss, validation clean and PGD accuracy per epoch", curves))
     sections.append(Section("Training", "Per epoch, on the validation split carved out of the training set; "
                             "the best epoch is kept: by clean validation accuracy for the standard model and by "
                             "mean(clean, PGD) for the robust one, as the authors' two trainers select.",
                             [Table("Training curves", ["model", "epoch", "train loss", "train acc", "val clean",
-                                                       "val PGD"], rows)] if rows else []))
+                                                       "val PGD"], rows)] if rows else [], figures))
 
     ev = results["evaluation"]
     rows = []
     for name in models:
         pgd, aa = ev[name]["pgd"], ev[name].get("autoattack")
-        rows.append([name, pgd["n"], 100 * pgd["clean_accuracy"], 100 * pgd["adversarial_accuracy"],
-                     None if aa is None else 100 * aa["adversarial_accuracy"], None if aa is None else aa["n"],
-                     paper["accuracy"][name][0], paper["accuracy"][name][1]])
+        clean, robust = 100 * pgd["clean_accuracy"], 100 * pgd["adversarial_accuracy"]
+        (paper_clean, paper_pgd) = paper["accuracy"][name]
+        rows.append([name, pgd["n"], clean, paper_clean, _minus(clean, paper_clean), robust, paper_pgd,
+                     _minus(robust, paper_pgd), None if aa is None else 100 * aa["adversarial_accuracy"],
+                     None if aa is None else aa["n"]])
     e = c.evaluation
     sections.append(Section(
-        "Accuracy (Tables 1 / 4)",
+        f"Accuracy ({number['accuracy']})",
         f"Test split of {c.data}. PGD: {e.norm.upper()}, eps {e.eps}, step {e.step_size}, {e.steps} steps, no random "
         f"start, last iterate (the paper's). AutoAttack ({e.autoattack_version}"
         f"{': ' + ', '.join(e.autoattack_attacks) if e.autoattack_attacks else ''}) on the first images, the honest "
-        "robust figure.",
-        [Table("Accuracy (%)", ["model", "n", "clean (ours)", "PGD (ours)", "AutoAttack (ours)", "AutoAttack n",
-                                "clean (paper)", "PGD (paper)"], rows)]))
+        "robust figure (not in the paper).",
+        [Table("Accuracy (%)", ["model", "n", "clean (ours)", "clean (paper)", "ours - paper", "PGD (ours)",
+                                "PGD (paper)", "ours - paper", "AutoAttack (ours)", "AutoAttack n"], rows)]))
 
-    for method, title in (("ig", "Integrated Gradients (Figs. 2/6, 10/16)"), ("shap", "SHAP expected gradients "
-                                                                                         "(Figs. 2/6, 13/17)")):
+    for method, title, grid in (("ig", "Integrated Gradients", "ig_grid"), ("shap", "SHAP expected gradients",
+                                                                            "shap_grid")):
         a = results["attributions"][method]
         metrics = ["deletion_auc", "insertion_auc", "gini", "top_mass"]
         rows = [[name] + [_ci(a["means"][name][m]) for m in metrics] for name in models]
@@ -527,50 +629,60 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str]) -> Loc
             rows.append(["robust - standard"] + [_ci(a["difference"][m]) + f" p={a['difference'][m]['p_value']:.2g}"
                                                   for m in metrics])
         sections.append(Section(
-            title, "Per model, the mean over the explained test images with a 95 % interval. Deletion AUC: lower "
-            "is more faithful; insertion AUC: higher is; Gini and top-5 % mass: higher is more concentrated.",
+            f"{title} ({number['overlays']}, {number[grid]})",
+            f"Each model's attribution of its {a.get('target', 'predicted')} class. Per model, the mean over the "
+            "explained test images with a 95 % interval. Deletion AUC: lower is more faithful; insertion AUC: higher "
+            "is; Gini and top-5 % mass: higher is more concentrated. The paper shows these figures without metrics.",
             [Table("Attribution metrics", ["model", *metrics], rows)],
-            [("overlays: image | standard | robust", Location(a["figures"][0])),
-             ("grid of the explained images: image | standard | robust", Location(a["figures"][1]))]))
+            [(f"{number['overlays']}: overlays: image | standard | robust", Location(a["figures"][0])),
+             (f"{number[grid]}: the explained images, 8 x 3 (A-H x 1-3): image | standard | robust",
+              Location(a["figures"][1]))]))
 
     g = results["generation"]
-    rows = [["real data (train vs test)", g["fid"]["real (train vs test)"], g["n"]["train"], paper["fid"]["real"]]]
-    rows += [[f"{name} model", g["fid"][name], g["n"][name], paper["fid"][name]] for name in models]
-    figures = [(f"{name} model: generated classes and their seeds", Location(p)) for name in models
-               for p in g[name]["figures"]]
+    rows = [["real data (train vs test)", g["fid"]["real (train vs test)"], paper["fid"]["real"],
+             _minus(g["fid"]["real (train vs test)"], paper["fid"]["real"]), g["n"]["train"]]]
+    rows += [[f"{name} model", g["fid"][name], paper["fid"][name], _minus(g["fid"][name], paper["fid"][name]),
+              g["n"][name]] for name in models]
+    figures = [(f"{number[kind]}: {name} model: {what}", Location(path)) for name in models
+               for kind, what, path in zip(("classes", "seeds"), ("generated classes", "their seeds"),
+                                           g[name]["figures"])]
     sections.append(Section(
-        "Class-specific generation and FID (Tables 2 / 5, Figs. 3 / 7, 14 / 19)",
-        f"FID ({g['dims']}-d, {g['resize']}) against the {g['n']['test']} test images. With few images FID is biased "
-        "upward (the paper used 10,000): compare the rows with each other, not with the paper's figures.",
-        [Table("FID (lower is better)", ["images", "FID (ours)", "n", "FID (paper)"], rows)], figures))
+        f"Class-specific generation and FID ({number['fid']}, {number['classes']}, {number['seeds']})",
+        f"FID ({g['dims']}-d, {g['resize']}) against the {g['n']['test']} test images. With fewer images FID is "
+        "biased upward (the paper used 10,000 CIFAR-10 / 9,000 Small ImageNet images): compare the rows with each "
+        "other rather than with the paper's figures.",
+        [Table("FID (lower is better)", ["images", "FID (ours)", "FID (paper)", "ours - paper", "n"], rows)], figures))
 
     inv = results["inversion"]
     runs = [r for r in (1, 2) if f"inv{r}" in inv]
-    rows = [[name, *[inv[name][f"inception192_inv{r}"] for r in runs],
-             *[paper["inception192" if r == 1 else "inception192_inv2"][name] for r in runs]] for name in models]
-    figure_names = {1: "Figs. 4 / 8", 2: "Figs. 11 / 18"}
+    header, rows = ["model"], [[name] for name in models]
+    for r in runs:
+        key = "inception192" if r == 1 else "inception192_inv2"
+        header += [f"Inv. {r} (ours)", f"Inv. {r} (paper)", "ours - paper"]
+        for row, name in zip(rows, models):
+            row += [inv[name][f"inception192_inv{r}"], paper[key][name],
+                    _minus(inv[name][f"inception192_inv{r}"], paper[key][name])]
     sections.append(Section(
-        "Representation inversion (Tables 3 / 6, Figs. 4 / 8, 11 / 18)",
+        f"Representation inversion ({number['inversion']}, {number['inv1']}, {number['inv2']})",
         "Each run inverts one test image from two test images of other classes and one grey-noise image "
         "(0.5 + U/20), as the authors' notebooks; Inv. 2 is a second draw. Inception-192 distance between the "
         "original and the inverted images: the Frobenius norm over the run's batch of 3, as the authors computed it.",
-        [Table("Inception-192 distance (lower is closer)",
-               ["model", *[f"Inv. {r} (ours)" for r in runs], *[f"Inv. {r} (paper)" for r in runs]], rows)],
-        [(f"Inv. {r} ({figure_names[r]}): target | source | robust | standard", Location(inv[f"inv{r}"]["figure"]))
+        [Table("Inception-192 distance (lower is closer)", header, rows)],
+        [(f"Inv. {r} ({number[f'inv{r}']}): target | source | robust | standard", Location(inv[f"inv{r}"]["figure"]))
          for r in runs]))
 
     feat = results["features"]
     rows = [[name, str(feat[name]["features"]), float(np.mean(feat[name]["objective_before"])),
              float(np.mean(feat[name]["objective_after"]))] for name in models]
-    sections.append(Section("Direct feature visualisation (Figs. 5 / 9)", "",
+    sections.append(Section(f"Direct feature visualisation ({number['features']})", "",
                             [Table("Feature visualisation", ["model", "features", "objective before",
                                                              "objective after"], rows)],
-                            [(f"{name} model: visualisations, most and least activating test images",
-                              Location(feat[name]["figure"])) for name in models]))
+                            [(f"{number['features']}: {name} model: visualisations, most and least activating test "
+                              "images", Location(feat[name]["figure"])) for name in models]))
 
     timings = dict(study.timings)
     data = {"config": asdict(c), "code_version": code_version(), "hardware": hardware(), "timings_s": timings,
-            "nodes_used": nodes, "paper": paper, "results": results}
+            "nodes_used": nodes, "paper": paper, "run_settings": settings, "results": results}
     sections.insert(0, Section(
         "Run", f"{c.name}: data {c.data}, {c.workers} workers. Ray tasks ran on {len(nodes)} node(s).",
         [Table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in timings.items()]),
