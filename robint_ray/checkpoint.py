@@ -11,28 +11,22 @@ format), read with `torch.load(..., weights_only=True)`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import InputError, check
+from .files import file_hash
 from .models import Classifier, build_model, to_our_keys
 from .storage import Location
 
 FORMAT = "robint-checkpoint-1"
 WEIGHTS, META = "model.safetensors", "meta.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_checkpoint(directory: str | Path | Location, model: Classifier, *, classes: list[str] | None = None,
@@ -61,7 +55,7 @@ def save_checkpoint(directory: str | Path | Location, model: Classifier, *, clas
         "classes": list(classes) if classes is not None else [str(i) for i in range(model.num_classes)],
         "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist(),
         "input_size": model.input_size, "config": config or {}, "metrics": metrics or {},
-        "sha256": _sha256(directory / WEIGHTS),
+        "sha256": file_hash(directory / WEIGHTS),
     }
     tmp = directory / (META + ".tmp")
     tmp.write_text(json.dumps(meta, indent=2))
@@ -111,7 +105,7 @@ def load_checkpoint(directory: str | Path | Location, *, arch: str | None = None
     check(num_classes is None or num_classes == meta["num_classes"],
           f"{directory}: checkpoint has {meta['num_classes']} classes, not {num_classes}")
     weights = directory / WEIGHTS
-    if meta.get("sha256") and _sha256(weights) != meta["sha256"]:
+    if meta.get("sha256") and file_hash(weights) != meta["sha256"]:
         raise InputError(f"{weights}: corrupt or truncated (sha256 differs from {META})")
     try:
         state = load_file(str(weights))
@@ -136,10 +130,7 @@ def load_weights(arch: str, path: str | Path, *, num_classes: int | None = None,
         except (SafetensorError, OSError) as err:
             raise InputError(f"{path}: corrupt or truncated weights file ({err})") from err
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch raises many types for a bad file: all mean "cannot read it"
-            raise InputError(f"{path}: corrupt, truncated or not a weights file ({type(err).__name__}: {err})") from err
+        state = _torch_load_safely(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         check(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
@@ -150,6 +141,29 @@ def load_weights(arch: str, path: str | Path, *, num_classes: int | None = None,
     model = build_model(arch, num_classes)
     _load_state(model, to_our_keys(model, state), str(path))
     return model.to(device).eval()
+
+
+def _torch_load_safely(path: Path) -> Any:
+    """torch.load with weights_only=True (tensors and plain containers only: no pickled code runs); a file
+    it refuses or cannot read is an InputError of one line that names the file and why."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # weights_only=True met something that is not a tensor or container
+        raise InputError(f"{path}: not a weights file torch can load safely "
+                         f"(weights_only=True refused it: {_torch_reason(err)})") from err
+    except Exception as err:  # torch raises many types for a bad file: all mean "cannot read it"
+        raise InputError(f"{path}: corrupt, truncated or not a weights file "
+                         f"({type(err).__name__}: {_torch_reason(err)})") from err
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The reason inside torch.load's multi-line error text, as one line: its first sentence, or where
+    weights_only=True refused the file the first sentence after "WeightsUnpickler error:" (the advice
+    around it, to load the file with weights_only=False, is only for files one trusts)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # torch bolds part of its advice with terminal escapes
+    _, marker, after = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (after if marker else text).splitlines() if line.strip()]
+    return lines[0].split(". ")[0].rstrip(".") if lines else type(err).__name__
 
 
 def _load_state(model: Classifier, state: dict[str, torch.Tensor], source: str) -> None:

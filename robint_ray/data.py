@@ -1,8 +1,10 @@
 """Datasets: CIFAR-10 (array file, official batches, or the bundled sample) and 128-px ImageFolders.
 
 `load_split(path, split)` is the one entry point. `path` is one of
-- `sample`: the real CIFAR-10 sample shipped inside the package (1,000 train images, 100 per class,
-  and the first 500 test images: exact pixels from `shared/data/cifar10`, see `assets/README.md`);
+- `sample`: the real CIFAR-10 sample shipped inside the package (`assets/cifar10_sample.npz`: the
+  first 100 train images of each class and the first 500 test images, exact pixels from
+  `shared/data/cifar10`; described in README.md's Data section, made by
+  `experiments/make_cifar10_sample.py`);
 - a `.npz` array file with `x_train, y_train, x_test, y_test` (uint8 NHWC images, integer labels) and
   optionally `classes`, `idx_train`, `idx_test` (the layout of `shared/data/cifar10`);
 - a folder holding the official CIFAR-10 python batches (`cifar-10-batches-py/`, read by torchvision;

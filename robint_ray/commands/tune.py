@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from ..storage import Location
-    from ..tune import SweepInterrupted, best_row, load_sweep, run_sweep
+    from ..sweep import best_row, load_sweep
+    from ..tune import SweepInterrupted, run_sweep
 
     try:
         rows = run_sweep(load_sweep(args.config), args.out, resume=args.resume)
