@@ -168,7 +168,7 @@ def shipped_configs(experiments: str | Path) -> list[ShippedConfig]:
 
     from .config import load_config
     from .study import load_study
-    from .tune import load_sweep
+    from .sweep import load_sweep
 
     experiments = Path(experiments)
     shipped = []

@@ -44,8 +44,8 @@ from ray.tune import Callback
 from .config import TrainConfig, dump_config
 from .errors import InputError, check
 from .storage import Location
-from .sweep import (  # noqa: F401 (load_sweep: cluster.py imports it from here)
-    Dimension, Sweep, ValAttackConfig, load_sweep, plot_tradeoff, trial_config, trial_params, trial_row,
+from .sweep import (
+    Dimension, Sweep, ValAttackConfig, plot_tradeoff, trial_config, trial_params, trial_row,
     write_best_config, write_table,
 )
 
