@@ -1,0 +1,56 @@
+"""The math/Ray boundary: the math modules take tensors and return tensors and know nothing about Ray.
+
+Pure math modules import neither ray nor robint_ray.distributed anywhere (not even inside a function);
+fid.py and evaluate.py hold a Ray fan-out beside their math, so for them importing the module must not
+import Ray (their math stays usable and testable without it). (The package's __init__ reads the address
+`ray start` recorded through robint_ray.distributed, which imports Ray only inside its functions.)"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "robint_ray"
+PURE = ["models", "data", "attacks", "attributions", "visualize", "inception", "config", "checkpoint", "sweep",
+        "files", "errors"]
+MIXED = ["fid", "evaluate"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module an import statement of the file names, at any depth, resolved against the package."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = "robint_ray." * (node.level > 0) + (node.module or "")
+            names |= {base} | {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+@pytest.mark.parametrize("module", PURE)
+def test_math_modules_never_import_ray(module):
+    names = imported_modules(PACKAGE / f"{module}.py")
+    assert not {n for n in names if n == "ray" or n.startswith("ray.")}, names
+    assert not {n for n in names if n.startswith("robint_ray.distributed")}, names
+
+
+@pytest.mark.parametrize("module", PURE + MIXED)
+def test_importing_a_math_module_imports_no_ray(module):
+    code = (f"import sys, robint_ray.{module}; "
+            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_check_sees_a_function_level_import(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    import ray.util\n    from .distributed import fan_out\n")
+    names = imported_modules(module)
+    assert "ray.util" in names and "robint_ray.distributed.fan_out" in names
