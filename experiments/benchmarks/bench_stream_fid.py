@@ -172,7 +172,7 @@ def main() -> int:
                      f"{r['extra_rss_mib']} | {ratio:.2f}x |")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     table = "\n".join(lines)
-    note = (f"{platform.node() and 'machine'}: {os.cpu_count()} CPU(s) ({platform.processor() or platform.machine()}), "
+    note = (f"{os.cpu_count()}-core CPU ({platform.machine()}), {os.getloadavg()[0]:.1f} load average at the end, "
             f"{args.workers} Ray workers, shards of {args.shard_size} images, 1 PGD step (cifar_resnet8), "
             f"2048-d stand-in features (not the Inception), commit {commit}")
     print(table)
