@@ -16,7 +16,7 @@ import os
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .errors import check
+from .errors import InputError, check
 
 if TYPE_CHECKING:
     import torch
@@ -136,14 +136,16 @@ def task_resources(*, gpus_per_task: float | None = None, cpus_per_task: float |
         _DEFAULTS.update(saved)
 
 
-def cluster_has_gpus() -> bool:
+def cluster_has_gpus(*, unknown: bool = False) -> bool:
     """Whether the running (or joined) Ray cluster has GPUs: an alive node with GPUs in Ray's resource
-    table, or a node type with GPUs that its autoscaler may still start (`cluster.cluster_nodes`). The
+    table, or a node type with GPUs that its autoscaler may still start (`cluster.cluster_nodes`);
+    with unknown=True also where a node type's resources are not stated (the local provider's). The
     driver's own CUDA is never asked: it may sit on a CPU-only head."""
     from .cluster import cluster_nodes
 
     init_ray()
-    return any(node.gpus > 0 for node in cluster_nodes())
+    nodes = cluster_nodes()
+    return any(node.gpus > 0 for node in nodes) or (unknown and any(not node.known for node in nodes))
 
 
 def default_gpus_per_task(gpus_per_task: float | None) -> float:
@@ -292,6 +294,9 @@ def fan_out_iter(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[
     init_ray()
     num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
     num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
+    if num_gpus > 0 and not cluster_has_gpus(unknown=True):  # Ray would wait for a GPU forever
+        raise InputError(f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
+                         "with one: use --gpus-per-task 0 (or --device cpu)")
     names = tuple((shared or {}).keys())
     # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
     refs = [ray.put(value) for value in (shared or {}).values()]

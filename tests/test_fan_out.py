@@ -43,3 +43,10 @@ def test_fan_out_iter_yields_every_shard_once(ray_local, spans):
 
 def test_report_progress_outside_a_task_does_nothing():
     report_progress(3)
+
+
+def test_asking_for_a_gpu_on_a_cluster_without_one_fails_at_once(ray_local, spans):
+    from robint_ray.errors import InputError
+
+    with pytest.raises(InputError, match="no GPU"):
+        fan_out(spans, [0], shared={"pause": 0.0}, num_gpus=0.5, progress=False)
