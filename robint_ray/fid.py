@@ -187,16 +187,25 @@ def inception_distance(model: FIDInception, originals: torch.Tensor, inverted: t
 @dataclass(frozen=True)
 class ImageSource:
     """Where images come from: kind "array" (a .npz with `images`), "folder" (image files, `files`)
-    or "split" (a dataset split, `load_split(path, split)`), and how many there are."""
+    or "split" (a dataset split, `load_split(path, split)`; with `indices`, only the items at those
+    positions, in that order), and how many there are."""
 
     kind: str
     path: str
     count: int
     split: str | None = None
     files: tuple[str, ...] = ()
+    indices: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return f"{self.path} --split {self.split}" if self.split else self.path
+
+    def select(self, indices) -> "ImageSource":
+        """The items of this split at `indices` (positions in the split)."""
+        check(self.kind == "split" and not self.indices, "select() takes the items of a whole dataset split")
+        indices = tuple(int(i) for i in indices)
+        check(all(0 <= i < self.count for i in indices), f"indices outside 0..{self.count} of {self.describe()}")
+        return replace(self, indices=indices, count=len(indices))
 
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -296,9 +305,11 @@ def read_images(source: ImageSource, start: int, stop: int) -> torch.Tensor | li
             out.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
         return out
     dataset = _split_dataset(source.path, source.split, mtime)
+    positions = list(source.indices[start:stop]) if source.indices else range(start, stop)
     if hasattr(dataset, "images") and dataset.transform is None:  # an ArrayDataset: uint8 as stored
-        return torch.from_numpy(np.ascontiguousarray(dataset.images[start:stop])).permute(0, 3, 1, 2)
-    return [dataset[i][0] for i in range(start, stop)]  # the split's eval transform, float in [0, 1]
+        picked = dataset.images[positions] if source.indices else dataset.images[start:stop]
+        return torch.from_numpy(np.ascontiguousarray(picked)).permute(0, 3, 1, 2)
+    return [dataset[i][0] for i in positions]  # the split's eval transform, float in [0, 1]
 
 
 # ----------------------------------------------------------------------------------------- Ray fan-out
@@ -329,7 +340,8 @@ def shard_stats(shard: Shard, *, model: FIDInception, dims: int, batch_size: int
 
 def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[Shard]:
     """Consecutive pieces of shard_size images of each source; a folder's piece carries only its own
-    file names (a million-file folder is not shipped to every task)."""
+    file names, a selection of a split only its own indices (a million names are not shipped to every
+    task)."""
     check(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
     shards = []
     for i, s in enumerate(sources):
@@ -337,6 +349,8 @@ def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[Shar
             stop = min(start + shard_size, s.count)
             if s.kind == "folder":
                 shards.append(Shard(i, replace(s, files=s.files[start:stop], count=stop - start), 0, stop - start))
+            elif s.indices:
+                shards.append(Shard(i, replace(s, indices=s.indices[start:stop], count=stop - start), 0, stop - start))
             else:
                 shards.append(Shard(i, s, start, stop))
     return shards

@@ -377,21 +377,20 @@ class Study:
         return out
 
     def real_images(self, folder: Path):
-        """The real-data FID's training images: generation.real_per_class of each class (seeded), written
-        to folder/real_train.npz as uint8 (fewer where a class has fewer), or the whole training split."""
+        """The real-data FID's training images: generation.real_per_class of each class (seeded; fewer
+        where a class has fewer), or the whole training split. A selection of the split by position,
+        not a file: each FID task reads its own images from the dataset, which every node has (a file
+        in this stage's folder would be on the driver's disk alone until the stage ends)."""
         from .data import load_split
         from .fid import open_source
-        from .generate import per_class_sample, to_uint8, write_npz
+        from .generate import per_class_sample
 
         c = self.config.generation
+        train = open_source(self.config.data, "train")
         if c.real_per_class is None:
-            return open_source(self.config.data, "train")
-        train = load_split(self.config.data, "train")
-        subset = train.subset(per_class_sample(train.labels, c.real_per_class, seed=self.config.seed),
-                              train.transform)
-        loader = torch.utils.data.DataLoader(subset, batch_size=256, shuffle=False)
-        images = np.concatenate([to_uint8(x) for x, _ in loader])
-        return open_source(write_npz(folder / "real_train.npz", images=images, labels=subset.labels))
+            return train
+        labels = load_split(self.config.data, "train").labels
+        return train.select(per_class_sample(labels, c.real_per_class, seed=self.config.seed))
 
     # Tables 3/6, Figs. 4/8, 11/18
 
