@@ -44,6 +44,29 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
+def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
+    """--gpus-per-task / --cpus-per-task: the resources of each Ray task the command runs."""
+    group = parser.add_argument_group("Ray task resources")
+    group.add_argument("--gpus-per-task", type=float, default=None,
+                       help="GPUs per Ray task, fractions allowed (e.g. 0.25: four tasks share a GPU; default: 1 "
+                            "on a cluster with GPUs, else 0)")
+    group.add_argument("--cpus-per-task", type=float, default=None,
+                       help="CPUs per Ray task; torch in the task uses that many threads (default: 1)")
+
+
+def task_resources_of(args: argparse.Namespace, *, device: str | None = None):
+    """A `distributed.task_resources` block with the command's --gpus-per-task / --cpus-per-task: its Ray
+    tasks ask for these and run on their own device. Without --gpus-per-task: 1 where `device` (the
+    user's --device) names cuda, 0 where it names cpu, else 1 on a cluster with GPUs (Ray's resource
+    table, not this process's CUDA: the driver may sit on a CPU-only head)."""
+    from .distributed import default_gpus_per_task, task_resources
+
+    gpus = args.gpus_per_task
+    if gpus is None and device is not None:
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+    return task_resources(gpus_per_task=default_gpus_per_task(gpus), cpus_per_task=args.cpus_per_task)
+
+
 def resolve_device(name: str | None):
     import torch
 

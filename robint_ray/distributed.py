@@ -2,14 +2,24 @@
 
 The math modules (attacks, attributions, visualisation, FID) know nothing about Ray; this module runs
 them as Ray tasks. Large shared objects (a model, a background set) go into the object store once;
-results come back in shard order; a task whose worker dies is retried; a progress bar counts images.
+results come back in shard order (`fan_out`) or as they finish (`fan_out_iter`, for results merged on
+the fly); a task whose worker dies is retried alone; a bounded window of tasks is in flight; a
+progress bar counts images, also those a task reports before it ends (`report_progress`). Each task
+asks for `num_gpus` (fractions allowed) and `num_cpus` and runs on its own device (`task_device`: the
+GPU Ray gave it, else the CPU); the driver never touches CUDA.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+from .errors import InputError, check
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +99,7 @@ def joined_cluster() -> bool:
 
 
 _NODES_USED: set[str] = set()
+_DEVICES_USED: set[str] = set()
 
 
 def nodes_used() -> list[str]:
@@ -96,16 +107,131 @@ def nodes_used() -> list[str]:
     return sorted(_NODES_USED)
 
 
+def devices_used() -> list[str]:
+    """The torch devices ("cpu", "cuda") fan_out tasks of this process have run on (for reports)."""
+    return sorted(_DEVICES_USED)
+
+
+# --- resources per task ----------------------------------------------------------------------------
+
+# The resources a fan_out task asks for where its caller names none: set for a block by
+# `task_resources` (the study sets them per stage, so that stages whose math modules know nothing of
+# GPUs still run their tasks on them).
+_DEFAULTS = {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+@contextmanager
+def task_resources(*, gpus_per_task: float | None = None, cpus_per_task: float | None = None) -> Iterator[None]:
+    """Within the block, fan_out tasks whose caller gives no num_gpus / num_cpus ask for these."""
+    saved = dict(_DEFAULTS)
+    if gpus_per_task is not None:
+        check(gpus_per_task >= 0, f"gpus_per_task must be >= 0, got {gpus_per_task}")
+        _DEFAULTS["num_gpus"] = float(gpus_per_task)
+    if cpus_per_task is not None:
+        check(cpus_per_task > 0, f"cpus_per_task must be > 0, got {cpus_per_task}")
+        _DEFAULTS["num_cpus"] = float(cpus_per_task)
+    try:
+        yield
+    finally:
+        _DEFAULTS.update(saved)
+
+
+def cluster_has_gpus(*, unknown: bool = False) -> bool:
+    """Whether the running (or joined) Ray cluster has GPUs: an alive node with GPUs in Ray's resource
+    table, or a node type with GPUs that its autoscaler may still start (`cluster.cluster_nodes`);
+    with unknown=True also where a node type's resources are not stated (the local provider's). The
+    driver's own CUDA is never asked: it may sit on a CPU-only head."""
+    from .cluster import cluster_nodes
+
+    init_ray()
+    nodes = cluster_nodes()
+    return any(node.gpus > 0 for node in nodes) or (unknown and any(not node.known for node in nodes))
+
+
+def default_gpus_per_task(gpus_per_task: float | None) -> float:
+    """gpus_per_task as given, or where None: 1 on a cluster with GPUs, else 0."""
+    if gpus_per_task is not None:
+        check(gpus_per_task >= 0, f"gpus_per_task must be >= 0, got {gpus_per_task}")
+        return float(gpus_per_task)
+    return 1.0 if cluster_has_gpus() else 0.0
+
+
+# --- inside a task -----------------------------------------------------------------------------------
+
+_TASK: dict[str, Any] = {"device": None, "progress": None, "index": None}
+
+
+def task_device(default: str | torch.device = "cpu") -> torch.device:
+    """The device of the running fan_out task: cuda where Ray gave it a GPU and torch sees one, else
+    cpu. Outside a task: `default`."""
+    import torch
+
+    device = _TASK["device"]
+    return torch.device(default) if device is None else device
+
+
+def _device_of_this_task() -> torch.device:
+    import ray
+    import torch
+
+    gpus = ray.get_gpu_ids()
+    if not gpus:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        if not _TASK.get("warned"):  # once per worker process
+            log.warning("task given GPU(s) %s by Ray, but torch sees no CUDA device here: running on the CPU", gpus)
+            _TASK["warned"] = True
+        return torch.device("cpu")
+    return torch.device("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the task's GPU: it is cuda:0 here
+
+
+def report_progress(count: int) -> None:
+    """Inside a fan_out task: `count` more images (or units) done, shown by the driver's progress bar
+    before the task ends. Outside a task: nothing."""
+    actor = _TASK["progress"]
+    if actor is not None and count:
+        actor.add.remote(_TASK["index"], int(count))
+
+
+class _ProgressCounter:
+    """A Ray actor (no CPU) the tasks of one fan_out report their done units to."""
+
+    def __init__(self):
+        self.done: dict[int, int] = {}
+
+    def add(self, index: int, count: int) -> None:
+        self.done[index] = self.done.get(index, 0) + count
+
+    def take(self) -> dict[int, int]:
+        """Units reported per task since the last call."""
+        out, self.done = self.done, {}
+        return out
+
+
+def _move(value: Any, device) -> Any:
+    """Modules and tensors (also inside tuples, lists, dicts) on `device`; other values as they are."""
+    import torch
+
+    if isinstance(value, (torch.nn.Module, torch.Tensor)):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_move(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
 # The shared values of the current fan_out call, deserialised once per worker process (ObjectRef hex ->
 # value). A worker runs many shards of one call; unpickling a 100 MB model for each of them would cost
 # more than a small shard's work. Entries of earlier calls are dropped when a new call's first task
-# arrives, so a worker holds one call's values at most. Tasks must not change them (a model's .to(device)
-# is fine: every task of the call does the same).
+# arrives, so a worker holds one call's values at most. Tasks must not change them (the model is moved
+# to the task's device once, here).
 _SHARED: dict[str, Any] = {}
 
 
-def _shared_values(refs: Sequence[Any]) -> list[Any]:
+def _shared_values(refs: Sequence[Any], device) -> list[Any]:
     import ray
+    import torch
 
     keys = [ref.hex() for ref in refs]
     missing = [(key, ref) for key, ref in zip(keys, refs) if key not in _SHARED]
@@ -113,11 +239,12 @@ def _shared_values(refs: Sequence[Any]) -> list[Any]:
         for stale in set(_SHARED) - set(keys):
             del _SHARED[stale]
         for (key, _), value in zip(missing, ray.get([ref for _, ref in missing])):
-            _SHARED[key] = value
+            _SHARED[key] = value.to(device) if isinstance(value, torch.nn.Module) else value
     return [_SHARED[key] for key in keys]
 
 
-def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], refs: list) -> tuple[Any, str]:
+def _run_shard(fn: Callable, shard: Any, index: int, threads: int, names: tuple[str, ...], refs: list,
+               progress: Any) -> tuple[Any, str, str]:
     import ray
     import torch
 
@@ -125,63 +252,112 @@ def _run_shard(fn: Callable, shard: Any, threads: int, names: tuple[str, ...], r
 
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
     tune_allocator()
-    return fn(shard, **dict(zip(names, _shared_values(refs)))), ray.get_runtime_context().get_node_id()
+    device = _device_of_this_task()
+    _TASK.update(device=device, progress=progress, index=index)
+    try:
+        result = fn(_move(shard, device), **dict(zip(names, _shared_values(refs, device))))
+    finally:
+        _TASK.update(device=None, progress=None, index=None)
+    return _move(result, "cpu"), ray.get_runtime_context().get_node_id(), str(device)
 
 
-def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
-            num_cpus: float = 1, num_gpus: float = 0, max_retries: int = 3, sizes: Sequence[int] | None = None,
-            desc: str = "", unit: str = "img", progress: bool = True,
-            max_in_flight: int | None = None) -> list[Any]:
-    """[fn(shard, **shared) for shard in shards], each call a Ray task, results in shard order.
+def default_window() -> int:
+    """Tasks in flight at once by default: twice what the cluster's CPUs could run (so a finished
+    task's successor is already queued), at least 2."""
+    import ray
+
+    return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+def fan_out_iter(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
+                 num_cpus: float | None = None, num_gpus: float | None = None, max_retries: int = 3,
+                 sizes: Sequence[int] | None = None, desc: str = "", unit: str = "img", progress: bool = True,
+                 max_in_flight: int | None = None) -> Iterator[tuple[int, Any]]:
+    """(i, fn(shards[i], **shared)) for every shard, each call a Ray task, yielded as tasks finish
+    (not in shard order). The driver holds only the results it has not yet yielded.
 
     shared: keyword arguments common to every call (a model, say); each is put into the object store
-    once. num_cpus / num_gpus: resources per task (torch in the task uses int(num_cpus) threads).
-    max_retries: how often a task lost with its worker (process killed, node gone) is run again; an
-    exception raised by fn itself is not retried and propagates. sizes: what each shard counts for in
-    the progress bar (images); by default 1 per shard. max_in_flight: at most this many tasks
-    submitted at once (a fixed number of workers on a larger cluster); by default all at once.
+    once; a torch module among them is moved to the task's device (`task_device()`: cuda where Ray gave
+    the task a GPU and torch sees one, else cpu), as are the tensors of the shard; result tensors come
+    back on the CPU. num_cpus / num_gpus: resources per task (fractions allowed; torch in the task uses
+    int(num_cpus) threads); None: those of the enclosing `task_resources` block, else 1 CPU, no GPU.
+    max_retries: how often a task lost with its worker (process killed, node gone) is run again, alone;
+    an exception raised by fn itself is not retried and propagates. sizes: what each shard counts for in
+    the progress bar (images); by default 1 per shard; tasks may report progress before they end
+    (`report_progress`). max_in_flight: at most this many tasks submitted at once (default
+    `default_window()`); the driver waits on that window only, so its work per result does not grow
+    with the number of shards.
     """
     import ray
     from tqdm import tqdm
 
     init_ray()
+    num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
+    num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
+    if num_gpus > 0 and not cluster_has_gpus(unknown=True):  # Ray would wait for a GPU forever
+        raise InputError(f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
+                         "with one: use --gpus-per-task 0 (or --device cpu)")
     names = tuple((shared or {}).keys())
     # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
     refs = [ray.put(value) for value in (shared or {}).values()]
-    # SPREAD: shards go to every node of a cluster, not first to fill the driver's node.
+    # SPREAD: shards go to every node of a cluster, not first to fill the driver's node. The task's name
+    # is fn's, so that Ray's dashboard and state API tell the stages apart.
     remote = ray.remote(_run_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                                            retry_exceptions=False, scheduling_strategy="SPREAD")
+                                            retry_exceptions=False, scheduling_strategy="SPREAD",
+                                            name=getattr(fn, "__name__", "fan_out"))
     threads = max(1, int(num_cpus))
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-    limit = len(shards) if max_in_flight is None else max_in_flight
-    pending: dict[Any, int] = {}
-    next_shard = 0
-
-    def submit_until_full(waiting: list) -> None:
-        nonlocal next_shard
-        while next_shard < len(shards) and len(waiting) < limit:
-            ref = remote.remote(fn, shards[next_shard], threads, names, refs)
-            pending[ref] = next_shard
-            waiting.append(ref)
-            next_shard += 1
-
+    window = default_window() if max_in_flight is None else max_in_flight
     sizes = list(sizes) if sizes is not None else [1] * len(shards)
-    results: list[Any] = [None] * len(shards)
+    counter = ray.remote(num_cpus=0)(_ProgressCounter).remote() if progress and shards else None
     bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
+    reported: dict[int, int] = {}  # units the running tasks reported so far
+    pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than `window`
+    devices: dict[str, int] = {}
+    nodes: set[str] = set()
+    next_shard = 0
     try:
-        waiting: list = []
-        submit_until_full(waiting)
-        while waiting:
-            done, waiting = ray.wait(waiting, num_returns=1)
+        while next_shard < len(shards) or pending:
+            while next_shard < len(shards) and len(pending) < window:
+                ref = remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, counter)
+                pending[ref] = next_shard
+                reported[next_shard] = 0
+                next_shard += 1
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if counter is not None else None)
+            if counter is not None:
+                for i, count in ray.get(counter.take.remote()).items():
+                    if i in reported:  # not finished yet (a late report of a finished task is dropped)
+                        step = min(count, sizes[i] - reported[i])
+                        reported[i] += step
+                        bar.update(step)
             for ref in done:
                 i = pending.pop(ref)
-                results[i], node = ray.get(ref)
-                _NODES_USED.add(node)
-                bar.update(sizes[i])
-            submit_until_full(waiting)
+                result, node, device = ray.get(ref)
+                del ref
+                nodes.add(node)
+                devices[device] = devices.get(device, 0) + 1
+                bar.update(sizes[i] - reported.pop(i, 0))
+                yield i, result
+                del result
     finally:
         bar.close()
+        _NODES_USED.update(nodes)
+        _DEVICES_USED.update(devices)
+        if counter is not None:
+            ray.kill(counter)
+        if nodes:
+            log.info("%s: %d task(s) on %d node(s) %s, devices %s, %s CPU and %s GPU per task", desc or fn.__name__,
+                     sum(devices.values()), len(nodes), ", ".join(n[:8] for n in sorted(nodes)),
+                     ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())), num_cpus, num_gpus)
+
+
+def fan_out(fn: Callable[..., Any], shards: Sequence[Any], **options: Any) -> list[Any]:
+    """[fn(shard, **shared) for shard in shards], each call a Ray task (see `fan_out_iter` for the
+    options), results in shard order."""
+    results: list[Any] = [None] * len(shards)
+    for i, result in fan_out_iter(fn, shards, **options):
+        results[i] = result
     return results
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -89,19 +89,34 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(dim=1) == y
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, batch_size: int = 128,
-             device: str | torch.device | None = None, progress: bool = False) -> dict:
-    """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`.
+def correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, batch_size: int = 128,
+                device: str | torch.device | None = None, workers: int = 0, shard_batches: int = 4,
+                num_gpus: float | None = None, num_cpus: float | None = None, progress: bool = False,
+                on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of `dataset`, in its order: (clean correct (N,) bool, clean and adversarial correct
+    (N,) bool).
 
-    Returns {"n", "clean_accuracy", "adversarial_accuracy", "clean_correct", "adversarial_correct",
-    "attack": {...}}. The model is put in eval mode for the evaluation and its mode is restored.
-    """
+    The images are cut into batches at fixed positions (batch k: images k * batch_size onwards), and
+    each batch is attacked alone with the attack's seed, so the answer does not depend on how batches
+    are grouped into tasks: PGD's loss is summed per example, and AutoAttack, whose random starts and
+    whose choice of which images to attack further depend on the batch, sees the same batches.
+    workers = 0: in this process, on `device` (default: the model's). workers >= 1: shards of
+    shard_batches batches are Ray tasks (at most `workers` in flight, num_gpus / num_cpus each; None:
+    the enclosing `distributed.task_resources`), each on its own device, reporting per batch.
+    on_batch(n): called after each batch of n images (in-process only). The model's mode is restored."""
     check(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
+    check(workers >= 0 and shard_batches >= 1, "workers must be >= 0 and shard_batches >= 1")
     attack = attack or AttackConfig(kind="none")
+    check(len(dataset) > 0, "the dataset is empty")
+    if workers >= 1:
+        return _sharded_correctness(model, dataset, attack=attack, batch_size=batch_size, workers=workers,
+                                    shard_batches=shard_batches, num_gpus=num_gpus, num_cpus=num_cpus,
+                                    progress=progress)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
-    n = clean = robust = 0
+    clean, robust = [], []
+    n = hits = hits_adv = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     bar = None
     if progress:
@@ -112,22 +127,64 @@ def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None 
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             ok = _correct(model, x, y)
-            if attack.kind != "none":
-                x_adv = attack_batch(model, x, y, attack)
-                ok_adv = ok & _correct(model, x_adv, y)
-            else:
-                ok_adv = ok
-            n += len(y)
-            clean += int(ok.sum())
-            robust += int(ok_adv.sum())
+            ok_adv = ok & _correct(model, attack_batch(model, x, y, attack), y) if attack.kind != "none" else ok
+            clean.append(ok.cpu())
+            robust.append(ok_adv.cpu())
+            n, hits, hits_adv = n + len(y), hits + int(ok.sum()), hits_adv + int(ok_adv.sum())
+            if on_batch is not None:
+                on_batch(len(y))
             if bar is not None:
                 bar.update(len(y))
-                bar.set_postfix(clean=f"{clean / n:.4f}", adv=f"{robust / n:.4f}")
+                bar.set_postfix(clean=f"{hits / n:.4f}", adv=f"{hits_adv / n:.4f}")
     finally:
         if bar is not None:
             bar.close()
         model.train(was_training)
-    check(n > 0, "the dataset is empty")
+    return torch.cat(clean), torch.cat(robust)
+
+
+def _evaluate_shard(bounds: tuple[int, int], *, model: nn.Module, dataset: Dataset, attack: AttackConfig,
+                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One Ray task: correctness of dataset[start:stop] on the task's device, reporting per batch."""
+    from torch.utils.data import Subset
+
+    from .distributed import report_progress, task_device
+
+    start, stop = bounds
+    return correctness(model, Subset(dataset, range(start, stop)), attack=attack, batch_size=batch_size,
+                       device=task_device(), on_batch=report_progress)
+
+
+def _sharded_correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig, batch_size: int,
+                         workers: int, shard_batches: int, num_gpus: float | None, num_cpus: float | None,
+                         progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    import copy
+
+    from .distributed import fan_out, shard_ranges
+
+    shards = shard_ranges(len(dataset), shard_batches * batch_size)  # whole batches: the same as in process
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    shipped = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays where it is
+    parts = fan_out(_evaluate_shard, shards, shared=dict(model=shipped, dataset=dataset, attack=attack,
+                                                         batch_size=batch_size),
+                    num_cpus=num_cpus, num_gpus=num_gpus, sizes=[stop - start for start, stop in shards],
+                    desc=f"eval ({attack.kind})", progress=progress, max_in_flight=workers)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, batch_size: int = 128,
+             device: str | torch.device | None = None, progress: bool = False, workers: int = 0,
+             shard_batches: int = 4, num_gpus: float | None = None, num_cpus: float | None = None) -> dict:
+    """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`, in this process
+    (workers = 0) or as Ray tasks (see `correctness`: the same figures either way).
+
+    Returns {"n", "clean_accuracy", "adversarial_accuracy", "clean_correct", "adversarial_correct",
+    "attack": {...}}. The model is put in eval mode for the evaluation and its mode is restored.
+    """
+    attack = attack or AttackConfig(kind="none")
+    ok, ok_adv = correctness(model, dataset, attack=attack, batch_size=batch_size, device=device, workers=workers,
+                             shard_batches=shard_batches, num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
+    n, clean, robust = len(ok), int(ok.sum()), int(ok_adv.sum())
     return {
         "n": n, "clean_correct": clean, "adversarial_correct": robust,
         "clean_accuracy": clean / n, "adversarial_accuracy": robust / n if attack.kind != "none" else None,

@@ -236,10 +236,9 @@ def explain_images(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
 def explain_shard(bounds: tuple[int, int], *, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                   indices: np.ndarray, config: ExplainConfig, batch_size: int,
                   background: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """One Ray task: explain_images on images[start:stop], on a GPU when the task was given one."""
+    """One Ray task: explain_images on images[start:stop], on the model's device (fan_out moved it to the
+    task's: a GPU where the task was given one)."""
     start, stop = bounds
-    if config.num_gpus > 0 and torch.cuda.is_available():
-        model = model.to("cuda")
     return explain_images(model, images[start:stop], targets[start:stop], indices[start:stop], config=config,
                           batch_size=batch_size, background=background)
 

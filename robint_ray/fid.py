@@ -17,15 +17,17 @@ or a split of a dataset (`load_split(path, split)`: the CIFAR .npz, an ImageFold
 
 Ray at the edge (`source_stats`): each source is cut into shards of consecutive images; every shard is
 a Ray task (robint_ray.distributed.fan_out) that reads its own images, runs the Inception and returns
-only its statistics (8 d^2 bytes, 32 MiB at d = 2048); the driver merges them in a pairwise tree.
+only its statistics (8 d^2 bytes, 32 MiB at d = 2048); the driver adds them up as they arrive, so it
+holds one sum per source whatever the number of images.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -55,9 +57,10 @@ class FeatureStats:
 
     @classmethod
     def of(cls, features: torch.Tensor) -> "FeatureStats":
-        """Statistics of (n, d) features."""
-        x = features.detach().to(torch.float64).cpu()
-        return cls(len(x), x.sum(0), x.T @ x)
+        """Statistics of (n, d) features, summed on their device (a GPU does the n d^2 products far
+        faster than the CPU), returned on the CPU."""
+        x = features.detach().to(torch.float64)
+        return cls(len(x), x.sum(0).cpu(), (x.T @ x).cpu())
 
     @classmethod
     def empty(cls, dims: int) -> "FeatureStats":
@@ -184,16 +187,25 @@ def inception_distance(model: FIDInception, originals: torch.Tensor, inverted: t
 @dataclass(frozen=True)
 class ImageSource:
     """Where images come from: kind "array" (a .npz with `images`), "folder" (image files, `files`)
-    or "split" (a dataset split, `load_split(path, split)`), and how many there are."""
+    or "split" (a dataset split, `load_split(path, split)`; with `indices`, only the items at those
+    positions, in that order), and how many there are."""
 
     kind: str
     path: str
     count: int
     split: str | None = None
     files: tuple[str, ...] = ()
+    indices: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return f"{self.path} --split {self.split}" if self.split else self.path
+
+    def select(self, indices) -> "ImageSource":
+        """The items of this split at `indices` (positions in the split)."""
+        check(self.kind == "split" and not self.indices, "select() takes the items of a whole dataset split")
+        indices = tuple(int(i) for i in indices)
+        check(all(0 <= i < self.count for i in indices), f"indices outside 0..{self.count} of {self.describe()}")
+        return replace(self, indices=indices, count=len(indices))
 
 
 FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
@@ -221,7 +233,32 @@ def open_source(path: str | Path, split: str | None = None) -> ImageSource:
     return ImageSource("array", str(path), len(images))
 
 
-@lru_cache(maxsize=2)  # a Ray worker reading several shards of one file reads it once
+def _stored_member(path: str, member: str) -> np.ndarray | None:
+    """A read-only memory map of an uncompressed (stored) .npy member of a zip (.npz), as `write_npz`
+    and np.savez write them; None where it is compressed. A task reading images i..j of a large file
+    then reads those pages only, not the whole file."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+        if info.compress_type != zipfile.ZIP_STORED:
+            return None
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)  # the local file header: its name and extra field lengths at bytes 26..29
+        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            return None
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        offset = f.tell()
+    if fortran or dtype.hasobject:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+
+
+@lru_cache(maxsize=2)  # a Ray worker reading several shards of one file opens it once (a memory map)
 def _array_images(path: str, mtime_ns: int) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -229,7 +266,9 @@ def _array_images(path: str, mtime_ns: int) -> np.ndarray:
                 hint = (" (a dataset array file: add --split train or --split test after it)"
                         if "x_train" in f.files else "")
                 raise InputError(f"{path}: no `images` array{hint}; found {', '.join(f.files)}")
-            images = f["images"]
+            images = _stored_member(path, "images.npy")
+            if images is None:  # compressed: read whole
+                images = f["images"]
     except (OSError, ValueError, EOFError) as err:
         if isinstance(err, InputError):
             raise
@@ -266,9 +305,11 @@ def read_images(source: ImageSource, start: int, stop: int) -> torch.Tensor | li
             out.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
         return out
     dataset = _split_dataset(source.path, source.split, mtime)
+    positions = list(source.indices[start:stop]) if source.indices else range(start, stop)
     if hasattr(dataset, "images") and dataset.transform is None:  # an ArrayDataset: uint8 as stored
-        return torch.from_numpy(np.ascontiguousarray(dataset.images[start:stop])).permute(0, 3, 1, 2)
-    return [dataset[i][0] for i in range(start, stop)]  # the split's eval transform, float in [0, 1]
+        picked = dataset.images[positions] if source.indices else dataset.images[start:stop]
+        return torch.from_numpy(np.ascontiguousarray(picked)).permute(0, 3, 1, 2)
+    return [dataset[i][0] for i in positions]  # the split's eval transform, float in [0, 1]
 
 
 # ----------------------------------------------------------------------------------------- Ray fan-out
@@ -284,54 +325,90 @@ class Shard:
 
 def shard_stats(shard: Shard, *, model: FIDInception, dims: int, batch_size: int,
                 preprocessing: str = "robint") -> FeatureStats:
-    """Statistics of one shard's images (runs inside a Ray task, or in-process)."""
+    """Statistics of one shard's images, on the model's device (in a Ray task: the task's device)."""
+    from .distributed import report_progress
+
     images = read_images(shard.image_source, shard.start, shard.stop)
-    return FeatureStats.of(inception_features(model, images, dims=dims, batch_size=batch_size,
-                                              preprocessing=preprocessing))
+    parts = []
+    for i in range(0, len(images), batch_size):  # batch by batch, so that the driver's progress bar moves
+        parts.append(inception_features(model, images[i:i + batch_size], dims=dims, batch_size=batch_size,
+                                        preprocessing=preprocessing))
+        report_progress(len(parts[-1]))
+    features = torch.cat(parts)  # (n, dims); each image's features do not depend on its batch
+    return FeatureStats.of(features.to(next(model.parameters()).device))  # the n d^2 sums there too
 
 
 def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[Shard]:
+    """Consecutive pieces of shard_size images of each source; a folder's piece carries only its own
+    file names, a selection of a split only its own indices (a million names are not shipped to every
+    task)."""
     check(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
-    return [Shard(i, s, start, min(start + shard_size, s.count))
-            for i, s in enumerate(sources) for start in range(0, s.count, shard_size)]
+    shards = []
+    for i, s in enumerate(sources):
+        for start in range(0, s.count, shard_size):
+            stop = min(start + shard_size, s.count)
+            if s.kind == "folder":
+                shards.append(Shard(i, replace(s, files=s.files[start:stop], count=stop - start), 0, stop - start))
+            elif s.indices:
+                shards.append(Shard(i, replace(s, indices=s.indices[start:stop], count=stop - start), 0, stop - start))
+            else:
+                shards.append(Shard(i, s, start, stop))
+    return shards
+
+
+MAX_SHARD = 2048  # images per FID task at most: a lost task costs little, and progress moves
 
 
 def default_shard_size(sources: Sequence[ImageSource], workers: int, batch_size: int) -> int:
-    """A few shards per worker (so that workers finish together), each a whole number of batches;
-    the driver holds every shard's statistics at once (8 d^2 bytes each), so not too many."""
+    """A few shards per worker (so that workers finish together), each a whole number of batches, and
+    at most about MAX_SHARD images, whatever the number of images (the driver adds the statistics up as
+    they come, so more shards cost no driver memory)."""
     total = sum(s.count for s in sources)
     shards = 3 * max(workers, 1) * len(sources)
-    return max(batch_size, math.ceil(total / shards / batch_size) * batch_size)
+    cap = max(batch_size, MAX_SHARD // batch_size * batch_size)
+    return min(cap, max(batch_size, math.ceil(total / shards / batch_size) * batch_size))
 
 
 def source_stats(sources: Sequence[ImageSource], model: FIDInception, *, dims: int = 2048, workers: int = 2,
                  batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
-                 preprocessing: str = "robint") -> list[FeatureStats]:
-    """The statistics of each source. workers >= 1: shards are Ray tasks of one CPU (one torch thread)
-    each, on the running cluster (init_ray() first to size it); workers = 0: in this process.
+                 preprocessing: str = "robint", num_gpus: float | None = None,
+                 num_cpus: float | None = None) -> list[FeatureStats]:
+    """The statistics of each source. workers >= 1: shards are Ray tasks (at most `workers` in flight,
+    num_gpus / num_cpus each; None: the enclosing `distributed.task_resources`, else one CPU) on the
+    running cluster, each on its own device, their statistics added up in the driver as they finish
+    (one (d, d) sum per source held, whatever the number of images); workers = 0: in this process.
     preprocessing: "robint" or "author" (`inception.preprocess`)."""
-    from .distributed import fan_out
+    from .distributed import fan_out_iter
 
     check(all(s.count > 0 for s in sources), "an image source is empty")
     check(preprocessing in PREPROCESSING, f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
     shards = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
     options = {"dims": dims, "batch_size": batch_size, "preprocessing": preprocessing}
+    totals: list[FeatureStats | None] = [None] * len(sources)
+
+    def add(shard: Shard, stats: FeatureStats) -> None:
+        totals[shard.source] = stats if totals[shard.source] is None else totals[shard.source].merge(stats)
+
     if workers == 0:
-        results = [shard_stats(s, model=model, **options) for s in shards]
+        for s in shards:
+            add(s, shard_stats(s, model=model, **options))
     else:
-        results = fan_out(shard_stats, shards, shared={"model": model.cpu(), **options},
-                          num_cpus=1, sizes=[s.stop - s.start for s in shards], desc=f"Inception-{dims} features",
-                          progress=progress)
-    return [merge_tree([r for r, s in zip(results, shards) if s.source == i]) for i in range(len(sources))]
+        shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
+        for i, stats in fan_out_iter(shard_stats, shards, shared={"model": shipped, **options},
+                                     num_cpus=num_cpus, num_gpus=num_gpus, sizes=[s.stop - s.start for s in shards],
+                                     desc=f"Inception-{dims} features", progress=progress, max_in_flight=workers):
+            add(shards[i], stats)
+    return totals
 
 
 def fid(source_a: ImageSource, source_b: ImageSource, model: FIDInception, *, dims: int = 2048, workers: int = 2,
         batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
-        preprocessing: str = "robint") -> dict:
+        preprocessing: str = "robint", num_gpus: float | None = None, num_cpus: float | None = None) -> dict:
     """The FID between two image sources, with what is needed to read the figure: n_a, n_b, dims,
     the preprocessing (its name, and in `resize` what it does), the weights' source and hash."""
     stats_a, stats_b = source_stats([source_a, source_b], model, dims=dims, workers=workers, batch_size=batch_size,
-                                    shard_size=shard_size, progress=progress, preprocessing=preprocessing)
+                                    shard_size=shard_size, progress=progress, preprocessing=preprocessing,
+                                    num_gpus=num_gpus, num_cpus=num_cpus)
     return {
         "fid": fid_from_stats(stats_a, stats_b), "n_a": stats_a.n, "n_b": stats_b.n, "dims": dims,
         "preprocessing": preprocessing, "resize": PREPROCESSING[preprocessing],

@@ -6,14 +6,18 @@ j // per_class) and cut into shards of `shard_size`; each shard is a Ray task th
 - draws its seeds from a torch.Generator seeded from (seed, shard index) only, so a shard's images do
   not depend on which worker runs it, how many workers there are, or which shards ran before;
 - runs the class-logit PGD (`visualize.generate_classes`) on them;
-- writes `shards/shard-NNNNN.npz` atomically (a temporary file, then os.replace) with byte-identical
-  contents for the same inputs (a zip with fixed timestamps), so a rerun skips the shards already done
-  and an interrupted run resumes where it stopped.
-A worker that dies takes its task with it; Ray runs the task again (`fan_out`'s max_retries). When all
-shards are there they are merged into `generated.npz`: `images` (N, H, W, C) uint8, `labels` (N,)
-int64, `seeds` (N, H, W, C) uint8 (the start of each image), `classes` (names): the format the FID
-code reads. The shards are written by the workers, so on a multi-node cluster the output folder must
-be on storage every node sees.
+- runs on the task's device (a GPU where the task asked for one: `distributed.task_resources`);
+- writes `shards/shard-NNNNN.npz` atomically (storage.Location: a local or shared folder, or an object
+  store such as s3://) with byte-identical contents for the same inputs (a zip with fixed timestamps),
+  so a rerun skips the shards already done and an interrupted run resumes where it stopped;
+- given `fid` (generation and FID as one streamed step), measures its own images with the FID
+  Inception in the same task and returns only their statistics (n, sum x, sum x x^T), which the driver
+  adds up as they arrive: its memory stays O(d^2) whatever the number of images.
+A worker that dies takes its task with it; Ray runs that task again, alone (`fan_out`'s max_retries).
+Optionally (`merge`) the shards are merged into `generated.npz`: `images` (N, H, W, C) uint8, `labels`
+(N,) int64, `seeds` (N, H, W, C) uint8 (the start of each image), `classes` (names): the format the
+FID code reads; the figures need only `sample_images`. The shards are written by the workers, so on a
+multi-node cluster the output folder must be on storage every node sees.
 
 `inversions(...)` and `feature_visualisations(...)` run the other two methods on a handful of images
 (in process, or fanned out over Ray); `save_*_figure` draw the paper's figures.
@@ -25,9 +29,8 @@ import copy
 import io
 import json
 import logging
-import os
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from .errors import InputError, check
+from .storage import Location
 from .models import Classifier
 from .visualize import (ClassSeeds, PGDSettings, FEATURE_VIS, INVERSION, extreme_activations, feature_activations,
                         fit_class_seeds, generate_classes, generation_settings, invert, mean_activation,
@@ -49,19 +53,30 @@ SHARD_DIR, PLAN, OUTPUT = "shards", "plan.json", "generated.npz"
 # --- files ---------------------------------------------------------------------------------------
 
 
-def write_npz(path: str | Path, **arrays: np.ndarray) -> Path:
-    """Write an uncompressed .npz atomically (tmp file + os.replace) whose bytes depend only on the
-    arrays (np.savez stamps the current time into the zip). np.load reads it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    """An uncompressed .npz whose bytes depend only on the arrays (np.savez stamps the current time
+    into the zip). np.load reads it."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as archive:
         for name, array in arrays.items():
             buffer = io.BytesIO()
             np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
             archive.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0)), buffer.getvalue())
-    os.replace(tmp, path)
-    return path
+    return out.getvalue()
+
+
+def write_npz(path: str | Path | Location, **arrays: np.ndarray) -> Path | Location:
+    """Write `npz_bytes(**arrays)` atomically to a local path (returned as a Path) or a storage
+    Location (a URI such as s3://..., returned as it is)."""
+    target = Location(path)
+    target.write_bytes(npz_bytes(**arrays))
+    return target if isinstance(path, Location) else Path(target.uri) if target.is_local else target
+
+
+def read_npz(path: str | Path | Location) -> dict[str, np.ndarray]:
+    """Every array of an .npz at a local path or a storage Location."""
+    with np.load(io.BytesIO(Location(path).read_bytes()), allow_pickle=False) as f:
+        return {name: f[name] for name in f.files}
 
 
 def to_uint8(x: torch.Tensor, *, rounding: str = "round") -> np.ndarray:
@@ -127,7 +142,6 @@ class GenerationConfig:
     shard_size: int = 100
     batch_size: int = 100
     settings: PGDSettings = field(default_factory=lambda: generation_settings(32))
-    device: str = "cpu"
     rounding: str = "round"
 
     def __post_init__(self):
@@ -142,10 +156,10 @@ class GenerationConfig:
         return self.per_class * len(self.classes)
 
     def plan(self) -> dict[str, Any]:
-        """Everything that fixes the shards' contents (not the device: shards made on any device
-        may be mixed, at the cost of last-digit differences)."""
+        """Everything that fixes the shards' contents (the device is not part of it: each task runs on
+        its own, and shards made on different devices may be mixed, at the cost of last-digit
+        differences)."""
         d = asdict(self)
-        d.pop("device")
         d["classes"] = list(self.classes)
         return d
 
@@ -182,82 +196,167 @@ def shard_generator(seed: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(state)
 
 
-def generate_shard(shard: Shard, *, model: Classifier, seeds: ClassSeeds, config: GenerationConfig,
-                   out_dir: str) -> str:
-    """Make one shard's images and write them to out_dir/shards/<shard.name>; returns the path. A
-    shard whose file exists already is left alone."""
-    path = Path(out_dir) / SHARD_DIR / shard.name
-    if path.exists():
-        return str(path)
-    device = torch.device(config.device)
-    model = model.to(device)
+@dataclass(frozen=True)
+class FIDFeatures:
+    """How a generation shard measures its own images for FID, in the same task: the FID Inception
+    (`inception.load_fid_inception`, or any module with the same `features(x, dims)`), the feature
+    size, the images per Inception batch, and the preprocessing (`inception.PREPROCESSING`)."""
+
+    model: Any
+    dims: int = 2048
+    batch_size: int = 32
+    preprocessing: str = "robint"
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, dims) float32 features of uint8 (n, C, H, W) images, on the model's device."""
+        from .inception import inception_features
+
+        return inception_features(self.model, images, dims=self.dims, batch_size=self.batch_size,
+                                  preprocessing=self.preprocessing)
+
+
+def make_shard_images(shard: Shard, *, model: Classifier, seeds: ClassSeeds,
+                      config: GenerationConfig) -> dict[str, np.ndarray]:
+    """One shard's images, labels and seeds (uint8 (n, H, W, C), int64 (n,), uint8 (n, H, W, C)),
+    optimised on the model's device, `config.batch_size` at a time; inside a fan_out task each batch
+    is reported to the driver's progress bar."""
+    from .distributed import report_progress
+
+    device = next(model.parameters()).device
     classes = shard_classes(config, shard)
     starts = sample_class_seeds(seeds, classes, generator=shard_generator(config.seed, shard.index))  # (n, C, H, W)
     out = []
     for i in range(0, shard.size, config.batch_size):
         batch = starts[i:i + config.batch_size].to(device)
         out.append(generate_classes(model, batch, classes[i:i + config.batch_size], settings=config.settings).cpu())
-    write_npz(path, images=to_uint8(torch.cat(out), rounding=config.rounding), labels=classes.numpy().astype(np.int64),
-              seeds=to_uint8(starts))
-    return str(path)
+        report_progress(len(batch))
+    return {"images": to_uint8(torch.cat(out), rounding=config.rounding), "labels": classes.numpy().astype(np.int64),
+            "seeds": to_uint8(starts)}
 
 
-def _check_plan(out_dir: Path, config: GenerationConfig) -> None:
-    plan = config.plan()
-    plan_path = out_dir / PLAN
-    if plan_path.exists():
-        old = json.loads(plan_path.read_text())
+def generate_shard(shard: Shard, *, model: Classifier, seeds: ClassSeeds, config: GenerationConfig,
+                   out_dir: str | Location, fid: FIDFeatures | None = None) -> Any:
+    """Make one shard's images and write them to out_dir/shards/<shard.name> (a shard whose file
+    exists already is left alone); returns where the file is. With `fid`, returns instead the
+    Inception statistics (`fid.FeatureStats`, 8 d^2 bytes) of the shard's images, measured in this task
+    (from the stored file where the images were made before): nothing else is written, and the
+    caller adds the statistics up as they arrive."""
+    at = Location(out_dir) / SHARD_DIR / shard.name
+    if at.exists():
+        if fid is None:
+            return str(at)
+        images = read_npz(at)["images"]
+    else:
+        arrays = make_shard_images(shard, model=model, seeds=seeds, config=config)
+        write_npz(at, **arrays)
+        if fid is None:
+            return str(at)
+        images = arrays["images"]
+    return shard_fid_stats(images, fid, device=next(model.parameters()).device)
+
+
+def shard_fid_stats(images: np.ndarray, fid: FIDFeatures, *, device: str | torch.device = "cpu"):
+    """Inception statistics (`fid.FeatureStats`) of uint8 (n, H, W, C) images, computed on `device`."""
+    from .fid import FeatureStats
+
+    fid.model.to(device)
+    batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, C, H, W) uint8
+    return FeatureStats.of(fid.features(batch).to(device))  # the n d^2 sums on the task's device too
+
+
+def _check_plan(at: Location, plan: dict[str, Any]) -> None:
+    """Write `plan` to `at`, or refuse where `at` holds another one (the folder belongs to another run)."""
+    if at.exists():
+        old = at.read_json()
         if old != plan:
             changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise InputError(f"{out_dir} holds shards of another run (differs in {', '.join(changed)}); "
+            raise InputError(f"{at.parent} holds shards of another run (differs in {', '.join(changed)}); "
                              "use a new --out folder or delete that one")
     else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = plan_path.with_name(plan_path.name + ".tmp")
-        tmp.write_text(json.dumps(plan, indent=2))
-        os.replace(tmp, plan_path)
+        at.write_text(json.dumps(plan, indent=2))
 
 
-def missing_shards(out_dir: str | Path, config: GenerationConfig) -> list[Shard]:
-    return [s for s in plan_shards(config) if not (Path(out_dir) / SHARD_DIR / s.name).exists()]
+def missing_shards(out_dir: str | Path | Location, config: GenerationConfig) -> list[Shard]:
+    """The shards whose file is not stored yet (one listing of the shard folder, not a query per shard)."""
+    stored = set((Location(out_dir) / SHARD_DIR).list())
+    return [s for s in plan_shards(config) if s.name not in stored]
 
 
-def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, out_dir: str | Path,
+def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, out_dir: str | Path | Location,
              workers: int | None = None, class_names: Sequence[str] | None = None, progress: bool = True,
-             shard_fn: Callable[..., str] = generate_shard) -> dict[str, Any]:
-    """Generate config.total images over Ray (one thread per task, at most `workers` tasks at a time;
-    default: as many as the cluster's CPUs allow), skipping shards already in out_dir, then merge them
-    into out_dir/generated.npz. shard_fn: the per-shard function (generate_shard; tests wrap it to
-    kill their worker). Returns {"path", "images", "shards", "computed"}."""
-    from .distributed import fan_out
+             shard_fn: Callable[..., Any] = generate_shard, fid: FIDFeatures | None = None, merge: bool = True,
+             num_gpus: float | None = None, num_cpus: float | None = None) -> dict[str, Any]:
+    """Generate config.total images over Ray into out_dir/shards/ (a local folder, or a storage URI
+    every node sees), skipping shards already there; at most `workers` tasks in flight (default:
+    `fan_out`'s window), num_gpus / num_cpus each (None: the enclosing `distributed.task_resources`,
+    else 1 CPU, no GPU); each task runs on its own device.
 
-    out_dir = Path(out_dir)
-    _check_plan(out_dir, config)
+    fid: generation and FID as one streamed step. Every shard, stored or not, is a task that also
+    returns its images' Inception statistics; the driver adds them up as they arrive, so it holds one
+    (d, d) sum whatever the number of images, returned as "stats" (`fid.FeatureStats`). merge: also
+    write out_dir/generated.npz (every image in one file, read back through the driver; leave it off
+    for large runs: `sample_images` reads the few images a figure shows). shard_fn: the per-shard
+    function (generate_shard; tests wrap it to kill their worker). Returns {"path" (None without
+    merge), "images", "shards", "computed", "stats" (None without fid)}."""
+    from .distributed import fan_out_iter
+
+    out_dir = Location(out_dir)
+    _check_plan(out_dir / PLAN, config.plan())
     check(seeds.num_classes > max(config.classes), "the seed distributions do not cover every class asked for")
-    todo = missing_shards(out_dir, config)
-    log.info("%d of %d shards to compute (%d images)", len(todo), len(plan_shards(config)), sum(s.size for s in todo))
+    shards = plan_shards(config)
+    missing = missing_shards(out_dir, config)
+    todo = shards if fid is not None else missing  # with fid, stored shards are measured (not remade)
+    log.info("%d of %d shards to compute (%d images)%s", len(missing), len(shards), sum(s.size for s in missing),
+             "; every shard measured for FID" if fid is not None else "")
+    total = None
     if todo:
-        gpu = torch.device(config.device).type == "cuda"
-        # Shipped from the CPU (the caller's model stays where it is); each task moves it to config.device.
+        # Shipped from the CPU (the caller's model stays where it is); each task moves it to its own device.
         shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        fan_out(shard_fn, todo, shared=dict(model=shipped, seeds=seeds, config=config, out_dir=str(out_dir)),
-                num_cpus=1, num_gpus=(1 / workers if workers else 1) if gpu else 0, sizes=[s.size for s in todo],
-                desc="generate", unit="img", progress=progress, max_in_flight=workers)
-    images, labels, starts = merge_shards(out_dir, config)
-    names = np.array(list(class_names) if class_names is not None else [str(c) for c in range(seeds.num_classes)])
-    path = write_npz(out_dir / OUTPUT, images=images, labels=labels, seeds=starts, classes=names)
-    return {"path": str(path), "images": len(images), "shards": len(plan_shards(config)), "computed": len(todo)}
+        shared = dict(model=shipped, seeds=seeds, config=config, out_dir=out_dir)
+        if fid is not None:
+            on_cpu = next(fid.model.parameters()).device.type == "cpu"
+            shared["fid"] = fid if on_cpu else replace(fid, model=copy.deepcopy(fid.model).cpu())
+        for _, result in fan_out_iter(shard_fn, todo, shared=shared, num_cpus=num_cpus, num_gpus=num_gpus,
+                                      sizes=[s.size for s in todo], desc="generate" + (" + FID" if fid else ""),
+                                      unit="img", progress=progress, max_in_flight=workers):
+            if fid is not None:
+                total = result if total is None else total.merge(result)
+            del result  # one shard's statistics at a time besides the sum
+    path = None
+    if merge:
+        images, labels, starts = merge_shards(out_dir, config)
+        names = np.array(list(class_names) if class_names is not None else [str(c) for c in range(seeds.num_classes)])
+        path = str(write_npz(out_dir / OUTPUT, images=images, labels=labels, seeds=starts, classes=names))
+    return {"path": path, "images": config.total, "shards": len(shards), "computed": len(missing), "stats": total}
 
 
-def merge_shards(out_dir: str | Path, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def merge_shards(out_dir: str | Path | Location, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every shard's images, labels and seeds, concatenated in image order."""
     parts = []
     for shard in plan_shards(config):
-        path = Path(out_dir) / SHARD_DIR / shard.name
-        check(path.exists(), f"shard {path} is missing")
-        with np.load(path, allow_pickle=False) as f:
-            parts.append((f["images"], f["labels"], f["seeds"]))
+        at = Location(out_dir) / SHARD_DIR / shard.name
+        check(at.exists(), f"shard {at} is missing")
+        f = read_npz(at)
+        parts.append((f["images"], f["labels"], f["seeds"]))
     images, labels, starts = (np.concatenate(p) for p in zip(*parts))
+    return images, labels, starts
+
+
+def sample_images(out_dir: str | Path | Location, config: GenerationConfig, *,
+                  per_class: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first `per_class` images of every class (images, labels, seeds, as merge_shards), read from
+    the few shards that hold them, one at a time: what the figures show, without merging every shard."""
+    shards = plan_shards(config)
+    wanted = [j for k in range(len(config.classes))
+              for j in range(k * config.per_class, k * config.per_class + min(per_class, config.per_class))]
+    parts, loaded = [], {}
+    for j in wanted:
+        shard = shards[j // config.shard_size]
+        if shard.index not in loaded:
+            loaded = {shard.index: read_npz(Location(out_dir) / SHARD_DIR / shard.name)}
+        f = loaded[shard.index]
+        parts.append(tuple(f[key][j - shard.start] for key in ("images", "labels", "seeds")))
+    images, labels, starts = (np.stack(p) for p in zip(*parts))
     return images, labels, starts
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .distributed import nodes_used
+from .distributed import default_gpus_per_task, devices_used, nodes_used, task_resources
 from .errors import check
 from .storage import Location
 
@@ -160,6 +160,13 @@ class FeatureStage:
     steps: int = 400
 
 
+# How many Ray tasks of each stage share one GPU by default (gpus_per_task None, a cluster with GPUs):
+# evaluation, attributions and generation + FID run batches of 100 or more images (IG: 50 steps x 10
+# baselines per image) and keep a GPU busy alone; inversion and feature visualisation run one image per
+# task through 400-10,000 sequential steps, too small to fill a GPU, so four share one.
+TASKS_PER_GPU = {"evaluation": 1, "attributions": 1, "generation": 1, "inversion": 4, "features": 4}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     name: str = "CIFAR-10"
@@ -167,6 +174,11 @@ class StudyConfig:
     data: str = "sample"
     workers: int = 2  # Ray workers for training; tasks at a time for the fan-outs
     gpus_per_worker: float = 0
+    # GPUs / CPUs per Ray task of the evaluation, attribution, generation + FID, inversion and feature
+    # stages (fractions allowed); gpus_per_task None: on a cluster with GPUs, TASKS_PER_GPU's share of
+    # one per stage, else 0.
+    gpus_per_task: float | None = None
+    cpus_per_task: float = 1
     seed: int = 0
     standard: ModelSource = field(default_factory=ModelSource)
     robust: ModelSource = field(default_factory=ModelSource)
@@ -179,6 +191,8 @@ class StudyConfig:
     def __post_init__(self):
         check(self.paper in PAPER, f"paper must be one of {', '.join(PAPER)}, got {self.paper!r}")
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        check(self.gpus_per_task is None or self.gpus_per_task >= 0, f"gpus_per_task must be >= 0, got {self.gpus_per_task}")
+        check(self.cpus_per_task > 0, f"cpus_per_task must be > 0, got {self.cpus_per_task}")
         for name in ("standard", "robust"):
             source = getattr(self, name)
             check((source.train is None) != (source.checkpoint is None),
@@ -223,18 +237,33 @@ class Study:
             result = done.read_json()
             self.timings[name] = result.get("_seconds", 0.0)
             return result
-        log.info("stage %s: starting", name)
+        # Training has its own resources (gpus_per_worker); every other stage's Ray tasks ask for
+        # gpus_per_task (default: 1 on a cluster with GPUs, by Ray's resource table) and cpus_per_task.
+        gpus = 0.0 if name == "train" else self.gpus_per_task(name)
+        log.info("stage %s: starting (Ray tasks: %s GPU and %s CPU each)", name, gpus, self.config.cpus_per_task)
         start = time.perf_counter()
-        if local:
-            with target.local_dir() as folder:
-                result = _relocated(fn(folder), str(folder), target.uri)
-        else:
-            result = fn(target)
+        with task_resources(gpus_per_task=gpus, cpus_per_task=self.config.cpus_per_task):
+            if local:
+                with target.local_dir() as folder:
+                    result = _relocated(fn(folder), str(folder), target.uri)
+            else:
+                result = fn(target)
         result["_seconds"] = self.timings[name] = round(time.perf_counter() - start, 2)
         result["_nodes"] = nodes_used()  # Ray nodes that ran this process's fan-out tasks so far
+        result["_devices"] = devices_used()
+        result["_gpus_per_task"] = gpus
+        log.info("stage %s: Ray tasks so far ran on node(s) %s, device(s) %s", name,
+                 ", ".join(n[:8] for n in result["_nodes"]) or "-", ", ".join(result["_devices"]) or "-")
         done.write_text(json.dumps(result, indent=2, default=_jsonable))
         log.info("stage %s: finished in %.1f s", name, result["_seconds"])
         return result
+
+    def gpus_per_task(self, stage: str) -> float:
+        """GPUs per Ray task of a stage after training: the config's, else on a cluster with GPUs
+        1 / TASKS_PER_GPU[stage] (by Ray's resource table: the driver's own CUDA is never asked)."""
+        if self.config.gpus_per_task is not None:
+            return self.config.gpus_per_task
+        return default_gpus_per_task(None) / TASKS_PER_GPU.get(stage, 1)
 
     # the models
 
@@ -290,12 +319,14 @@ class Study:
         out = {}
         for name in ("standard", "robust"):
             model = self.model(name)
-            result = {"pgd": evaluate(model, take(self.test_split(), c.n), attack=pgd, batch_size=c.batch_size)}
+            result = {"pgd": evaluate(model, take(self.test_split(), c.n), attack=pgd, batch_size=c.batch_size,
+                                      workers=self.config.workers, progress=True)}
             if c.autoattack_n:
                 aa = AttackConfig(kind="autoattack", norm=c.norm, eps=c.eps, seed=self.config.seed,
                                   autoattack_version=c.autoattack_version, autoattack_attacks=c.autoattack_attacks)
                 result["autoattack"] = evaluate(model, take(self.test_split(), c.autoattack_n), attack=aa,
-                                                batch_size=c.batch_size)
+                                                batch_size=c.batch_size, workers=self.config.workers, shard_batches=1,
+                                                progress=True)
             out[name] = result
         return out
 
@@ -312,6 +343,7 @@ class Study:
         out = {}
         for method in ("ig", "shap"):
             config = ExplainConfig(method=method, workers=self.config.workers, target=c.target,
+                                   num_cpus=self.config.cpus_per_task, num_gpus=self.gpus_per_task("attributions"),
                                    ig=IGConfig(steps=c.ig_steps, num_baselines=c.ig_baselines, seed=self.config.seed),
                                    shap=ShapConfig(nsamples=c.shap_nsamples, background=c.shap_background,
                                                    seed=self.config.seed))
@@ -336,15 +368,24 @@ class Study:
     # Tables 2/5, Figs. 3/7, 14/19
 
     def generation(self, folder: Path) -> dict[str, Any]:
+        """Per model, class generation and FID as one streamed step: each shard's task writes its
+        images to OUT/generation/<model>/shards/ (straight to OUT, which every node sees) and returns
+        only their Inception statistics, added up in the driver as they arrive; the figures show the
+        first images of each class. The real sets' statistics come from their own fan-out."""
         from .fid import fid_from_stats, open_source, source_stats
-        from .generate import GenerationConfig, fit_seeds, generate, save_generation_figures
+        from .generate import FIDFeatures, GenerationConfig, fit_seeds, generate, sample_images, \
+            save_generation_figures
         from .inception import PREPROCESSING, ROUNDING, load_fid_inception
         from .visualize import PGDSettings, generation_settings
 
         c = self.config.generation
         test = self.test_split()
         out: dict[str, Any] = {}
-        sources = {"test": open_source(self.config.data, "test"), "train": self.real_images(folder)}
+        inception = load_fid_inception()
+        real = {"test": open_source(self.config.data, "test"), "train": self.real_images(folder)}
+        stats = dict(zip(real, source_stats(list(real.values()), inception, dims=c.fid_dims,
+                                            workers=self.config.workers, preprocessing=c.fid_preprocess)))
+        features = FIDFeatures(inception, dims=c.fid_dims, preprocessing=c.fid_preprocess)
         for name in ("standard", "robust"):
             model = self.model(name)
             default = generation_settings(model.input_size)
@@ -355,18 +396,16 @@ class Study:
                                       batch_size=min(c.shard_size, 100), settings=settings,
                                       rounding=ROUNDING[c.fid_preprocess])
             seeds = fit_seeds(test, num_classes=model.num_classes, pool=c.seed_pool)
-            made = generate(model, seeds, config=config, out_dir=folder / name, workers=self.config.workers,
-                            class_names=test.classes)
-            with np.load(made["path"], allow_pickle=False) as f:
-                figures = save_generation_figures(folder / name, f["images"], f["labels"], f["seeds"], test.classes,
-                                                  title=f"{name} model: class-specific generation")
-            sources[name] = open_source(made["path"])
-            out[name] = {"images": made["images"], "settings": asdict(settings), "seed_pool": seeds.pool,
-                         "seed_dims": int(seeds.mean.shape[1]), "figures": [str(p) for p in figures]}
-        inception = load_fid_inception()
-        names = list(sources)
-        stats = dict(zip(names, source_stats([sources[n] for n in names], inception, dims=c.fid_dims,
-                                             workers=self.config.workers, preprocessing=c.fid_preprocess)))
+            shards_at = self.out / "generation" / name
+            made = generate(model, seeds, config=config, out_dir=shards_at, workers=self.config.workers,
+                            class_names=test.classes, fid=features, merge=False)
+            stats[name] = made["stats"]
+            images, labels, starts = sample_images(shards_at, config, per_class=8)
+            figures = save_generation_figures(folder / name, images, labels, starts, test.classes,
+                                              title=f"{name} model: class-specific generation")
+            out[name] = {"images": made["images"], "shards": str(shards_at / "shards"), "settings": asdict(settings),
+                         "seed_pool": seeds.pool, "seed_dims": int(seeds.mean.shape[1]),
+                         "figures": [str(p) for p in figures]}
         out["fid"] = {
             "real (train vs test)": fid_from_stats(stats["train"], stats["test"]),
             **{name: fid_from_stats(stats[name], stats["test"]) for name in ("standard", "robust")},
@@ -378,21 +417,20 @@ class Study:
         return out
 
     def real_images(self, folder: Path):
-        """The real-data FID's training images: generation.real_per_class of each class (seeded), written
-        to folder/real_train.npz as uint8 (fewer where a class has fewer), or the whole training split."""
+        """The real-data FID's training images: generation.real_per_class of each class (seeded; fewer
+        where a class has fewer), or the whole training split. A selection of the split by position,
+        not a file: each FID task reads its own images from the dataset, which every node has (a file
+        in this stage's folder would be on the driver's disk alone until the stage ends)."""
         from .data import load_split
         from .fid import open_source
-        from .generate import per_class_sample, to_uint8, write_npz
+        from .generate import per_class_sample
 
         c = self.config.generation
+        train = open_source(self.config.data, "train")
         if c.real_per_class is None:
-            return open_source(self.config.data, "train")
-        train = load_split(self.config.data, "train")
-        subset = train.subset(per_class_sample(train.labels, c.real_per_class, seed=self.config.seed),
-                              train.transform)
-        loader = torch.utils.data.DataLoader(subset, batch_size=256, shuffle=False)
-        images = np.concatenate([to_uint8(x) for x, _ in loader])
-        return open_source(write_npz(folder / "real_train.npz", images=images, labels=subset.labels))
+            return train
+        labels = load_split(self.config.data, "train").labels
+        return train.select(per_class_sample(labels, c.real_per_class, seed=self.config.seed))
 
     # Tables 3/6, Figs. 4/8, 11/18
 

@@ -49,6 +49,20 @@ def test_eval_is_independent_of_batch_size(resnet20_path, tmp_path, capsys):
     assert figures[0] == figures[1]
 
 
+@pytest.mark.ray
+def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet20_path, tmp_path, capsys):
+    """--workers 2: Ray tasks of whole batches, on their own device (--gpus-per-task 0 here)."""
+    figures = []
+    for extra in ([], ["--workers", "2", "--gpus-per-task", "0", "--cpus-per-task", "1"]):
+        path = tmp_path / f"{len(extra)}.json"
+        code, _, _ = run_cli(eval_args(resnet20_path, "sample", "--n", "24", "--eps", "0.1", "--step-size", "0.02",
+                                       "--steps", "3", "--batch-size", "8", "--json", str(path), *extra), capsys)
+        assert code == 0
+        result = json.loads(path.read_text())
+        figures.append((result["n"], result["clean_correct"], result["adversarial_correct"]))
+    assert figures[0] == figures[1]
+
+
 def test_eval_our_checkpoint(tmp_path, capsys):
     save_checkpoint(tmp_path / "ck", build_model("cifar_resnet8"))
     code, out, _ = run_cli(["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "sample", "--n", "8",

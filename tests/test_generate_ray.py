@@ -51,7 +51,7 @@ def reference(ray_local, tiny, seeds, tmp_path_factory):
 
 def test_generation_writes_every_shard_and_the_merged_file(reference, tiny):
     out, summary = reference
-    assert summary == {"path": str(out / "generated.npz"), "images": 30, "shards": 4, "computed": 4}
+    assert summary == {"path": str(out / "generated.npz"), "images": 30, "shards": 4, "computed": 4, "stats": None}
     assert sorted(_shard_bytes(out)) == [s.name for s in plan_shards(CONFIG)]
     with np.load(out / "generated.npz", allow_pickle=False) as f:
         images, labels, starts = f["images"], f["labels"], f["seeds"]
@@ -158,3 +158,63 @@ def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path):
     assert (fv / "featvis.png").exists()
 
     assert main(["featvis", "--checkpoint", str(ckpt), "--data", "sample", "--features", "99", "--out", str(fv)]) == 2
+
+
+@pytest.fixture(scope="module")
+def stand_in():
+    """A cheap stand-in for the FID Inception (its `features(x, dims)`: a fixed projection of the
+    preprocessed image), defined in a function so that Ray ships it by value."""
+    from torch import nn
+
+    class StandIn(nn.Module):
+        weights_info = {"sha256": "stand-in", "source": "test"}
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.project = nn.Linear(3 * 4 * 4, 16)
+
+        @torch.no_grad()
+        def features(self, x, dims=16):
+            return self.project(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))[:, :dims]
+
+    return StandIn().eval()
+
+
+def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(reference, tiny, seeds, stand_in,
+                                                                                tmp_path):
+    """The fused step (each shard measures its own images; the driver adds the statistics up as they
+    come) gives the FID of generating, merging into generated.npz and running the FID fan-out on it,
+    and the same images; a rerun measures the stored shards without remaking them."""
+    from robint_ray.fid import FeatureStats, fid_from_stats, open_source, read_images, source_stats
+    from robint_ray.generate import FIDFeatures
+    from robint_ray.inception import inception_features
+
+    out2, summary = reference
+    separate = source_stats([open_source(summary["path"])], stand_in, dims=16, workers=2, batch_size=8,
+                            progress=False)[0]
+    real = open_source("sample", "test")
+    real_stats = FeatureStats.of(inception_features(stand_in, read_images(real, 0, 200), dims=16))
+    fused = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False, merge=False,
+                     fid=FIDFeatures(stand_in, dims=16, batch_size=8))
+    assert fused["path"] is None and not (tmp_path / "generated.npz").exists()
+    assert _shard_bytes(tmp_path) == _shard_bytes(out2)  # the same images
+    assert fused["stats"].n == separate.n == 30
+    expected = fid_from_stats(separate, real_stats)
+    assert fid_from_stats(fused["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
+    (tmp_path / "shards" / "shard-00001.npz").unlink()
+    again = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False, merge=False,
+                     fid=FIDFeatures(stand_in, dims=16, batch_size=8))
+    assert again["computed"] == 1 and _shard_bytes(tmp_path) == _shard_bytes(out2)
+    assert fid_from_stats(again["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
+
+
+def test_figures_sample_a_few_images_of_each_class_without_the_merged_file(reference):
+    from robint_ray.generate import sample_images
+
+    out2, _ = reference
+    images, labels, starts = sample_images(out2, CONFIG, per_class=2)
+    with np.load(out2 / "generated.npz", allow_pickle=False) as f:
+        keep = np.array([j for c in range(10) for j in (3 * c, 3 * c + 1)])
+        assert np.array_equal(images, f["images"][keep]) and np.array_equal(starts, f["seeds"][keep])
+        assert labels.tolist() == f["labels"][keep].tolist()

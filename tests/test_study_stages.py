@@ -113,15 +113,22 @@ def test_real_data_fid_takes_a_per_class_sample(tmp_path):
     picks = per_class_sample(labels, 4, seed=0)
     assert np.bincount(labels[picks]).tolist() == [4, 3, 4]  # class 1 has only 3: all of them
     assert len(set(picks.tolist())) == len(picks) and not np.array_equal(picks, per_class_sample(labels, 4, seed=1))
+    from robint_ray.fid import make_shards, read_images
+
     s = study(tmp_path, generation=GenerationStage(real_per_class=20))
     source = s.real_images(tmp_path)
     train = load_split("sample", "train")
-    with np.load(source.path) as f:
-        counts = np.bincount(f["labels"], minlength=10)
-        assert source.count == len(f["images"]) == counts.sum()
-        assert counts.tolist() == np.minimum(np.bincount(train.labels, minlength=10), 20).tolist()
-        first = per_class_sample(train.labels, 20, seed=0)[0]
-        assert np.array_equal(f["images"][0], train.images[first])
+    picks = per_class_sample(train.labels, 20, seed=0)
+    assert source.kind == "split" and source.count == len(picks) and list(source.indices) == picks.tolist()
+    counts = np.bincount(train.labels[list(source.indices)], minlength=10)
+    assert counts.tolist() == np.minimum(np.bincount(train.labels, minlength=10), 20).tolist()
+    images = read_images(source, 0, source.count)  # uint8 (n, C, H, W), in the selection's order
+    assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), train.images[picks])
+    # FID shards carry only their own indices, and read the same images.
+    shards = make_shards([source], shard_size=64)
+    assert sum(len(sh.image_source.indices) for sh in shards) == source.count
+    pieces = [read_images(sh.image_source, sh.start, sh.stop) for sh in shards]
+    assert np.array_equal(np.concatenate([p.numpy() for p in pieces]), images.numpy())
 
 
 def test_attribution_grid_is_eight_rows_by_three_columns():

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model, resolve_device
+from ..cli import add_model_arguments, add_resource_arguments, load_model, resolve_device, task_resources_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="with --autoattack-version custom: comma-separated, e.g. apgd-ce,apgd-t")
     parser.add_argument("--seed", type=int, default=0, help="seed of random starts and AutoAttack")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128, fits a CPU)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Ray tasks at once, each a few batches (default: 0, in this process)")
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    add_resource_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,12 +55,24 @@ def run(args: argparse.Namespace) -> int:
                           autoattack_attacks=tuple(a for a in args.autoattack_attacks.split(",") if a), seed=args.seed)
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = take(load_split(args.data, args.split), args.n)
+    check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
+    # With Ray the driver's copy stays on the CPU (it may sit on a CPU-only head); each task moves it to
+    # its own device.
+    wish, args.device = args.device, ("cpu" if args.workers else args.device)
     model, source = load_model(args)
     check(len(dataset.classes) == model.num_classes,
           f"the data has {len(dataset.classes)} classes, the model {model.num_classes}")
     torch.manual_seed(args.seed)
-    result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size,
-                      device=resolve_device(args.device), progress=True)
+    if args.workers == 0:
+        result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size,
+                          device=resolve_device(args.device), progress=True)
+    else:
+        from ..distributed import init_ray
+
+        init_ray(num_cpus=args.workers)
+        with task_resources_of(args, device=wish):
+            result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, workers=args.workers,
+                              progress=True)
     result.update(model=source, data=str(args.data), split=args.split, batch_size=args.batch_size)
 
     adv = result["adversarial_accuracy"]

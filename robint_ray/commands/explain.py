@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model
+from ..cli import add_model_arguments, add_resource_arguments, load_model
 from ..storage import Location
 
 log = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=24, help="explain the first N images (default: 24, as the paper)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks (0: in this process; default 2)")
-    parser.add_argument("--cpus-per-task", type=float, default=1, help="CPUs per Ray task (default 1)")
-    parser.add_argument("--gpus-per-task", type=float, default=0, help="GPUs per Ray task (default 0)")
     parser.add_argument("--target", default="predicted", choices=("predicted", "label"),
                         help="class to explain (default: the predicted one)")
     parser.add_argument("--output", default=None, choices=("probability", "logit"),
@@ -60,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="model evaluations per pass (default 128)")
     parser.add_argument("--memory-mb", type=float, default=None, help="lower the batch to fit about this memory")
     parser.add_argument("--metric-steps", type=int, default=32, help="deletion/insertion curve steps (default 32)")
+    add_resource_arguments(parser)
 
 
 def _model_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
@@ -103,11 +102,18 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
               f"images are {tuple(images.shape[2:])}, {source.get('arch')} takes {model.input_size} px")
 
     output = args.output or ("probability" if args.method == "ig" else "logit")
+    cpus, gpus = args.cpus_per_task or 1.0, 0.0
+    if args.workers > 0:  # the default GPUs per task come from the cluster's resources, not this process
+        import math
+
+        from ..distributed import default_gpus_per_task, init_ray
+
+        init_ray(num_cpus=max(1, int(math.ceil(args.workers * cpus))))
+        gpus = default_gpus_per_task(args.gpus_per_task)
     k = args.baselines if args.baselines is not None else (10 if args.baseline == "uniform" else 1)
     config = ex.ExplainConfig(
         method=args.method, target=args.target, batch_size=args.batch_size, memory_mb=args.memory_mb,
-        metric_steps=args.metric_steps, workers=args.workers, num_cpus=args.cpus_per_task,
-        num_gpus=args.gpus_per_task,
+        metric_steps=args.metric_steps, workers=args.workers, num_cpus=cpus, num_gpus=gpus,
         ig=ex.IGConfig(steps=args.steps, baseline=args.baseline, num_baselines=k, output=output, seed=args.seed),
         shap=ex.ShapConfig(nsamples=args.nsamples, background=args.background, local_smoothing=args.local_smoothing,
                            output=output, seed=args.seed),

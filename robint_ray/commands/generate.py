@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model, resolve_device
+from ..cli import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 
 
 def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -43,35 +43,41 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed; with the shard index it fixes every image")
     parser.add_argument("--shard-size", type=int, default=100, help="images per Ray task and file (default: 100)")
     parser.add_argument("--batch-size", type=int, default=100, help="images optimised at once (default: 100)")
+    parser.add_argument("--no-merge", action="store_true",
+                        help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few")
     add_pgd_arguments(parser, "30 at 32 px, 40 at 128 px")
+    add_resource_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_split
     from ..distributed import init_ray
     from ..errors import check
-    from ..generate import GenerationConfig, fit_seeds, generate, save_generation_figures
+    from ..generate import GenerationConfig, fit_seeds, generate, sample_images, save_generation_figures
     from ..visualize import generation_settings
 
     check(args.workers is None or args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
+    # The driver's copy stays on the CPU (it may sit on a CPU-only head); each Ray task moves the model to
+    # its own device, a GPU where --device cuda or --gpus-per-task asks for one.
+    wish, args.device = args.device, "cpu"
     model, source = load_model(args)
     dataset = load_split(args.data, args.split)
     seeds = fit_seeds(dataset, num_classes=model.num_classes)
     names = source["classes"] or list(dataset.classes)
     config = GenerationConfig(per_class=args.per_class, classes=tuple(range(model.num_classes)), seed=args.seed,
                               shard_size=args.shard_size, batch_size=args.batch_size,
-                              settings=pgd_settings(args, generation_settings(model.input_size)),
-                              device=str(resolve_device(args.device)))
+                              settings=pgd_settings(args, generation_settings(model.input_size)))
     init_ray(num_cpus=args.workers)
-    summary = generate(model, seeds, config=config, out_dir=args.out, workers=args.workers, class_names=names)
-    import numpy as np
-
-    with np.load(summary["path"], allow_pickle=False) as f:
-        figures = save_generation_figures(args.out, f["images"], f["labels"], f["seeds"], names,
-                                          title=f"class-specific generation: {source.get('checkpoint') or source['arch']}")
+    with task_resources_of(args, device=wish):
+        summary = generate(model, seeds, config=config, out_dir=args.out, workers=args.workers, class_names=names,
+                           merge=not args.no_merge)
+    summary.pop("stats")
+    images, labels, starts = sample_images(args.out, config, per_class=8)
+    figures = save_generation_figures(args.out, images, labels, starts, names,
+                                      title=f"class-specific generation: {source.get('checkpoint') or source['arch']}")
     summary.update(model=source, data=str(args.data), split=args.split, seed_pool=seeds.pool,
                    figures=[str(p) for p in figures], config=config.plan())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> {summary['path']}")
+    print(f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> {summary['path'] or args.out / 'shards'}")
     print("figures: " + ", ".join(summary["figures"]))
     return 0

@@ -13,16 +13,18 @@ OUT/inversions.npz (`images` uint8 (N, H, W, C), `labels` = target classes, `tar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, load_model
+from ..cli import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 from ..storage import Location
 from .generate import add_pgd_arguments, pgd_settings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_resource_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the target and source images (default: test)")
     parser.add_argument("--n", type=int, default=8, help="target images, one per class in turn (default: 8)")
@@ -68,6 +70,9 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
 
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
     settings = pgd_settings(args, INVERSION)
+    fanned = bool(args.workers and args.workers > 1)
+    # Fanned out, the driver's copy stays on the CPU and each Ray task moves it to its own device.
+    wish, args.device = args.device, ("cpu" if fanned else args.device)
     model, source = load_model(args)
     model = model.cpu()
     dataset = load_split(args.data, args.split)
@@ -76,7 +81,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     check(len(targets_at) == args.n and len(sources_at) == args.n, "the split lacks images of some classes")
     targets = torch.stack([dataset[i][0] for i in targets_at])  # (n, C, H, W)
     kinds = ["image", "noise"] if args.source == "both" else [args.source]
-    if args.workers and args.workers > 1:
+    if fanned:
         init_ray(num_cpus=args.workers)
     arrays: dict[str, list] = {k: [] for k in ("images", "labels", "targets", "sources", "source_kind",
                                                "target_index", "distance_before", "distance_after")}
@@ -86,7 +91,8 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
             sources = torch.stack([dataset[i][0] for i in sources_at])
         else:
             sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
-        result = inversions(model, sources, targets, settings=settings, workers=args.workers)
+        with (task_resources_of(args, device=wish) if fanned else contextlib.nullcontext()):
+            result = inversions(model, sources, targets, settings=settings, workers=args.workers)
         images, t8, s8 = to_uint8(result["images"]), to_uint8(targets), to_uint8(sources)
         for key, value in (("images", images), ("targets", t8), ("sources", s8),
                            ("labels", dataset.labels[targets_at]), ("target_index", np.array(targets_at)),

@@ -21,6 +21,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://bucket/prefix; "
                         "on a multi-node cluster a URI or shared storage)")
     parser.add_argument("--workers", type=int, default=None, help="override the config's workers")
+    parser.add_argument("--gpus-per-task", type=float, default=None,
+                        help="GPUs per Ray task of every stage after training, fractions allowed (default: the "
+                             "config's gpus_per_task, else on a cluster with GPUs 1 per evaluation, attribution and "
+                             "generation task and 1/4 per inversion and feature task; 0 without GPUs)")
+    parser.add_argument("--cpus-per-task", type=float, default=None,
+                        help="CPUs per Ray task of those stages (default: the config's cpus_per_task, 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,6 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.workers is not None:
         check(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
         config = dataclasses.replace(config, workers=args.workers)
+    for key in ("gpus_per_task", "cpus_per_task"):
+        if getattr(args, key) is not None:  # StudyConfig checks the values
+            config = dataclasses.replace(config, **{key: getattr(args, key)})
     page = Study(config, args.out).run()
     print(f"report: {page}")
     print(f"numbers: {page.parent / 'report.json'}")
