@@ -1,7 +1,7 @@
 """Generation + FID as one streamed step: the driver's memory and the wall time at 1,000, 10,000 and
 100,000 generated 32-px images.
 
-    python experiments/benchmarks/bench_stream_fid.py --out experiments/benchmarks/results/cpu-2core
+    python experiments/benchmarks/bench_stream_fid.py --out experiments/benchmarks/results/DATE_MACHINE_COMMIT
 
 Each size runs in a fresh Python process (its own local Ray instance, `--workers` CPUs), so that one
 size's allocations do not raise the next one's baseline. In that process: a tiny classifier
