@@ -1,11 +1,11 @@
 # make demo: the main job end to end on the bundled sample (local Ray, no network).
-# make test: the test suite (under 15 minutes on 2 CPU cores). Both create or reuse .venv.
+# make test: ruff (lint, format) and the test suite (under 20 minutes on 2 CPU cores). Both create or reuse .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robint-installed
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow format bench clean
 
 # torch's CUDA build, Ray and the rest take about 7 GB in .venv, and pip unpacks wheels beside it.
 NEED_GB := 10
@@ -30,10 +30,16 @@ demo: install
 	$(BIN)/robint study experiments/smoke/paper_cifar10.yaml --out demo_out
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -ra
 
 test-slow: install
 	$(BIN)/python -m pytest -q -ra -m slow
+
+format: install  # what `make test` checks: ruff's formatting and lint fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

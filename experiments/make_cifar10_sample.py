@@ -24,8 +24,12 @@ def main(source: str) -> None:
         out = Path(__file__).resolve().parents[1] / "robint_ray" / "assets" / "cifar10_sample.npz"
         np.savez_compressed(
             out,
-            x_train=f["x_train"][keep], y_train=f["y_train"][keep], idx_train=f["idx_train"][keep],
-            x_test=f["x_test"][test_order], y_test=f["y_test"][test_order], idx_test=f["idx_test"][test_order],
+            x_train=f["x_train"][keep],
+            y_train=f["y_train"][keep],
+            idx_train=f["idx_train"][keep],
+            x_test=f["x_test"][test_order],
+            y_test=f["y_test"][test_order],
+            idx_test=f["idx_test"][test_order],
             classes=f["classes"],
         )
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)")

@@ -174,7 +174,9 @@ def pgd(
     def objective(out: torch.Tensor) -> torch.Tensor:
         losses = loss_fn(out, y)
         if losses.shape != (x.shape[0],):
-            raise InputError(f"loss_fn must return one loss per example, shape ({x.shape[0]},); got {tuple(losses.shape)}")
+            raise InputError(
+                f"loss_fn must return one loss per example, shape ({x.shape[0]},); got {tuple(losses.shape)}"
+            )
         return sign * losses
 
     def score(out: torch.Tensor, objective_value: torch.Tensor) -> torch.Tensor:

@@ -77,8 +77,9 @@ def target_output(logits: torch.Tensor, target: torch.Tensor, output: Output) ->
     return logits.gather(1, target[:, None]).squeeze(1)
 
 
-def output_gradients(model: nn.Module, points: torch.Tensor, target: torch.Tensor,
-                     output: Output) -> tuple[torch.Tensor, torch.Tensor]:
+def output_gradients(
+    model: nn.Module, points: torch.Tensor, target: torch.Tensor, output: Output
+) -> tuple[torch.Tensor, torch.Tensor]:
     """dF/dpoint and F at each point: points (B, C, H, W), target (B,) -> ((B, C, H, W), (B,)).
 
     One forward and one backward (to the input only, no parameter gradients). Each row's gradient is its
@@ -119,8 +120,9 @@ def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -
     return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def estimate_batch_size(model: nn.Module, image_shape: tuple[int, ...], memory_bytes: float, *,
-                        device: torch.device | str = "cpu") -> int:
+def estimate_batch_size(
+    model: nn.Module, image_shape: tuple[int, ...], memory_bytes: float, *, device: torch.device | str = "cpu"
+) -> int:
     """Points per pass that fit in about memory_bytes: forward activations of one image (every
     module's output, measured with hooks), counted three times (kept for backward, their gradients,
     workspace). A rough cap, meant to keep a large model or image off the memory limit."""
@@ -144,8 +146,9 @@ def estimate_batch_size(model: nn.Module, image_shape: tuple[int, ...], memory_b
 # --- Integrated Gradients -------------------------------------------------------------------------
 
 
-def trapezoid(steps: int, *, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def trapezoid(
+    steps: int, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(alphas, weights), each (steps + 1,): alphas j/steps, weights 1/steps halved at both ends (sum 1)."""
     check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
     alphas = torch.arange(steps + 1, device=device, dtype=torch.float64) / steps
@@ -155,8 +158,14 @@ def trapezoid(steps: int, *, device: torch.device | str = "cpu",
     return alphas.to(dtype), weights.to(dtype)
 
 
-def make_baselines(x: torch.Tensor, *, kind: str = "uniform", k: int = 10, seed: int = 0,
-                   indices: torch.Tensor | np.ndarray | None = None) -> torch.Tensor:
+def make_baselines(
+    x: torch.Tensor,
+    *,
+    kind: str = "uniform",
+    k: int = 10,
+    seed: int = 0,
+    indices: torch.Tensor | np.ndarray | None = None,
+) -> torch.Tensor:
     """Baselines for IG, (N, k, C, H, W): "black" (zeros, k must be 1) or "uniform" (k images of
     U(0, 1) noise per image, drawn from the image's own generator, see `image_generator`; the authors
     average IG over k = 10 of them). indices: each image's index in its dataset (default 0..N-1)."""
@@ -188,8 +197,16 @@ class IGResult:
         return self.gap.abs() / (self.output - self.baseline_output).abs()
 
 
-def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, baselines: torch.Tensor, *,
-                         steps: int = 50, output: Output = "probability", batch_size: int = 128) -> IGResult:
+def integrated_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    baselines: torch.Tensor,
+    *,
+    steps: int = 50,
+    output: Output = "probability",
+    batch_size: int = 128,
+) -> IGResult:
     """Integrated Gradients of F = `output` of class `target`, trapezoid rule on steps + 1 points.
 
     x: (N, C, H, W) in [0, 1]; target: (N,) class indices; baselines: (N, K, C, H, W) (see
@@ -198,9 +215,13 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
     Gradients are summed in float64. The model runs in eval mode; model.training is restored.
     """
     check(output in OUTPUTS, f"unknown output {output!r}; use one of {', '.join(OUTPUTS)}")
-    check(x.dim() == 4 and baselines.dim() == 5 and baselines.shape[0] == x.shape[0]
-          and baselines.shape[2:] == x.shape[1:], f"baselines must be (N, K, C, H, W) for images {tuple(x.shape)}, "
-          f"got {tuple(baselines.shape)}")
+    check(
+        x.dim() == 4
+        and baselines.dim() == 5
+        and baselines.shape[0] == x.shape[0]
+        and baselines.shape[2:] == x.shape[1:],
+        f"baselines must be (N, K, C, H, W) for images {tuple(x.shape)}, got {tuple(baselines.shape)}",
+    )
     check(target.shape == (len(x),), f"target must be (N,) = ({len(x)},), got {tuple(target.shape)}")
     alphas, weights = trapezoid(steps, device=x.device, dtype=x.dtype)
     n, k = baselines.shape[:2]
@@ -213,8 +234,9 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
             which, j = p // (steps + 1), p % (steps + 1)  # baseline and step of each point
             start = baselines[i0:i1, which]  # (n, P, C, H, W)
             points = start + alphas[j].view(1, -1, 1, 1, 1) * (x[i0:i1, None] - start)
-            grads, values = output_gradients(model, points.flatten(0, 1),
-                                             target[i0:i1].repeat_interleave(len(p)), output)
+            grads, values = output_gradients(
+                model, points.flatten(0, 1), target[i0:i1].repeat_interleave(len(p)), output
+            )
             grads = grads.view(points.shape).double() * weights[j].double().view(1, -1, 1, 1, 1)
             sums[i0:i1].index_add_(1, which, grads)
             values = values.view(i1 - i0, len(p)).double()
@@ -234,7 +256,8 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
 @dataclass(frozen=True)
 class Draws:
     """The random draws of expected gradients for N images: background_index (N, S) into the
-    background set, alpha (N, S) in [0, 1] (kept in float64 where given so), noise (N, S, C, H, W) standard normal or None (only used
+    background set, alpha (N, S) in [0, 1] (kept in float64 where given so), noise (N, S, C, H, W) standard
+    normal or None (only used
     with local smoothing)."""
 
     background_index: torch.Tensor
@@ -242,8 +265,14 @@ class Draws:
     noise: torch.Tensor | None = None
 
 
-def draw(indices: torch.Tensor | np.ndarray, *, nsamples: int, n_background: int, seed: int = 0,
-         image_shape: tuple[int, ...] | None = None) -> Draws:
+def draw(
+    indices: torch.Tensor | np.ndarray,
+    *,
+    nsamples: int,
+    n_background: int,
+    seed: int = 0,
+    image_shape: tuple[int, ...] | None = None,
+) -> Draws:
     """Seeded draws for the images with these dataset indices: per image, from its own generator
     (`image_generator`), nsamples background indices, then nsamples alphas, then (when image_shape
     is given) nsamples standard-normal noise images."""
@@ -259,14 +288,23 @@ def draw(indices: torch.Tensor | np.ndarray, *, nsamples: int, n_background: int
     if not rows_index:
         empty = torch.zeros((0, nsamples))
         return Draws(empty.long(), empty, None if image_shape is None else torch.zeros((0, nsamples, *image_shape)))
-    return Draws(torch.stack(rows_index), torch.stack(rows_alpha),
-                 torch.stack(rows_noise) if rows_noise else None)
+    return Draws(torch.stack(rows_index), torch.stack(rows_alpha), torch.stack(rows_noise) if rows_noise else None)
 
 
-def expected_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, background: torch.Tensor, *,
-                       nsamples: int = 200, output: Output = "logit", local_smoothing: float = 0.0,
-                       seed: int = 0, indices: torch.Tensor | np.ndarray | None = None,
-                       draws: Draws | None = None, batch_size: int = 200) -> torch.Tensor:
+def expected_gradients(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    background: torch.Tensor,
+    *,
+    nsamples: int = 200,
+    output: Output = "logit",
+    local_smoothing: float = 0.0,
+    seed: int = 0,
+    indices: torch.Tensor | np.ndarray | None = None,
+    draws: Draws | None = None,
+    batch_size: int = 200,
+) -> torch.Tensor:
     """Expected gradients, what shap.GradientExplainer(model, background).shap_values(x) computes
     for one output: (N, C, H, W) attributions of F = `output` of class `target`.
 
@@ -279,16 +317,24 @@ def expected_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
     """
     check(output in OUTPUTS, f"unknown output {output!r}; use one of {', '.join(OUTPUTS)}")
     check(local_smoothing >= 0, f"local_smoothing must be >= 0, got {local_smoothing}")
-    check(background.dim() == 4 and background.shape[1:] == x.shape[1:],
-          f"background must be (B, {', '.join(map(str, x.shape[1:]))}), got {tuple(background.shape)}")
+    check(
+        background.dim() == 4 and background.shape[1:] == x.shape[1:],
+        f"background must be (B, {', '.join(map(str, x.shape[1:]))}), got {tuple(background.shape)}",
+    )
     check(target.shape == (len(x),), f"target must be (N,) = ({len(x)},), got {tuple(target.shape)}")
     if draws is None:
-        draws = draw(np.arange(len(x)) if indices is None else indices, nsamples=nsamples,
-                     n_background=len(background), seed=seed,
-                     image_shape=tuple(x.shape[1:]) if local_smoothing > 0 else None)
+        draws = draw(
+            np.arange(len(x)) if indices is None else indices,
+            nsamples=nsamples,
+            n_background=len(background),
+            seed=seed,
+            image_shape=tuple(x.shape[1:]) if local_smoothing > 0 else None,
+        )
     nsamples = draws.alpha.shape[1]
-    check(draws.alpha.shape == (len(x), nsamples) and draws.background_index.shape == (len(x), nsamples),
-          "draws must hold (N, nsamples) background indices and alphas")
+    check(
+        draws.alpha.shape == (len(x), nsamples) and draws.background_index.shape == (len(x), nsamples),
+        "draws must hold (N, nsamples) background indices and alphas",
+    )
     check(local_smoothing == 0 or draws.noise is not None, "local smoothing needs noise in the draws")
     index, alpha = draws.background_index.to(x.device), draws.alpha.to(x.device, torch.float64)
     # a and 1 - a each rounded from double, as shap's Python-float arithmetic does
@@ -300,16 +346,17 @@ def expected_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
             if local_smoothing > 0:
                 xs = xs + draws.noise[i0:i1, s0:s1].to(x.device, x.dtype) * local_smoothing  # (n, P, C, H, W)
             base = background[index[i0:i1, s0:s1]]  # (n, P, C, H, W)
-            points = (weight_x[i0:i1, s0:s1, None, None, None] * xs
-                      + weight_base[i0:i1, s0:s1, None, None, None] * base)  # (n, P, C, H, W)
-            grads, _ = output_gradients(model, points.flatten(0, 1),
-                                        target[i0:i1].repeat_interleave(s1 - s0), output)
+            points = (
+                weight_x[i0:i1, s0:s1, None, None, None] * xs + weight_base[i0:i1, s0:s1, None, None, None] * base
+            )  # (n, P, C, H, W)
+            grads, _ = output_gradients(model, points.flatten(0, 1), target[i0:i1].repeat_interleave(s1 - s0), output)
             sums[i0:i1] += (grads.view(points.shape).double() * (xs - base).double()).sum(dim=1)
     return (sums / nsamples).to(x.dtype)
 
 
-def to_image_plot(attributions: torch.Tensor | np.ndarray,
-                  images: torch.Tensor | np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+def to_image_plot(
+    attributions: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
     """(shap_values, pixel_values) in the layout `shap.image_plot` takes: a list with one (N, H, W, C)
     array per explained output (here one) and the images as (N, H, W, C)."""
     attributions, images = np.asarray(attributions), np.asarray(images)
@@ -346,9 +393,16 @@ def top_mass(attributions: torch.Tensor, fraction: float = 0.05) -> torch.Tensor
     return torch.where(total > 0, share, torch.full_like(share, fraction)).float()
 
 
-def deletion_insertion(model: nn.Module, x: torch.Tensor, target: torch.Tensor, attributions: torch.Tensor, *,
-                       steps: int = 32, reference: torch.Tensor | None = None,
-                       batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def deletion_insertion(
+    model: nn.Module,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    attributions: torch.Tensor,
+    *,
+    steps: int = 32,
+    reference: torch.Tensor | None = None,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Deletion and insertion AUCs (Petsiuk et al. 2018), each (N,).
 
     Pixels are ranked by attribution summed over channels, most positive first. Deletion replaces the
@@ -393,8 +447,9 @@ def mean_ci(values: np.ndarray | list[float], *, confidence: float = 0.95) -> di
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "std": std, "n": n}
 
 
-def paired_difference(a: np.ndarray | list[float], b: np.ndarray | list[float], *,
-                      confidence: float = 0.95) -> dict[str, float]:
+def paired_difference(
+    a: np.ndarray | list[float], b: np.ndarray | list[float], *, confidence: float = 0.95
+) -> dict[str, float]:
     """mean(b - a) over the same images, with its t-interval and the two-sided paired t-test p-value."""
     from scipy import stats
 

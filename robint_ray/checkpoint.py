@@ -29,8 +29,14 @@ FORMAT = "robint-checkpoint-1"
 WEIGHTS, META = "model.safetensors", "meta.json"
 
 
-def save_checkpoint(directory: str | Path | Location, model: Classifier, *, classes: list[str] | None = None,
-                    config: dict[str, Any] | None = None, metrics: dict[str, Any] | None = None) -> Path | Location:
+def save_checkpoint(
+    directory: str | Path | Location,
+    model: Classifier,
+    *,
+    classes: list[str] | None = None,
+    config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path | Location:
     """Write model.safetensors and meta.json into `directory`, a local folder or a storage URI
     (created; each file replaced atomically, the weights before the metadata that names their hash)."""
     from safetensors.torch import save_file
@@ -51,10 +57,15 @@ def save_checkpoint(directory: str | Path | Location, model: Classifier, *, clas
     save_file(state, str(tmp))
     os.replace(tmp, directory / WEIGHTS)
     meta = {
-        "format": FORMAT, "arch": model.arch, "num_classes": model.num_classes,
+        "format": FORMAT,
+        "arch": model.arch,
+        "num_classes": model.num_classes,
         "classes": list(classes) if classes is not None else [str(i) for i in range(model.num_classes)],
-        "mean": model.normalize.mean.flatten().tolist(), "std": model.normalize.std.flatten().tolist(),
-        "input_size": model.input_size, "config": config or {}, "metrics": metrics or {},
+        "mean": model.normalize.mean.flatten().tolist(),
+        "std": model.normalize.std.flatten().tolist(),
+        "input_size": model.input_size,
+        "config": config or {},
+        "metrics": metrics or {},
         "sha256": file_hash(directory / WEIGHTS),
     }
     tmp = directory / (META + ".tmp")
@@ -67,8 +78,10 @@ def read_meta(directory: str | Path | Location) -> dict[str, Any]:
     """meta.json of a checkpoint folder (a local path or a storage URI)."""
     if not Location(directory).is_local:
         source = Location(directory)
-        check((source / META).is_file() and (source / WEIGHTS).is_file(),
-              f"{source}: not a robint checkpoint (needs {META} and {WEIGHTS})")
+        check(
+            (source / META).is_file() and (source / WEIGHTS).is_file(),
+            f"{source}: not a robint checkpoint (needs {META} and {WEIGHTS})",
+        )
         try:
             meta = (source / META).read_json()
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -77,8 +90,10 @@ def read_meta(directory: str | Path | Location) -> dict[str, Any]:
         return meta
     directory = Path(directory)
     check(directory.is_dir(), f"checkpoint folder not found: {directory}")
-    check((directory / META).is_file() and (directory / WEIGHTS).is_file(),
-          f"{directory}: not a robint checkpoint (needs {META} and {WEIGHTS})")
+    check(
+        (directory / META).is_file() and (directory / WEIGHTS).is_file(),
+        f"{directory}: not a robint checkpoint (needs {META} and {WEIGHTS})",
+    )
     try:
         meta = json.loads((directory / META).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -87,8 +102,13 @@ def read_meta(directory: str | Path | Location) -> dict[str, Any]:
     return meta
 
 
-def load_checkpoint(directory: str | Path | Location, *, arch: str | None = None, num_classes: int | None = None,
-                    device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
+def load_checkpoint(
+    directory: str | Path | Location,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the model of a checkpoint folder, a local path or a storage URI (`s3://.../best`,
     downloaded to a temporary folder). arch / num_classes, when given, must match it."""
     from safetensors import SafetensorError
@@ -102,8 +122,10 @@ def load_checkpoint(directory: str | Path | Location, *, arch: str | None = None
     directory = Path(directory)
     meta = read_meta(directory)
     check(arch is None or arch == meta["arch"], f"{directory}: checkpoint is a {meta['arch']}, not a {arch}")
-    check(num_classes is None or num_classes == meta["num_classes"],
-          f"{directory}: checkpoint has {meta['num_classes']} classes, not {num_classes}")
+    check(
+        num_classes is None or num_classes == meta["num_classes"],
+        f"{directory}: checkpoint has {meta['num_classes']} classes, not {num_classes}",
+    )
     weights = directory / WEIGHTS
     if meta.get("sha256") and file_hash(weights) != meta["sha256"]:
         raise InputError(f"{weights}: corrupt or truncated (sha256 differs from {META})")
@@ -116,8 +138,9 @@ def load_checkpoint(directory: str | Path | Location, *, arch: str | None = None
     return model.to(device).eval(), meta
 
 
-def load_weights(arch: str, path: str | Path, *, num_classes: int | None = None,
-                 device: str | torch.device = "cpu") -> Classifier:
+def load_weights(
+    arch: str, path: str | Path, *, num_classes: int | None = None, device: str | torch.device = "cpu"
+) -> Classifier:
     """A model of architecture `arch` with the weights of a foreign file (see module docstring)."""
     path = Path(path)
     check(path.is_file(), f"weights file not found: {path}")
@@ -133,8 +156,10 @@ def load_weights(arch: str, path: str | Path, *, num_classes: int | None = None,
         state = _torch_load_safely(path)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        check(isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
-              f"{path}: not a state dict of tensors")
+        check(
+            isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values()),
+            f"{path}: not a state dict of tensors",
+        )
     heads = [v for k, v in state.items() if k.endswith(("linear.weight", "fc.weight", "head.weight"))]
     if num_classes is None and len(heads) == 1:
         num_classes = heads[0].shape[0]
@@ -149,11 +174,13 @@ def _torch_load_safely(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # weights_only=True met something that is not a tensor or container
-        raise InputError(f"{path}: not a weights file torch can load safely "
-                         f"(weights_only=True refused it: {_torch_reason(err)})") from err
+        raise InputError(
+            f"{path}: not a weights file torch can load safely (weights_only=True refused it: {_torch_reason(err)})"
+        ) from err
     except Exception as err:  # torch raises many types for a bad file: all mean "cannot read it"
-        raise InputError(f"{path}: corrupt, truncated or not a weights file "
-                         f"({type(err).__name__}: {_torch_reason(err)})") from err
+        raise InputError(
+            f"{path}: corrupt, truncated or not a weights file ({type(err).__name__}: {_torch_reason(err)})"
+        ) from err
 
 
 def _torch_reason(err: BaseException) -> str:
@@ -178,6 +205,7 @@ def _load_state(model: Classifier, state: dict[str, torch.Tensor], source: str) 
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if keys:
                 parts.append(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})")
-        raise InputError(f"{source} does not fit architecture {model.arch} with {model.num_classes} classes; "
-                         + "; ".join(parts))
+        raise InputError(
+            f"{source} does not fit architecture {model.arch} with {model.num_classes} classes; " + "; ".join(parts)
+        )
     model.load_state_dict(state)

@@ -37,8 +37,10 @@ class _Parser(argparse.ArgumentParser):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (one of --checkpoint or --arch with --weights)")
-    group.add_argument("--checkpoint", help="a robint checkpoint folder, a path or a storage URI (e.g. RUN_DIR/best, "
-                       "s3://bucket/run/best)")
+    group.add_argument(
+        "--checkpoint",
+        help="a robint checkpoint folder, a path or a storage URI (e.g. RUN_DIR/best, s3://bucket/run/best)",
+    )
     group.add_argument("--arch", help="architecture, e.g. cifar_resnet20, cifar_resnet18, resnet50")
     group.add_argument("--weights", type=Path, help="weights file for --arch (.th/.pt/.pth state dict or .safetensors)")
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -47,11 +49,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     """--gpus-per-task / --cpus-per-task: the resources of each Ray task the command runs."""
     group = parser.add_argument_group("Ray task resources")
-    group.add_argument("--gpus-per-task", type=float, default=None,
-                       help="GPUs per Ray task, fractions allowed (e.g. 0.25: four tasks share a GPU; default: 1 "
-                            "on a cluster with GPUs, else 0)")
-    group.add_argument("--cpus-per-task", type=float, default=None,
-                       help="CPUs per Ray task; torch in the task uses that many threads (default: 1)")
+    group.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=None,
+        help="GPUs per Ray task, fractions allowed (e.g. 0.25: four tasks share a GPU; default: 1 "
+        "on a cluster with GPUs, else 0)",
+    )
+    group.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=None,
+        help="CPUs per Ray task; torch in the task uses that many threads (default: 1)",
+    )
 
 
 def task_resources_of(args: argparse.Namespace, *, device: str | None = None):
@@ -101,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
     module = importlib.import_module(f"robint_ray.commands.{args.command}")
     tune_allocator()  # CPU forward + backward passes up to 1.5x faster (experiments/benchmarks/bench_malloc.py)
     try:

@@ -55,8 +55,12 @@ class WorkerRequest:
     memory: float = 0
 
     def fits(self, node: Node) -> bool:
-        return (node.known and self.cpus <= node.cpus and self.gpus <= node.gpus
-                and (self.memory == 0 or self.memory <= node.memory))
+        return (
+            node.known
+            and self.cpus <= node.cpus
+            and self.gpus <= node.gpus
+            and (self.memory == 0 or self.memory <= node.memory)
+        )
 
     def describe(self) -> str:
         return _amounts(self.cpus, self.gpus, self.memory)
@@ -132,8 +136,10 @@ def fit_verdict(request: WorkerRequest, nodes: list[Node]) -> tuple[bool | None,
     big = largest(nodes)
     biggest = big.describe() if big else "the cluster has no nodes"
     if unknown:
-        return None, (f"no node holds {request.describe()} yet; node type(s) {', '.join(unknown)} state no "
-                      f"resources (largest known: {biggest})")
+        return None, (
+            f"no node holds {request.describe()} yet; node type(s) {', '.join(unknown)} state no "
+            f"resources (largest known: {biggest})"
+        )
     return False, f"the largest is {biggest}"
 
 
@@ -180,10 +186,14 @@ def shipped_configs(experiments: str | Path) -> list[ShippedConfig]:
             shipped.append(ShippedConfig(path, "sweep", sweep.options.workers, request))
         elif "standard" in data or "robust" in data:
             study = load_study(path)
-            cpus = max(load_config(source.train).cpus_per_worker
-                       for source in (study.standard, study.robust) if source.train is not None)
-            shipped.append(ShippedConfig(path, "study", study.workers,
-                                         WorkerRequest(cpus=cpus, gpus=study.gpus_per_worker)))
+            cpus = max(
+                load_config(source.train).cpus_per_worker
+                for source in (study.standard, study.robust)
+                if source.train is not None
+            )
+            shipped.append(
+                ShippedConfig(path, "study", study.workers, WorkerRequest(cpus=cpus, gpus=study.gpus_per_worker))
+            )
         else:
             cfg = load_config(path)
             shipped.append(ShippedConfig(path, "train", 1, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=1)))

@@ -102,7 +102,9 @@ class TrainConfig:
     batch_size: int = 128
     adversarial: bool = False
     pgd: PGDConfig = field(default_factory=PGDConfig)
-    val_pgd: PGDConfig | None = None  # the per-epoch validation attack; None: the same as pgd (sweeps use a cheaper one)
+    val_pgd: PGDConfig | None = (
+        None  # the per-epoch validation attack; None: the same as pgd (sweeps use a cheaper one)
+    )
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_batch_size: int = 256  # validation / test batch per worker
@@ -126,7 +128,10 @@ class TrainConfig:
         check(self.cpus_per_worker >= 1, f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
         check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
         check(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        check(self.selection in ("auto", "mean", "clean"), f"selection must be auto, mean or clean, got {self.selection!r}")
+        check(
+            self.selection in ("auto", "mean", "clean"),
+            f"selection must be auto, mean or clean, got {self.selection!r}",
+        )
 
     @property
     def selection_rule(self) -> str:
@@ -165,7 +170,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         (inner,) = [o for o in options if o is not type(None)]
         return _coerce(value, inner, key)
     if dataclasses.is_dataclass(kind):
-        check(isinstance(value, Mapping), f"config key '{key}' must be a mapping of {kind.__name__} settings, got {value!r}")
+        check(
+            isinstance(value, Mapping),
+            f"config key '{key}' must be a mapping of {kind.__name__} settings, got {value!r}",
+        )
         return _build(kind, value, key + ".")
     if origin is tuple:  # tuple[X, ...]: a YAML list
         check(isinstance(value, (list, tuple)), f"config key '{key}' must be a list, got {value!r}")
@@ -179,7 +187,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         check(isinstance(value, bool), f"config key '{key}' must be true or false, got {value!r}")
         return value
     if kind is int:
-        check(isinstance(value, int) and not isinstance(value, bool), f"config key '{key}' must be an integer, got {value!r}")
+        check(
+            isinstance(value, int) and not isinstance(value, bool),
+            f"config key '{key}' must be an integer, got {value!r}",
+        )
         return value
     if kind is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
@@ -187,7 +198,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
                 value = float(value)
             except ValueError:
                 raise InputError(f"config key '{key}' must be a number, got {value!r}") from None
-        check(isinstance(value, (int, float)) and not isinstance(value, bool), f"config key '{key}' must be a number, got {value!r}")
+        check(
+            isinstance(value, (int, float)) and not isinstance(value, bool),
+            f"config key '{key}' must be a number, got {value!r}",
+        )
         return float(value)
     if kind is str:
         check(isinstance(value, str), f"config key '{key}' must be a string, got {value!r}")
@@ -196,7 +210,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
 
 
 def _build(cls, data: Mapping[str, Any], prefix: str):
-    check(isinstance(data, Mapping), f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}")
+    check(
+        isinstance(data, Mapping), f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}"
+    )
     known = _fields(cls)
     for key in data:
         if key not in known:
@@ -228,8 +244,10 @@ def apply_overrides(data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[
     for dotted, value in pairs:
         node, parts = out, dotted.split(".")
         for depth, part in enumerate(parts):
-            check(isinstance(node, dict) and part in node,
-                  f"unknown config key '{'.'.join(parts[:depth + 1])}' in --set {dotted}")
+            check(
+                isinstance(node, dict) and part in node,
+                f"unknown config key '{'.'.join(parts[: depth + 1])}' in --set {dotted}",
+            )
             if depth == len(parts) - 1:
                 node[part] = value
             else:

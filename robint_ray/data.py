@@ -66,8 +66,15 @@ def holdout_indices(labels: np.ndarray, *, val_fraction: float, seed: int) -> tu
 class ArrayDataset(Dataset):
     """Images held in memory as uint8 (N, H, W, C)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: Sequence[str],
-                 indices: np.ndarray, transform: Callable | None = None, source: str = ""):
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray,
+        classes: Sequence[str],
+        indices: np.ndarray,
+        transform: Callable | None = None,
+        source: str = "",
+    ):
         self.images, self.labels, self.classes = images, labels.astype(np.int64), list(classes)
         self.indices, self.transform, self.source = indices, transform, source
 
@@ -82,8 +89,14 @@ class ArrayDataset(Dataset):
 
     def subset(self, positions: np.ndarray, transform: Callable | None = None) -> "ArrayDataset":
         """The items at `positions`, with `transform` (None: none)."""
-        return ArrayDataset(self.images[positions], self.labels[positions], self.classes,
-                            self.indices[positions], transform, self.source)
+        return ArrayDataset(
+            self.images[positions],
+            self.labels[positions],
+            self.classes,
+            self.indices[positions],
+            transform,
+            self.source,
+        )
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All images as one float tensor (N, C, H, W) in [0, 1] and labels (N,), untransformed."""
@@ -94,8 +107,7 @@ class ArrayDataset(Dataset):
 class FolderDataset(Dataset):
     """An ImageFolder split read lazily from disk."""
 
-    def __init__(self, samples: list[tuple[Path, int]], classes: Sequence[str], transform: Callable,
-                 source: str = ""):
+    def __init__(self, samples: list[tuple[Path, int]], classes: Sequence[str], transform: Callable, source: str = ""):
         self.samples, self.classes, self.transform, self.source = samples, list(classes), transform, source
         self.labels = np.array([label for _, label in samples], dtype=np.int64)
         self.indices = np.arange(len(samples))
@@ -116,8 +128,9 @@ class FolderDataset(Dataset):
 
     def subset(self, positions: np.ndarray, transform: Callable | None = None) -> "FolderDataset":
         """The items at `positions`, with `transform` (None: this dataset's)."""
-        out = FolderDataset([self.samples[p] for p in positions], self.classes,
-                            transform or self.transform, self.source)
+        out = FolderDataset(
+            [self.samples[p] for p in positions], self.classes, transform or self.transform, self.source
+        )
         out.indices = self.indices[positions]
         return out
 
@@ -155,12 +168,16 @@ class Arrays:
 def _check_arrays(arrays: Arrays, source: str) -> Arrays:
     for name in ("x_train", "x_test"):
         x = getattr(arrays, name)
-        check(x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3,
-              f"{source}: {name} must be uint8 images (N, H, W, 3), got {x.dtype} {x.shape}")
+        check(
+            x.dtype == np.uint8 and x.ndim == 4 and x.shape[3] == 3,
+            f"{source}: {name} must be uint8 images (N, H, W, 3), got {x.dtype} {x.shape}",
+        )
     for x, y, name in ((arrays.x_train, arrays.y_train, "y_train"), (arrays.x_test, arrays.y_test, "y_test")):
         check(len(x) == len(y), f"{source}: {name} has {len(y)} labels for {len(x)} images")
-        check(len(y) == 0 or (y.min() >= 0 and y.max() < len(arrays.classes)),
-              f"{source}: {name} has labels outside 0..{len(arrays.classes) - 1}")
+        check(
+            len(y) == 0 or (y.min() >= 0 and y.max() < len(arrays.classes)),
+            f"{source}: {name} has labels outside 0..{len(arrays.classes) - 1}",
+        )
     return arrays
 
 
@@ -172,8 +189,13 @@ def _read_npz(path: Path) -> Arrays:
             get = lambda k, default: f[k] if k in f.files else default  # noqa: E731
             classes = tuple(str(c) for c in get("classes", CIFAR10_CLASSES))
             arrays = Arrays(
-                f["x_train"], f["y_train"].astype(np.int64), f["x_test"], f["y_test"].astype(np.int64),
-                classes, get("idx_train", np.arange(len(f["y_train"]))), get("idx_test", np.arange(len(f["y_test"]))),
+                f["x_train"],
+                f["y_train"].astype(np.int64),
+                f["x_test"],
+                f["y_test"].astype(np.int64),
+                classes,
+                get("idx_train", np.arange(len(f["y_train"]))),
+                get("idx_test", np.arange(len(f["y_test"]))),
             )
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         if isinstance(err, InputError):
@@ -186,10 +208,18 @@ def _read_cifar_batches(root: Path) -> Arrays:
     import torchvision
 
     sets = [torchvision.datasets.CIFAR10(str(root), train=t, download=False) for t in (True, False)]
-    return _check_arrays(Arrays(
-        sets[0].data, np.asarray(sets[0].targets), sets[1].data, np.asarray(sets[1].targets),
-        tuple(sets[0].classes), np.arange(len(sets[0].data)), np.arange(len(sets[1].data)),
-    ), str(root))
+    return _check_arrays(
+        Arrays(
+            sets[0].data,
+            np.asarray(sets[0].targets),
+            sets[1].data,
+            np.asarray(sets[1].targets),
+            tuple(sets[0].classes),
+            np.arange(len(sets[0].data)),
+            np.arange(len(sets[1].data)),
+        ),
+        str(root),
+    )
 
 
 def _folder_samples(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
@@ -203,8 +233,9 @@ def _folder_samples(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     return samples, classes
 
 
-def load_split(path: str | Path, split: str, *, augment: bool = False, val_fraction: float = 0.1,
-               seed: int = 0) -> ArrayDataset | FolderDataset:
+def load_split(
+    path: str | Path, split: str, *, augment: bool = False, val_fraction: float = 0.1, seed: int = 0
+) -> ArrayDataset | FolderDataset:
     """One split of a dataset (see the module docstring). augment applies the training augmentation
     (only to `train` and `fit`)."""
     check(split in SPLITS, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
@@ -236,9 +267,12 @@ def load_split(path: str | Path, split: str, *, augment: bool = False, val_fract
         test = split == "test"
         train_transform, eval_transform = cifar_train_transform(), None
         data = ArrayDataset(
-            arrays.x_test if test else arrays.x_train, arrays.y_test if test else arrays.y_train,
-            arrays.classes, arrays.idx_test if test else arrays.idx_train,
-            train_transform if augment else None, str(path),
+            arrays.x_test if test else arrays.x_train,
+            arrays.y_test if test else arrays.y_train,
+            arrays.classes,
+            arrays.idx_test if test else arrays.idx_train,
+            train_transform if augment else None,
+            str(path),
         )
     if split in ("fit", "val"):
         fit, val = holdout_indices(data.labels, val_fraction=val_fraction, seed=seed)

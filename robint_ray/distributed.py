@@ -87,9 +87,16 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     # The dashboard (on 127.0.0.1 only) serves Ray's state API, which Ray Train's placement-group
     # cleaner needs to release the resources of a stopped run.
     # address="local": a new instance, even where `ray start` left a stale cluster address in /tmp/ray.
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-             dashboard_host="127.0.0.1",
-             configure_logging=True, logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        configure_logging=True,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
 
 
 def joined_cluster() -> bool:
@@ -243,8 +250,9 @@ def _shared_values(refs: Sequence[Any], device) -> list[Any]:
     return [_SHARED[key] for key in keys]
 
 
-def _run_shard(fn: Callable, shard: Any, index: int, threads: int, names: tuple[str, ...], refs: list,
-               progress: Any) -> tuple[Any, str, str]:
+def _run_shard(
+    fn: Callable, shard: Any, index: int, threads: int, names: tuple[str, ...], refs: list, progress: Any
+) -> tuple[Any, str, str]:
     import ray
     import torch
 
@@ -269,10 +277,20 @@ def default_window() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def fan_out_iter(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[str, Any] | None = None,
-                 num_cpus: float | None = None, num_gpus: float | None = None, max_retries: int = 3,
-                 sizes: Sequence[int] | None = None, desc: str = "", unit: str = "img", progress: bool = True,
-                 max_in_flight: int | None = None) -> Iterator[tuple[int, Any]]:
+def fan_out_iter(
+    fn: Callable[..., Any],
+    shards: Sequence[Any],
+    *,
+    shared: dict[str, Any] | None = None,
+    num_cpus: float | None = None,
+    num_gpus: float | None = None,
+    max_retries: int = 3,
+    sizes: Sequence[int] | None = None,
+    desc: str = "",
+    unit: str = "img",
+    progress: bool = True,
+    max_in_flight: int | None = None,
+) -> Iterator[tuple[int, Any]]:
     """(i, fn(shards[i], **shared)) for every shard, each call a Ray task, yielded as tasks finish
     (not in shard order). The driver holds only the results it has not yet yielded.
 
@@ -295,16 +313,23 @@ def fan_out_iter(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[
     num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
     num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
     if num_gpus > 0 and not cluster_has_gpus(unknown=True):  # Ray would wait for a GPU forever
-        raise InputError(f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
-                         "with one: use --gpus-per-task 0 (or --device cpu)")
+        raise InputError(
+            f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
+            "with one: use --gpus-per-task 0 (or --device cpu)"
+        )
     names = tuple((shared or {}).keys())
     # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
     refs = [ray.put(value) for value in (shared or {}).values()]
     # SPREAD: shards go to every node of a cluster, not first to fill the driver's node. The task's name
     # is fn's, so that Ray's dashboard and state API tell the stages apart.
-    remote = ray.remote(_run_shard).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries,
-                                            retry_exceptions=False, scheduling_strategy="SPREAD",
-                                            name=getattr(fn, "__name__", "fan_out"))
+    remote = ray.remote(_run_shard).options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        scheduling_strategy="SPREAD",
+        name=getattr(fn, "__name__", "fan_out"),
+    )
     threads = max(1, int(num_cpus))
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -347,9 +372,16 @@ def fan_out_iter(fn: Callable[..., Any], shards: Sequence[Any], *, shared: dict[
         if counter is not None:
             ray.kill(counter)
         if nodes:
-            log.info("%s: %d task(s) on %d node(s) %s, devices %s, %s CPU and %s GPU per task", desc or fn.__name__,
-                     sum(devices.values()), len(nodes), ", ".join(n[:8] for n in sorted(nodes)),
-                     ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())), num_cpus, num_gpus)
+            log.info(
+                "%s: %d task(s) on %d node(s) %s, devices %s, %s CPU and %s GPU per task",
+                desc or fn.__name__,
+                sum(devices.values()),
+                len(nodes),
+                ", ".join(n[:8] for n in sorted(nodes)),
+                ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())),
+                num_cpus,
+                num_gpus,
+            )
 
 
 def fan_out(fn: Callable[..., Any], shards: Sequence[Any], **options: Any) -> list[Any]:

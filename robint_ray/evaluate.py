@@ -49,11 +49,15 @@ class AttackConfig:
         check(self.kind in ("pgd", "autoattack", "none"), f"unknown attack {self.kind!r}; use pgd, autoattack or none")
         check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
         Threat(self.norm, self.eps, self.step_size)  # validates norm, eps, step size
-        check((self.autoattack_version == "custom") == bool(self.autoattack_attacks),
-              "AutoAttack: give the attacks (e.g. apgd-ce,apgd-t) exactly when the version is custom")
+        check(
+            (self.autoattack_version == "custom") == bool(self.autoattack_attacks),
+            "AutoAttack: give the attacks (e.g. apgd-ce,apgd-t) exactly when the version is custom",
+        )
         known = {"apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"}
-        check(set(self.autoattack_attacks) <= known,
-              f"unknown AutoAttack attack(s) {sorted(set(self.autoattack_attacks) - known)}; known: {sorted(known)}")
+        check(
+            set(self.autoattack_attacks) <= known,
+            f"unknown AutoAttack attack(s) {sorted(set(self.autoattack_attacks) - known)}; known: {sorted(known)}",
+        )
 
     @property
     def threat(self) -> Threat:
@@ -66,14 +70,29 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
         return x
     if attack.kind == "pgd":
         generator = torch.Generator(device=x.device).manual_seed(attack.seed)
-        return pgd(model, x, y, threat=attack.threat, steps=attack.steps, random_start=attack.random_start,
-                   restarts=attack.restarts, keep=attack.keep,
-                   score_fn=misclassified_then_ce if attack.keep == "best" else None, generator=generator)
+        return pgd(
+            model,
+            x,
+            y,
+            threat=attack.threat,
+            steps=attack.steps,
+            random_start=attack.random_start,
+            restarts=attack.restarts,
+            keep=attack.keep,
+            score_fn=misclassified_then_ce if attack.keep == "best" else None,
+            generator=generator,
+        )
     from pyautoattack import AutoAttack
 
-    adversary = AutoAttack(model, norm={"l2": "L2", "linf": "Linf"}[attack.norm], eps=attack.eps,
-                           version=attack.autoattack_version, device=x.device, seed=attack.seed,
-                           attacks=list(attack.autoattack_attacks) or None)
+    adversary = AutoAttack(
+        model,
+        norm={"l2": "L2", "linf": "Linf"}[attack.norm],
+        eps=attack.eps,
+        version=attack.autoattack_version,
+        device=x.device,
+        seed=attack.seed,
+        attacks=list(attack.autoattack_attacks) or None,
+    )
     adversary.verbose = False
     was_training = model.training
     model.eval()
@@ -89,10 +108,20 @@ def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return model(x).argmax(dim=1) == y
 
 
-def correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, batch_size: int = 128,
-                device: str | torch.device | None = None, workers: int = 0, shard_batches: int = 4,
-                num_gpus: float | None = None, num_cpus: float | None = None, progress: bool = False,
-                on_batch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def correctness(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    attack: AttackConfig | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+    shard_batches: int = 4,
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
+    progress: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example of `dataset`, in its order: (clean correct (N,) bool, clean and adversarial correct
     (N,) bool).
 
@@ -109,9 +138,17 @@ def correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | No
     attack = attack or AttackConfig(kind="none")
     check(len(dataset) > 0, "the dataset is empty")
     if workers >= 1:
-        return _sharded_correctness(model, dataset, attack=attack, batch_size=batch_size, workers=workers,
-                                    shard_batches=shard_batches, num_gpus=num_gpus, num_cpus=num_cpus,
-                                    progress=progress)
+        return _sharded_correctness(
+            model,
+            dataset,
+            attack=attack,
+            batch_size=batch_size,
+            workers=workers,
+            shard_batches=shard_batches,
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            progress=progress,
+        )
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -143,21 +180,37 @@ def correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | No
     return torch.cat(clean), torch.cat(robust)
 
 
-def _evaluate_shard(bounds: tuple[int, int], *, model: nn.Module, dataset: Dataset, attack: AttackConfig,
-                    batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _evaluate_shard(
+    bounds: tuple[int, int], *, model: nn.Module, dataset: Dataset, attack: AttackConfig, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One Ray task: correctness of dataset[start:stop] on the task's device, reporting per batch."""
     from torch.utils.data import Subset
 
     from .distributed import report_progress, task_device
 
     start, stop = bounds
-    return correctness(model, Subset(dataset, range(start, stop)), attack=attack, batch_size=batch_size,
-                       device=task_device(), on_batch=report_progress)
+    return correctness(
+        model,
+        Subset(dataset, range(start, stop)),
+        attack=attack,
+        batch_size=batch_size,
+        device=task_device(),
+        on_batch=report_progress,
+    )
 
 
-def _sharded_correctness(model: nn.Module, dataset: Dataset, *, attack: AttackConfig, batch_size: int,
-                         workers: int, shard_batches: int, num_gpus: float | None, num_cpus: float | None,
-                         progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _sharded_correctness(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    attack: AttackConfig,
+    batch_size: int,
+    workers: int,
+    shard_batches: int,
+    num_gpus: float | None,
+    num_cpus: float | None,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     import copy
 
     from .distributed import fan_out, shard_ranges
@@ -165,16 +218,33 @@ def _sharded_correctness(model: nn.Module, dataset: Dataset, *, attack: AttackCo
     shards = shard_ranges(len(dataset), shard_batches * batch_size)  # whole batches: the same as in process
     on_cpu = next(model.parameters()).device.type == "cpu"
     shipped = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays where it is
-    parts = fan_out(_evaluate_shard, shards, shared=dict(model=shipped, dataset=dataset, attack=attack,
-                                                         batch_size=batch_size),
-                    num_cpus=num_cpus, num_gpus=num_gpus, sizes=[stop - start for start, stop in shards],
-                    desc=f"eval ({attack.kind})", progress=progress, max_in_flight=workers)
+    parts = fan_out(
+        _evaluate_shard,
+        shards,
+        shared=dict(model=shipped, dataset=dataset, attack=attack, batch_size=batch_size),
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        sizes=[stop - start for start, stop in shards],
+        desc=f"eval ({attack.kind})",
+        progress=progress,
+        max_in_flight=workers,
+    )
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, batch_size: int = 128,
-             device: str | torch.device | None = None, progress: bool = False, workers: int = 0,
-             shard_batches: int = 4, num_gpus: float | None = None, num_cpus: float | None = None) -> dict:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    attack: AttackConfig | None = None,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    workers: int = 0,
+    shard_batches: int = 4,
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
+) -> dict:
     """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`, in this process
     (workers = 0) or as Ray tasks (see `correctness`: the same figures either way).
 
@@ -182,11 +252,24 @@ def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None 
     "attack": {...}}. The model is put in eval mode for the evaluation and its mode is restored.
     """
     attack = attack or AttackConfig(kind="none")
-    ok, ok_adv = correctness(model, dataset, attack=attack, batch_size=batch_size, device=device, workers=workers,
-                             shard_batches=shard_batches, num_gpus=num_gpus, num_cpus=num_cpus, progress=progress)
+    ok, ok_adv = correctness(
+        model,
+        dataset,
+        attack=attack,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        shard_batches=shard_batches,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+        progress=progress,
+    )
     n, clean, robust = len(ok), int(ok.sum()), int(ok_adv.sum())
     return {
-        "n": n, "clean_correct": clean, "adversarial_correct": robust,
-        "clean_accuracy": clean / n, "adversarial_accuracy": robust / n if attack.kind != "none" else None,
+        "n": n,
+        "clean_correct": clean,
+        "adversarial_correct": robust,
+        "clean_accuracy": clean / n,
+        "adversarial_accuracy": robust / n if attack.kind != "none" else None,
         "attack": asdict(attack),
     }

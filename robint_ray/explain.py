@@ -182,8 +182,9 @@ def resolve_batch_size(model: nn.Module, image_shape: tuple[int, ...], config: E
     """config.batch_size, lowered to fit config.memory_mb where that is set."""
     if config.memory_mb is None:
         return config.batch_size
-    fits = attr.estimate_batch_size(model, image_shape, config.memory_mb * 2**20,
-                                    device=next(model.parameters()).device)
+    fits = attr.estimate_batch_size(
+        model, image_shape, config.memory_mb * 2**20, device=next(model.parameters()).device
+    )
     return min(config.batch_size, fits)
 
 
@@ -194,15 +195,22 @@ def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) ->
     was_training = model.training
     model.eval()
     try:
-        out = [model(images[i:i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
+        out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
-def explain_images(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, *,
-                   config: ExplainConfig, batch_size: int, background: torch.Tensor | None = None
-                   ) -> dict[str, np.ndarray]:
+def explain_images(
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    indices: np.ndarray,
+    *,
+    config: ExplainConfig,
+    batch_size: int,
+    background: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
     """Attributions and per-image metrics of some images, in this process, on the model's device.
 
     images (n, C, H, W) in [0, 1], targets (n,), indices (n,) dataset indices (they seed the random
@@ -213,34 +221,68 @@ def explain_images(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     if config.method == "ig":
         ig = config.ig
         baselines = attr.make_baselines(x, kind=ig.baseline, k=ig.num_baselines, seed=ig.seed, indices=indices)
-        result = attr.integrated_gradients(model, x, t, baselines, steps=ig.steps, output=ig.output,
-                                           batch_size=batch_size)
+        result = attr.integrated_gradients(
+            model, x, t, baselines, steps=ig.steps, output=ig.output, batch_size=batch_size
+        )
         maps = result.attributions
-        out.update(output=result.output, baseline_output=result.baseline_output,
-                   completeness_gap=result.gap, relative_completeness_gap=result.relative_gap)
+        out.update(
+            output=result.output,
+            baseline_output=result.baseline_output,
+            completeness_gap=result.gap,
+            relative_completeness_gap=result.relative_gap,
+        )
     else:
         check(background is not None, "expected gradients need a background set")
         sh = config.shap
-        maps = attr.expected_gradients(model, x, t, background.to(device), nsamples=sh.nsamples, output=sh.output,
-                                       local_smoothing=sh.local_smoothing, seed=sh.seed, indices=indices,
-                                       batch_size=batch_size)
-    deletion, insertion = attr.deletion_insertion(model, x, t, maps, steps=config.metric_steps,
-                                                  batch_size=metric_batch_size(config, batch_size))
-    out.update(deletion_auc=deletion, insertion_auc=insertion, gini=attr.gini(maps),
-               top_mass=attr.top_mass(maps, config.top_fraction))
+        maps = attr.expected_gradients(
+            model,
+            x,
+            t,
+            background.to(device),
+            nsamples=sh.nsamples,
+            output=sh.output,
+            local_smoothing=sh.local_smoothing,
+            seed=sh.seed,
+            indices=indices,
+            batch_size=batch_size,
+        )
+    deletion, insertion = attr.deletion_insertion(
+        model, x, t, maps, steps=config.metric_steps, batch_size=metric_batch_size(config, batch_size)
+    )
+    out.update(
+        deletion_auc=deletion,
+        insertion_auc=insertion,
+        gini=attr.gini(maps),
+        top_mass=attr.top_mass(maps, config.top_fraction),
+    )
     out = {name: value.detach().cpu().numpy() for name, value in out.items()}
     out["attributions"] = maps.detach().cpu().numpy()
     return out
 
 
-def explain_shard(bounds: tuple[int, int], *, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                  indices: np.ndarray, config: ExplainConfig, batch_size: int,
-                  background: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+def explain_shard(
+    bounds: tuple[int, int],
+    *,
+    model: nn.Module,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    indices: np.ndarray,
+    config: ExplainConfig,
+    batch_size: int,
+    background: torch.Tensor | None = None,
+) -> dict[str, np.ndarray]:
     """One Ray task: explain_images on images[start:stop], on the model's device (fan_out moved it to the
     task's: a GPU where the task was given one)."""
     start, stop = bounds
-    return explain_images(model, images[start:stop], targets[start:stop], indices[start:stop], config=config,
-                          batch_size=batch_size, background=background)
+    return explain_images(
+        model,
+        images[start:stop],
+        targets[start:stop],
+        indices[start:stop],
+        config=config,
+        batch_size=batch_size,
+        background=background,
+    )
 
 
 def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[tuple[int, int]]:
@@ -253,9 +295,17 @@ def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[tuple[in
     return shard_ranges(n, size)
 
 
-def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, config: ExplainConfig,
-            indices: np.ndarray | None = None, background: torch.Tensor | None = None,
-            progress: bool = True, task: Callable[..., dict[str, np.ndarray]] = explain_shard) -> Explanation:
+def explain(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    config: ExplainConfig,
+    indices: np.ndarray | None = None,
+    background: torch.Tensor | None = None,
+    progress: bool = True,
+    task: Callable[..., dict[str, np.ndarray]] = explain_shard,
+) -> Explanation:
     """Attributions of `images` (N, C, H, W) in [0, 1], with metrics, for the class config.target
     names: "predicted" (the default, as the authors' notebooks: each model's own argmax, so a wrongly
     classified image shows why the model chose what it chose) or "label" (the true `labels` (N,)).
@@ -272,8 +322,9 @@ def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, con
     targets = labels if config.target == "label" else predict(model, images, batch_size=config.batch_size)
     batch_size = resolve_batch_size(model, tuple(images.shape[1:]), config)
     if config.workers == 0 or len(images) == 0:
-        parts = [explain_images(model, images, targets, indices, config=config, batch_size=batch_size,
-                                background=background)]
+        parts = [
+            explain_images(model, images, targets, indices, config=config, batch_size=batch_size, background=background)
+        ]
     else:
         from .distributed import fan_out, init_ray
 
@@ -281,12 +332,26 @@ def explain(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, con
         shards = plan_shards(len(images), config, batch_size)
         on_cpu = next(model.parameters()).device.type == "cpu"
         cpu_model = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays put
-        parts = fan_out(task, shards, shared=dict(model=cpu_model, images=images.cpu(), targets=targets.cpu(),
-                                                  indices=indices, config=config, batch_size=batch_size,
-                                                  background=None if background is None else background.cpu()),
-                        num_cpus=config.num_cpus, num_gpus=config.num_gpus, max_retries=config.max_retries,
-                        sizes=[stop - start for start, stop in shards], desc=config.method, progress=progress,
-                        max_in_flight=config.workers)
+        parts = fan_out(
+            task,
+            shards,
+            shared=dict(
+                model=cpu_model,
+                images=images.cpu(),
+                targets=targets.cpu(),
+                indices=indices,
+                config=config,
+                batch_size=batch_size,
+                background=None if background is None else background.cpu(),
+            ),
+            num_cpus=config.num_cpus,
+            num_gpus=config.num_gpus,
+            max_retries=config.max_retries,
+            sizes=[stop - start for start, stop in shards],
+            desc=config.method,
+            progress=progress,
+            max_in_flight=config.workers,
+        )
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     maps = merged.pop("attributions")
     return Explanation(config.method, maps, targets.numpy(), indices, merged, config.to_dict(), labels.numpy())
@@ -308,9 +373,12 @@ def summarize(explanations: Mapping[str, Explanation]) -> dict[str, Any]:
     for name, e in explanations.items():
         out["models"][name] = {
             "target": e.config.get("target"),
-            "per_image": {"index": e.indices.tolist(), "target": e.targets.tolist(),
-                          **({} if e.labels is None else {"label": e.labels.tolist()}),
-                          **{k: v.tolist() for k, v in e.metrics.items()}},
+            "per_image": {
+                "index": e.indices.tolist(),
+                "target": e.targets.tolist(),
+                **({} if e.labels is None else {"label": e.labels.tolist()}),
+                **{k: v.tolist() for k, v in e.metrics.items()},
+            },
             "mean": e.summary(),
         }
     names = list(explanations)
@@ -318,14 +386,21 @@ def summarize(explanations: Mapping[str, Explanation]) -> dict[str, Any]:
         a, b = explanations[names[0]], explanations[names[1]]
         out["difference"] = {
             "of": f"{names[1]} - {names[0]}",
-            **{k: attr.paired_difference(a.metrics[k], b.metrics[k])
-               for k in ("deletion_auc", "insertion_auc", "gini", "top_mass")},
+            **{
+                k: attr.paired_difference(a.metrics[k], b.metrics[k])
+                for k in ("deletion_auc", "insertion_auc", "gini", "top_mass")
+            },
         }
     return out
 
 
-def save(out_dir: str | Path, explanations: Mapping[str, Explanation], *, extra: Mapping[str, Any] | None = None,
-         labels: np.ndarray | None = None) -> dict[str, Any]:
+def save(
+    out_dir: str | Path,
+    explanations: Mapping[str, Explanation],
+    *,
+    extra: Mapping[str, Any] | None = None,
+    labels: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Write out_dir/attributions.npz (`attributions` (N, C, H, W) of the first model, `indices`,
     `targets`, `labels`, `target_kind` ("predicted" or "label"), and `<name>_attributions`,
     `<name>_targets` for every model) and out_dir/metrics.json (with "target": the kind)."""
@@ -333,8 +408,12 @@ def save(out_dir: str | Path, explanations: Mapping[str, Explanation], *, extra:
     out_dir.mkdir(parents=True, exist_ok=True)
     names = list(explanations)
     first = explanations[names[0]]
-    arrays = {"attributions": first.attributions, "indices": first.indices, "targets": first.targets,
-              "target_kind": np.array(first.config.get("target", ""))}
+    arrays = {
+        "attributions": first.attributions,
+        "indices": first.indices,
+        "targets": first.targets,
+        "target_kind": np.array(first.config.get("target", "")),
+    }
     if labels is None:
         labels = first.labels
     if labels is not None:
@@ -343,9 +422,14 @@ def save(out_dir: str | Path, explanations: Mapping[str, Explanation], *, extra:
         arrays[f"{name}_attributions"] = e.attributions
         arrays[f"{name}_targets"] = e.targets
     np.savez_compressed(out_dir / "attributions.npz", **arrays)
-    metrics = {"method": first.method, "n": int(len(first.indices)), "target": first.config.get("target"),
-               "config": first.config,
-               **(dict(extra) if extra else {}), **summarize(explanations)}
+    metrics = {
+        "method": first.method,
+        "n": int(len(first.indices)),
+        "target": first.config.get("target"),
+        "config": first.config,
+        **(dict(extra) if extra else {}),
+        **summarize(explanations),
+    }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=True))
     return metrics
 
@@ -378,8 +462,13 @@ def _image_hwc(images: np.ndarray | torch.Tensor) -> np.ndarray:
     return np.clip(np.asarray(images, dtype=np.float32).transpose(0, 2, 3, 1), 0, 1)
 
 
-def plot_overlays(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarray], path: str | Path, *,
-                  captions: list[str] | None = None) -> Path:
+def plot_overlays(
+    images: np.ndarray | torch.Tensor,
+    maps: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    captions: list[str] | None = None,
+) -> Path:
     """The paper's Figs. 2 and 6: one row per image, columns image | one attribution map per model
     (e.g. standard | robust). images (N, C, H, W) in [0, 1]; maps name -> (N, C, H, W)."""
     import matplotlib
@@ -418,8 +507,15 @@ def grid_cell(i: int, *, rows: int = 8) -> tuple[int, int, str]:
     return row, column, f"{chr(ord('A') + row)}{column + 1}"
 
 
-def plot_grid(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarray], path: str | Path, *,
-              rows: int = 8, captions: list[str] | None = None, title: str = "") -> Path:
+def plot_grid(
+    images: np.ndarray | torch.Tensor,
+    maps: Mapping[str, np.ndarray],
+    path: str | Path,
+    *,
+    rows: int = 8,
+    captions: list[str] | None = None,
+    title: str = "",
+) -> Path:
     """The paper's Figs. 10 / 13 (16 / 17): 24 images as 8 rows (A-H) x 3 columns (1-3), filled column
     by column (`grid_cell`); each cell the image followed by one attribution map per model, labelled
     like the paper's "H2", with an optional caption per image."""
@@ -432,8 +528,13 @@ def plot_grid(images: np.ndarray | torch.Tensor, maps: Mapping[str, np.ndarray],
     n, per_cell = len(pictures), 1 + len(maps)
     rows = max(1, min(rows, n))
     columns = math.ceil(n / rows)
-    fig, axes = plt.subplots(rows, columns * per_cell, figsize=(1.35 * columns * per_cell, 1.65 * rows + 0.6),
-                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.45})
+    fig, axes = plt.subplots(
+        rows,
+        columns * per_cell,
+        figsize=(1.35 * columns * per_cell, 1.65 * rows + 0.6),
+        squeeze=False,
+        gridspec_kw={"wspace": 0.05, "hspace": 0.45},
+    )
     for ax in axes.flat:
         ax.axis("off")
     for i in range(n):

@@ -40,8 +40,20 @@ from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
 
 log = logging.getLogger(__name__)
 
-__all__ = ["FeatureStats", "merge_tree", "frechet_distance", "fid_from_stats", "inception_distance",
-           "ImageSource", "open_source", "read_images", "source_stats", "fid", "RESIZE", "PREPROCESSING"]
+__all__ = [
+    "FeatureStats",
+    "merge_tree",
+    "frechet_distance",
+    "fid_from_stats",
+    "inception_distance",
+    "ImageSource",
+    "open_source",
+    "read_images",
+    "source_stats",
+    "fid",
+    "RESIZE",
+    "PREPROCESSING",
+]
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -141,7 +153,10 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     and rank-deficient covariances (n <= d) are fine. The result is clamped at 0 (it is a squared
     distance; rounding alone could make it -1e-13)."""
     mu1, mu2, s1, s2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, mu2, sigma1, sigma2))
-    check(mu1.shape == mu2.shape and mu1.ndim == 1, f"means must be (d,) alike, got {tuple(mu1.shape)}, {tuple(mu2.shape)}")
+    check(
+        mu1.shape == mu2.shape and mu1.ndim == 1,
+        f"means must be (d,) alike, got {tuple(mu1.shape)}, {tuple(mu2.shape)}",
+    )
     d = mu1.shape[0]
     check(s1.shape == (d, d) and s2.shape == (d, d), f"covariances must be ({d}, {d})")
     s1, s2 = (s1 + s1.T) / 2, (s2 + s2.T) / 2
@@ -158,26 +173,40 @@ def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     for name, s in (("first", a), ("second", b)):
         check(s.n >= 2, f"the {name} set has {s.n} image(s); FID needs at least 2 per set")
         if s.n < s.dims:
-            warnings.warn(f"the {name} set has {s.n} images for {s.dims} dimensions: its covariance is "
-                          "rank-deficient and the FID biased; use more images than dimensions", stacklevel=2)
+            warnings.warn(
+                f"the {name} set has {s.n} images for {s.dims} dimensions: its covariance is "
+                "rank-deficient and the FID biased; use more images than dimensions",
+                stacklevel=2,
+            )
     return frechet_distance(a.mean(), a.cov(), b.mean(), b.cov())
 
 
 # ------------------------------------------------------------------------------ Inception-192 distance
 
 
-def inception_distance(model: FIDInception, originals: torch.Tensor, inverted: torch.Tensor, *, dims: int = 192,
-                       batch_size: int = 32, preprocessing: str = "robint") -> tuple[torch.Tensor, float]:
+def inception_distance(
+    model: FIDInception,
+    originals: torch.Tensor,
+    inverted: torch.Tensor,
+    *,
+    dims: int = 192,
+    batch_size: int = 32,
+    preprocessing: str = "robint",
+) -> tuple[torch.Tensor, float]:
     """The paper's feature distance between originals and their inversions (Tables 3 and 6).
 
     originals, inverted: (N, 3, H, W), uint8 or float in [0, 1], image i of one paired with image i of
     the other. Returns (per-image L2 distances (N,), the batch figure): the Frobenius norm of the
     (N, dims) difference of features, as the authors' code computes it over a batch (not a mean).
     preprocessing: "robint" or "author" (`inception.preprocess`)."""
-    check(originals.shape == inverted.shape, f"{tuple(originals.shape)} originals vs {tuple(inverted.shape)} inversions")
+    check(
+        originals.shape == inverted.shape, f"{tuple(originals.shape)} originals vs {tuple(inverted.shape)} inversions"
+    )
     options = dict(dims=dims, batch_size=batch_size, preprocessing=preprocessing)
-    diff = (inception_features(model, originals, **options).double()
-            - inception_features(model, inverted, **options).double())  # (N, dims)
+    diff = (
+        inception_features(model, originals, **options).double()
+        - inception_features(model, inverted, **options).double()
+    )  # (N, dims)
     return diff.norm(dim=1), float(diff.norm())
 
 
@@ -223,8 +252,10 @@ def open_source(path: str | Path, split: str | None = None) -> ImageSource:
     path = Path(path)
     check(path.exists(), f"image source not found: {path}")
     if path.is_dir():
-        check(not (path / "train").is_dir(),
-              f"{path} is a dataset (it has train/); add --split train or --split test after it")
+        check(
+            not (path / "train").is_dir(),
+            f"{path} is a dataset (it has train/); add --split train or --split test after it",
+        )
         files = tuple(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
         check(files, f"{path}: no image files ({', '.join(FOLDER_EXTENSIONS)}) in it or below it")
         return ImageSource("folder", str(path), len(files), files=files)
@@ -246,7 +277,9 @@ def _stored_member(path: str, member: str) -> np.ndarray | None:
     with open(path, "rb") as f:
         f.seek(info.header_offset)
         local = f.read(30)  # the local file header: its name and extra field lengths at bytes 26..29
-        f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little"))
+        f.seek(
+            info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(local[28:30], "little")
+        )
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0)):
             return None
@@ -263,8 +296,11 @@ def _array_images(path: str, mtime_ns: int) -> np.ndarray:
     try:
         with np.load(path, allow_pickle=False) as f:
             if "images" not in f.files:
-                hint = (" (a dataset array file: add --split train or --split test after it)"
-                        if "x_train" in f.files else "")
+                hint = (
+                    " (a dataset array file: add --split train or --split test after it)"
+                    if "x_train" in f.files
+                    else ""
+                )
                 raise InputError(f"{path}: no `images` array{hint}; found {', '.join(f.files)}")
             images = _stored_member(path, "images.npy")
             if images is None:  # compressed: read whole
@@ -273,8 +309,10 @@ def _array_images(path: str, mtime_ns: int) -> np.ndarray:
         if isinstance(err, InputError):
             raise
         raise InputError(f"cannot read array file {path}: {err}") from err
-    check(images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3),
-          f"{path}: `images` must be uint8 (N, H, W, 3 or 1), got {images.dtype} {images.shape}")
+    check(
+        images.dtype == np.uint8 and images.ndim == 4 and images.shape[3] in (1, 3),
+        f"{path}: `images` must be uint8 (N, H, W, 3 or 1), got {images.dtype} {images.shape}",
+    )
     return images
 
 
@@ -323,16 +361,20 @@ class Shard:
     stop: int
 
 
-def shard_stats(shard: Shard, *, model: FIDInception, dims: int, batch_size: int,
-                preprocessing: str = "robint") -> FeatureStats:
+def shard_stats(
+    shard: Shard, *, model: FIDInception, dims: int, batch_size: int, preprocessing: str = "robint"
+) -> FeatureStats:
     """Statistics of one shard's images, on the model's device (in a Ray task: the task's device)."""
     from .distributed import report_progress
 
     images = read_images(shard.image_source, shard.start, shard.stop)
     parts = []
     for i in range(0, len(images), batch_size):  # batch by batch, so that the driver's progress bar moves
-        parts.append(inception_features(model, images[i:i + batch_size], dims=dims, batch_size=batch_size,
-                                        preprocessing=preprocessing))
+        parts.append(
+            inception_features(
+                model, images[i : i + batch_size], dims=dims, batch_size=batch_size, preprocessing=preprocessing
+            )
+        )
         report_progress(len(parts[-1]))
     features = torch.cat(parts)  # (n, dims); each image's features do not depend on its batch
     return FeatureStats.of(features.to(next(model.parameters()).device))  # the n d^2 sums there too
@@ -369,10 +411,19 @@ def default_shard_size(sources: Sequence[ImageSource], workers: int, batch_size:
     return min(cap, max(batch_size, math.ceil(total / shards / batch_size) * batch_size))
 
 
-def source_stats(sources: Sequence[ImageSource], model: FIDInception, *, dims: int = 2048, workers: int = 2,
-                 batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
-                 preprocessing: str = "robint", num_gpus: float | None = None,
-                 num_cpus: float | None = None) -> list[FeatureStats]:
+def source_stats(
+    sources: Sequence[ImageSource],
+    model: FIDInception,
+    *,
+    dims: int = 2048,
+    workers: int = 2,
+    batch_size: int = 32,
+    shard_size: int | None = None,
+    progress: bool = True,
+    preprocessing: str = "robint",
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
+) -> list[FeatureStats]:
     """The statistics of each source. workers >= 1: shards are Ray tasks (at most `workers` in flight,
     num_gpus / num_cpus each; None: the enclosing `distributed.task_resources`, else one CPU) on the
     running cluster, each on its own device, their statistics added up in the driver as they finish
@@ -381,7 +432,10 @@ def source_stats(sources: Sequence[ImageSource], model: FIDInception, *, dims: i
     from .distributed import fan_out_iter
 
     check(all(s.count > 0 for s in sources), "an image source is empty")
-    check(preprocessing in PREPROCESSING, f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
+    check(
+        preprocessing in PREPROCESSING,
+        f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}",
+    )
     shards = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
     options = {"dims": dims, "batch_size": batch_size, "preprocessing": preprocessing}
     totals: list[FeatureStats | None] = [None] * len(sources)
@@ -394,24 +448,58 @@ def source_stats(sources: Sequence[ImageSource], model: FIDInception, *, dims: i
             add(s, shard_stats(s, model=model, **options))
     else:
         shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        for i, stats in fan_out_iter(shard_stats, shards, shared={"model": shipped, **options},
-                                     num_cpus=num_cpus, num_gpus=num_gpus, sizes=[s.stop - s.start for s in shards],
-                                     desc=f"Inception-{dims} features", progress=progress, max_in_flight=workers):
+        for i, stats in fan_out_iter(
+            shard_stats,
+            shards,
+            shared={"model": shipped, **options},
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            sizes=[s.stop - s.start for s in shards],
+            desc=f"Inception-{dims} features",
+            progress=progress,
+            max_in_flight=workers,
+        ):
             add(shards[i], stats)
     return totals
 
 
-def fid(source_a: ImageSource, source_b: ImageSource, model: FIDInception, *, dims: int = 2048, workers: int = 2,
-        batch_size: int = 32, shard_size: int | None = None, progress: bool = True,
-        preprocessing: str = "robint", num_gpus: float | None = None, num_cpus: float | None = None) -> dict:
+def fid(
+    source_a: ImageSource,
+    source_b: ImageSource,
+    model: FIDInception,
+    *,
+    dims: int = 2048,
+    workers: int = 2,
+    batch_size: int = 32,
+    shard_size: int | None = None,
+    progress: bool = True,
+    preprocessing: str = "robint",
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
+) -> dict:
     """The FID between two image sources, with what is needed to read the figure: n_a, n_b, dims,
     the preprocessing (its name, and in `resize` what it does), the weights' source and hash."""
-    stats_a, stats_b = source_stats([source_a, source_b], model, dims=dims, workers=workers, batch_size=batch_size,
-                                    shard_size=shard_size, progress=progress, preprocessing=preprocessing,
-                                    num_gpus=num_gpus, num_cpus=num_cpus)
+    stats_a, stats_b = source_stats(
+        [source_a, source_b],
+        model,
+        dims=dims,
+        workers=workers,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        progress=progress,
+        preprocessing=preprocessing,
+        num_gpus=num_gpus,
+        num_cpus=num_cpus,
+    )
     return {
-        "fid": fid_from_stats(stats_a, stats_b), "n_a": stats_a.n, "n_b": stats_b.n, "dims": dims,
-        "preprocessing": preprocessing, "resize": PREPROCESSING[preprocessing],
-        "weights_hash": model.weights_info.get("sha256", ""), "weights_source": model.weights_info.get("source", ""),
-        "source_a": source_a.describe(), "source_b": source_b.describe(),
+        "fid": fid_from_stats(stats_a, stats_b),
+        "n_a": stats_a.n,
+        "n_b": stats_b.n,
+        "dims": dims,
+        "preprocessing": preprocessing,
+        "resize": PREPROCESSING[preprocessing],
+        "weights_hash": model.weights_info.get("sha256", ""),
+        "weights_source": model.weights_info.get("source", ""),
+        "source_a": source_a.describe(),
+        "source_b": source_b.describe(),
     }

@@ -38,12 +38,27 @@ import numpy as np
 import torch
 
 from .errors import InputError, check
-from .storage import Location
 from .models import Classifier
-from .visualize import (ClassSeeds, PGDSettings, FEATURE_VIS, INVERSION, extreme_activations, feature_activations,
-                        fit_class_seeds, generate_classes, generation_settings, invert, mean_activation,
-                        normalised_distance,
-                        pool_images, representation, sample_class_seeds, seed_pool, visualize_features)
+from .storage import Location
+from .visualize import (
+    FEATURE_VIS,
+    INVERSION,
+    ClassSeeds,
+    PGDSettings,
+    extreme_activations,
+    feature_activations,
+    fit_class_seeds,
+    generate_classes,
+    generation_settings,
+    invert,
+    mean_activation,
+    normalised_distance,
+    pool_images,
+    representation,
+    sample_class_seeds,
+    seed_pool,
+    visualize_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +110,9 @@ def from_uint8(images: np.ndarray) -> torch.Tensor:
 # --- class seeds from a dataset ------------------------------------------------------------------
 
 
-def fit_seeds(dataset, *, num_classes: int, pool: int | None = None, ridge: float = 1e-4,
-              batch_size: int = 256) -> ClassSeeds:
+def fit_seeds(
+    dataset, *, num_classes: int, pool: int | None = None, ridge: float = 1e-4, batch_size: int = 256
+) -> ClassSeeds:
     """The class seed distributions of `visualize.fit_class_seeds`, fitted on every image of a dataset
     split (the paper: the test set), read in batches and pooled on the fly (a 128-px split never
     sits in memory at full size). pool: default `seed_pool(image size)` (4, the authors' grain)."""
@@ -109,9 +125,13 @@ def fit_seeds(dataset, *, num_classes: int, pool: int | None = None, ridge: floa
         labels.append(y)
     check(shape is not None, "the dataset is empty: nothing to fit the class seeds on")
     labels_all = torch.cat(labels)
-    check(int(labels_all.max()) < num_classes, f"the data has labels up to {int(labels_all.max())}, the model only {num_classes} classes")
-    return fit_class_seeds(torch.cat(pooled), labels_all, num_classes=num_classes, pool=pool,
-                           image_shape=shape, ridge=ridge)
+    check(
+        int(labels_all.max()) < num_classes,
+        f"the data has labels up to {int(labels_all.max())}, the model only {num_classes} classes",
+    )
+    return fit_class_seeds(
+        torch.cat(pooled), labels_all, num_classes=num_classes, pool=pool, image_shape=shape, ridge=ridge
+    )
 
 
 def per_class_sample(labels: np.ndarray, per_class: int, *, seed: int = 0) -> np.ndarray:
@@ -145,7 +165,9 @@ class GenerationConfig:
     rounding: str = "round"
 
     def __post_init__(self):
-        check(isinstance(self.per_class, int) and self.per_class >= 1, f"per_class must be >= 1, got {self.per_class!r}")
+        check(
+            isinstance(self.per_class, int) and self.per_class >= 1, f"per_class must be >= 1, got {self.per_class!r}"
+        )
         check(len(self.classes) >= 1, "no classes to generate")
         check(self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -180,8 +202,10 @@ class Shard:
 
 
 def plan_shards(config: GenerationConfig) -> list[Shard]:
-    return [Shard(i, start, min(start + config.shard_size, config.total))
-            for i, start in enumerate(range(0, config.total, config.shard_size))]
+    return [
+        Shard(i, start, min(start + config.shard_size, config.total))
+        for i, start in enumerate(range(0, config.total, config.shard_size))
+    ]
 
 
 def shard_classes(config: GenerationConfig, shard: Shard) -> torch.Tensor:
@@ -211,12 +235,14 @@ class FIDFeatures:
         """(n, dims) float32 features of uint8 (n, C, H, W) images, on the model's device."""
         from .inception import inception_features
 
-        return inception_features(self.model, images, dims=self.dims, batch_size=self.batch_size,
-                                  preprocessing=self.preprocessing)
+        return inception_features(
+            self.model, images, dims=self.dims, batch_size=self.batch_size, preprocessing=self.preprocessing
+        )
 
 
-def make_shard_images(shard: Shard, *, model: Classifier, seeds: ClassSeeds,
-                      config: GenerationConfig) -> dict[str, np.ndarray]:
+def make_shard_images(
+    shard: Shard, *, model: Classifier, seeds: ClassSeeds, config: GenerationConfig
+) -> dict[str, np.ndarray]:
     """One shard's images, labels and seeds (uint8 (n, H, W, C), int64 (n,), uint8 (n, H, W, C)),
     optimised on the model's device, `config.batch_size` at a time; inside a fan_out task each batch
     is reported to the driver's progress bar."""
@@ -227,15 +253,25 @@ def make_shard_images(shard: Shard, *, model: Classifier, seeds: ClassSeeds,
     starts = sample_class_seeds(seeds, classes, generator=shard_generator(config.seed, shard.index))  # (n, C, H, W)
     out = []
     for i in range(0, shard.size, config.batch_size):
-        batch = starts[i:i + config.batch_size].to(device)
-        out.append(generate_classes(model, batch, classes[i:i + config.batch_size], settings=config.settings).cpu())
+        batch = starts[i : i + config.batch_size].to(device)
+        out.append(generate_classes(model, batch, classes[i : i + config.batch_size], settings=config.settings).cpu())
         report_progress(len(batch))
-    return {"images": to_uint8(torch.cat(out), rounding=config.rounding), "labels": classes.numpy().astype(np.int64),
-            "seeds": to_uint8(starts)}
+    return {
+        "images": to_uint8(torch.cat(out), rounding=config.rounding),
+        "labels": classes.numpy().astype(np.int64),
+        "seeds": to_uint8(starts),
+    }
 
 
-def generate_shard(shard: Shard, *, model: Classifier, seeds: ClassSeeds, config: GenerationConfig,
-                   out_dir: str | Location, fid: FIDFeatures | None = None) -> Any:
+def generate_shard(
+    shard: Shard,
+    *,
+    model: Classifier,
+    seeds: ClassSeeds,
+    config: GenerationConfig,
+    out_dir: str | Location,
+    fid: FIDFeatures | None = None,
+) -> Any:
     """Make one shard's images and write them to out_dir/shards/<shard.name> (a shard whose file
     exists already is left alone); returns where the file is. With `fid`, returns instead the
     Inception statistics (`fid.FeatureStats`, 8 d^2 bytes) of the shard's images, measured in this task
@@ -270,8 +306,10 @@ def _check_plan(at: Location, plan: dict[str, Any]) -> None:
         old = at.read_json()
         if old != plan:
             changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise InputError(f"{at.parent} holds shards of another run (differs in {', '.join(changed)}); "
-                             "use a new --out folder or delete that one")
+            raise InputError(
+                f"{at.parent} holds shards of another run (differs in {', '.join(changed)}); "
+                "use a new --out folder or delete that one"
+            )
     else:
         at.write_text(json.dumps(plan, indent=2))
 
@@ -282,10 +320,21 @@ def missing_shards(out_dir: str | Path | Location, config: GenerationConfig) -> 
     return [s for s in plan_shards(config) if s.name not in stored]
 
 
-def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, out_dir: str | Path | Location,
-             workers: int | None = None, class_names: Sequence[str] | None = None, progress: bool = True,
-             shard_fn: Callable[..., Any] = generate_shard, fid: FIDFeatures | None = None, merge: bool = True,
-             num_gpus: float | None = None, num_cpus: float | None = None) -> dict[str, Any]:
+def generate(
+    model: Classifier,
+    seeds: ClassSeeds,
+    *,
+    config: GenerationConfig,
+    out_dir: str | Path | Location,
+    workers: int | None = None,
+    class_names: Sequence[str] | None = None,
+    progress: bool = True,
+    shard_fn: Callable[..., Any] = generate_shard,
+    fid: FIDFeatures | None = None,
+    merge: bool = True,
+    num_gpus: float | None = None,
+    num_cpus: float | None = None,
+) -> dict[str, Any]:
     """Generate config.total images over Ray into out_dir/shards/ (a local folder, or a storage URI
     every node sees), skipping shards already there; at most `workers` tasks in flight (default:
     `fan_out`'s window), num_gpus / num_cpus each (None: the enclosing `distributed.task_resources`,
@@ -306,8 +355,13 @@ def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, 
     shards = plan_shards(config)
     missing = missing_shards(out_dir, config)
     todo = shards if fid is not None else missing  # with fid, stored shards are measured (not remade)
-    log.info("%d of %d shards to compute (%d images)%s", len(missing), len(shards), sum(s.size for s in missing),
-             "; every shard measured for FID" if fid is not None else "")
+    log.info(
+        "%d of %d shards to compute (%d images)%s",
+        len(missing),
+        len(shards),
+        sum(s.size for s in missing),
+        "; every shard measured for FID" if fid is not None else "",
+    )
     total = None
     if todo:
         # Shipped from the CPU (the caller's model stays where it is); each task moves it to its own device.
@@ -316,9 +370,18 @@ def generate(model: Classifier, seeds: ClassSeeds, *, config: GenerationConfig, 
         if fid is not None:
             on_cpu = next(fid.model.parameters()).device.type == "cpu"
             shared["fid"] = fid if on_cpu else replace(fid, model=copy.deepcopy(fid.model).cpu())
-        for _, result in fan_out_iter(shard_fn, todo, shared=shared, num_cpus=num_cpus, num_gpus=num_gpus,
-                                      sizes=[s.size for s in todo], desc="generate" + (" + FID" if fid else ""),
-                                      unit="img", progress=progress, max_in_flight=workers):
+        for _, result in fan_out_iter(
+            shard_fn,
+            todo,
+            shared=shared,
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            sizes=[s.size for s in todo],
+            desc="generate" + (" + FID" if fid else ""),
+            unit="img",
+            progress=progress,
+            max_in_flight=workers,
+        ):
             if fid is not None:
                 total = result if total is None else total.merge(result)
             del result  # one shard's statistics at a time besides the sum
@@ -342,13 +405,17 @@ def merge_shards(out_dir: str | Path | Location, config: GenerationConfig) -> tu
     return images, labels, starts
 
 
-def sample_images(out_dir: str | Path | Location, config: GenerationConfig, *,
-                  per_class: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def sample_images(
+    out_dir: str | Path | Location, config: GenerationConfig, *, per_class: int = 8
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The first `per_class` images of every class (images, labels, seeds, as merge_shards), read from
     the few shards that hold them, one at a time: what the figures show, without merging every shard."""
     shards = plan_shards(config)
-    wanted = [j for k in range(len(config.classes))
-              for j in range(k * config.per_class, k * config.per_class + min(per_class, config.per_class))]
+    wanted = [
+        j
+        for k in range(len(config.classes))
+        for j in range(k * config.per_class, k * config.per_class + min(per_class, config.per_class))
+    ]
     parts, loaded = [], {}
     for j in wanted:
         shard = shards[j // config.shard_size]
@@ -363,18 +430,26 @@ def sample_images(out_dir: str | Path | Location, config: GenerationConfig, *,
 # --- inversion and feature visualisation on a few images ------------------------------------------
 
 
-def _map_chunks(fn: Callable[..., torch.Tensor], tensors: Sequence[torch.Tensor], *, workers: int | None,
-                chunk: int, shared: dict[str, Any], desc: str) -> torch.Tensor:
+def _map_chunks(
+    fn: Callable[..., torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    *,
+    workers: int | None,
+    chunk: int,
+    shared: dict[str, Any],
+    desc: str,
+) -> torch.Tensor:
     """fn(*[t[i:i+chunk] for t in tensors], **shared) over chunks, concatenated; in process when
     workers is None or 1, else as Ray tasks (at most `workers` at a time, one thread each)."""
     n = len(tensors[0])
-    pieces = [tuple(t[i:i + chunk] for t in tensors) for i in range(0, n, chunk)]
+    pieces = [tuple(t[i : i + chunk] for t in tensors) for i in range(0, n, chunk)]
     if not workers or workers <= 1:
         return torch.cat([fn(piece, **shared) for piece in pieces])
     from .distributed import fan_out
 
-    return torch.cat(fan_out(fn, pieces, shared=shared, sizes=[len(p[0]) for p in pieces], desc=desc,
-                             max_in_flight=workers))
+    return torch.cat(
+        fan_out(fn, pieces, shared=shared, sizes=[len(p[0]) for p in pieces], desc=desc, max_in_flight=workers)
+    )
 
 
 def _invert_chunk(piece, *, model, settings):
@@ -387,16 +462,31 @@ def _featvis_chunk(piece, *, model, settings):
     return visualize_features(model, start, features, settings=settings)
 
 
-def inversions(model: Classifier, sources: torch.Tensor, targets: torch.Tensor, *,
-               settings: PGDSettings = INVERSION, workers: int | None = None, chunk: int = 8) -> dict[str, torch.Tensor]:
+def inversions(
+    model: Classifier,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    settings: PGDSettings = INVERSION,
+    workers: int | None = None,
+    chunk: int = 8,
+) -> dict[str, torch.Tensor]:
     """Invert R(targets) from sources (eq. 15). Returns {"images", "distance_before", "distance_after"}:
     the inversions (N, C, H, W) and the normalised representation distances, (N,) each."""
-    images = _map_chunks(_invert_chunk, (sources, targets), workers=workers, chunk=chunk,
-                         shared=dict(model=model, settings=settings), desc="invert")
+    images = _map_chunks(
+        _invert_chunk,
+        (sources, targets),
+        workers=workers,
+        chunk=chunk,
+        shared=dict(model=model, settings=settings),
+        desc="invert",
+    )
     rep_target = representation(model, targets)
-    return {"images": images,
-            "distance_before": normalised_distance(representation(model, sources), rep_target),
-            "distance_after": normalised_distance(representation(model, images), rep_target)}
+    return {
+        "images": images,
+        "distance_before": normalised_distance(representation(model, sources), rep_target),
+        "distance_after": normalised_distance(representation(model, images), rep_target),
+    }
 
 
 def grey_noise(shape: Sequence[int], *, generator: torch.Generator) -> torch.Tensor:
@@ -422,8 +512,9 @@ class InversionRun:
         return len(self.source_indices) + self.noise
 
 
-def plan_inversion_run(labels: np.ndarray, *, run: int, seed: int = 0, image_sources: int = 2,
-                       noise: int = 1) -> InversionRun:
+def plan_inversion_run(
+    labels: np.ndarray, *, run: int, seed: int = 0, image_sources: int = 2, noise: int = 1
+) -> InversionRun:
     """Pick one run's images as the authors' notebooks do (a batch of shuffled test images: the
     target is one of them, the sources two others, plus one grey-noise image); Inv. 2 reruns the
     cell on another shuffled batch, so each run draws its own target and sources. Here the draw is
@@ -434,8 +525,10 @@ def plan_inversion_run(labels: np.ndarray, *, run: int, seed: int = 0, image_sou
     rng = np.random.default_rng([seed, run])
     target = int(rng.integers(len(labels)))
     others = np.flatnonzero(labels != labels[target])
-    check(len(others) >= image_sources, f"the split has {len(others)} images outside the target's class, "
-                                        f"{image_sources} needed")
+    check(
+        len(others) >= image_sources,
+        f"the split has {len(others)} images outside the target's class, {image_sources} needed",
+    )
     sources = tuple(int(i) for i in rng.choice(others, size=image_sources, replace=False))
     return InversionRun(run, target, sources, noise, int(rng.integers(2**62)))
 
@@ -450,17 +543,26 @@ def inversion_run_images(dataset, plan: InversionRun) -> tuple[torch.Tensor, tor
     return target.unsqueeze(0).expand(plan.size, -1, -1, -1).contiguous(), sources
 
 
-def dataset_representation(model: Classifier, dataset, *, batch_size: int = 256,
-                           device: str | torch.device = "cpu") -> torch.Tensor:
+def dataset_representation(
+    model: Classifier, dataset, *, batch_size: int = 256, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """R(x) of every image of a dataset split, read in batches: (N, k) on the CPU."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     model = model.to(device)
     return torch.cat([representation(model, x.to(device)).cpu() for x, _ in loader])
 
 
-def feature_visualisations(model: Classifier, starts: torch.Tensor, features: Sequence[Sequence[int]],
-                           test_rep: torch.Tensor, *, settings: PGDSettings = FEATURE_VIS, top: int = 8,
-                           workers: int | None = None, chunk: int = 8) -> dict[str, Any]:
+def feature_visualisations(
+    model: Classifier,
+    starts: torch.Tensor,
+    features: Sequence[Sequence[int]],
+    test_rep: torch.Tensor,
+    *,
+    settings: PGDSettings = FEATURE_VIS,
+    top: int = 8,
+    workers: int | None = None,
+    chunk: int = 8,
+) -> dict[str, Any]:
     """For each group z of coordinates (eq. 14; one coordinate: eq. 13), maximise it from every start
     image, and find the test images that activate it most and least.
 
@@ -475,8 +577,14 @@ def feature_visualisations(model: Classifier, starts: torch.Tensor, features: Se
     tops, bottoms, top_values, bottom_values = [], [], [], []
     for g, z in enumerate(groups):
         zs = torch.tensor(z).view(1, -1).expand(len(starts), -1)  # (P, |z|)
-        out = _map_chunks(_featvis_chunk, (starts, zs), workers=workers, chunk=chunk,
-                          shared=dict(model=model, settings=settings), desc=f"featvis {z}")
+        out = _map_chunks(
+            _featvis_chunk,
+            (starts, zs),
+            workers=workers,
+            chunk=chunk,
+            shared=dict(model=model, settings=settings),
+            desc=f"featvis {z}",
+        )
         images.append(out)
         before.append(feature_activations(model, starts, z))
         after.append(feature_activations(model, out, z))
@@ -486,18 +594,32 @@ def feature_visualisations(model: Classifier, starts: torch.Tensor, features: Se
         tops.append(hi), bottoms.append(lo), top_values.append(acts[hi]), bottom_values.append(acts[lo])
     padded = torch.full((len(groups), width), -1, dtype=torch.long)  # (G, max |z|), -1 = no coordinate
     for g, z in enumerate(groups):
-        padded[g, :len(z)] = torch.tensor(z)
-    return {"images": torch.cat(images), "group": torch.cat(group_of), "features": padded,
-            "before": torch.cat(before), "after": torch.cat(after), "top": torch.stack(tops),
-            "bottom": torch.stack(bottoms), "top_values": torch.stack(top_values),
-            "bottom_values": torch.stack(bottom_values)}
+        padded[g, : len(z)] = torch.tensor(z)
+    return {
+        "images": torch.cat(images),
+        "group": torch.cat(group_of),
+        "features": padded,
+        "before": torch.cat(before),
+        "after": torch.cat(after),
+        "top": torch.stack(tops),
+        "bottom": torch.stack(bottoms),
+        "top_values": torch.stack(top_values),
+        "bottom_values": torch.stack(bottom_values),
+    }
 
 
 # --- figures -------------------------------------------------------------------------------------
 
 
-def save_grid(path: str | Path, rows: Sequence[np.ndarray], *, row_labels: Sequence[str] = (),
-              title: str = "", col_labels: Sequence[str] = (), cell: float = 1.0) -> Path:
+def save_grid(
+    path: str | Path,
+    rows: Sequence[np.ndarray],
+    *,
+    row_labels: Sequence[str] = (),
+    title: str = "",
+    col_labels: Sequence[str] = (),
+    cell: float = 1.0,
+) -> Path:
     """A PNG grid: rows[r] is (n_r, H, W, C) uint8; cells left empty where a row is shorter."""
     import matplotlib
 
@@ -505,8 +627,9 @@ def save_grid(path: str | Path, rows: Sequence[np.ndarray], *, row_labels: Seque
     import matplotlib.pyplot as plt
 
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + (1.2 if row_labels else 0), cell * n_rows + 0.4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_rows, n_cols, figsize=(cell * n_cols + (1.2 if row_labels else 0), cell * n_rows + 0.4), squeeze=False
+    )
     for r, row in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r, c]
@@ -529,34 +652,62 @@ def save_grid(path: str | Path, rows: Sequence[np.ndarray], *, row_labels: Seque
     return path
 
 
-def save_generation_figures(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, starts: np.ndarray,
-                            class_names: Sequence[str], *, per_row: int = 8, title: str = "") -> list[Path]:
+def save_generation_figures(
+    out_dir: str | Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    starts: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    per_row: int = 8,
+    title: str = "",
+) -> list[Path]:
     """Generated images per class (Figs. 3, 7) and their seeds (Figs. 14, 19): one row per class."""
     classes = sorted(set(labels.tolist()))
     name = lambda c: class_names[c] if c < len(class_names) else str(c)  # noqa: E731
     gen_rows = [images[labels == c][:per_row] for c in classes]
     seed_rows = [starts[labels == c][:per_row] for c in classes]
     out_dir = Path(out_dir)
-    return [save_grid(out_dir / "classes.png", gen_rows, row_labels=[name(c) for c in classes],
-                      title=title or "class-specific generation"),
-            save_grid(out_dir / "seeds.png", seed_rows, row_labels=[name(c) for c in classes],
-                      title="seeds: draws from each class's multivariate normal")]
+    return [
+        save_grid(
+            out_dir / "classes.png",
+            gen_rows,
+            row_labels=[name(c) for c in classes],
+            title=title or "class-specific generation",
+        ),
+        save_grid(
+            out_dir / "seeds.png",
+            seed_rows,
+            row_labels=[name(c) for c in classes],
+            title="seeds: draws from each class's multivariate normal",
+        ),
+    ]
 
 
-def save_inversion_figure(path: str | Path, targets: np.ndarray, sources: np.ndarray,
-                          inverted: np.ndarray | Mapping[str, np.ndarray], *,
-                          distance_after: Sequence[float] = (), title: str = "") -> Path:
+def save_inversion_figure(
+    path: str | Path,
+    targets: np.ndarray,
+    sources: np.ndarray,
+    inverted: np.ndarray | Mapping[str, np.ndarray],
+    *,
+    distance_after: Sequence[float] = (),
+    title: str = "",
+) -> Path:
     """Figs. 4, 8, 11, 18: per column a target image, the source the inversion started from, and the
     inversion; `inverted` a mapping name -> images gives one row per model (the paper's figures:
     original | source | robust | standard)."""
     cols = [f"d={d:.2f}" for d in distance_after]
     rows = dict(inverted) if isinstance(inverted, Mapping) else {"inversion": inverted}
-    return save_grid(path, [targets, sources, *rows.values()], row_labels=["target", "source", *rows],
-                     col_labels=cols, title=title or "representation inversion")
+    return save_grid(
+        path,
+        [targets, sources, *rows.values()],
+        row_labels=["target", "source", *rows],
+        col_labels=cols,
+        title=title or "representation inversion",
+    )
 
 
-def save_featvis_figure(path: str | Path, result: dict[str, Any], test_images: np.ndarray, *,
-                        title: str = "") -> Path:
+def save_featvis_figure(path: str | Path, result: dict[str, Any], test_images: np.ndarray, *, title: str = "") -> Path:
     """Figs. 5, 9: per feature group, its visualisations, then the test images that activate it most,
     then least. result: the output of `feature_visualisations`; test_images: uint8 (N, H, W, C)."""
     images = to_uint8(result["images"])
@@ -564,7 +715,10 @@ def save_featvis_figure(path: str | Path, result: dict[str, Any], test_images: n
     for g, z in enumerate(result["features"].tolist()):
         z = [i for i in z if i >= 0]
         name = "+".join(map(str, z))
-        rows += [images[result["group"].numpy() == g], test_images[result["top"][g].numpy()],
-                 test_images[result["bottom"][g].numpy()]]
+        rows += [
+            images[result["group"].numpy() == g],
+            test_images[result["top"][g].numpy()],
+            test_images[result["bottom"][g].numpy()],
+        ]
         labels += [f"R_{name}: visual.", "most active", "least active"]
     return save_grid(path, rows, row_labels=labels, title=title or "direct feature visualisation")

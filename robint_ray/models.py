@@ -164,7 +164,10 @@ def _akamaster(depth: int) -> ArchSpec:
     n = (depth - 2) // 6
     return ArchSpec(
         lambda: CifarResNetBody([n, n, n], [16, 32, 64], shortcut="A"),
-        IMAGENET_MEAN, IMAGENET_STD, 32, 10,  # the pretrained models were trained with these
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        32,
+        10,  # the pretrained models were trained with these
     )
 
 
@@ -180,7 +183,10 @@ def _torchvision(name: str) -> ArchSpec:
 ARCHS: dict[str, ArchSpec] = {
     "cifar_resnet18": ArchSpec(
         lambda: CifarResNetBody([2, 2, 2, 2], [64, 128, 256, 512], shortcut="B"),
-        CIFAR10_MEAN, CIFAR10_STD, 32, 10,
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        32,
+        10,
     ),
     "resnet50": _torchvision("resnet50"),
     "resnet18": _torchvision("resnet18"),
@@ -207,7 +213,11 @@ def build_model(arch: str, num_classes: int | None = None) -> Classifier:
     with torch.no_grad():
         dim = body(torch.zeros(1, 3, spec.input_size, spec.input_size)).shape[1]
     return Classifier(
-        body, nn.Linear(dim, num_classes), arch=arch, mean=spec.mean, std=spec.std,
+        body,
+        nn.Linear(dim, num_classes),
+        arch=arch,
+        mean=spec.mean,
+        std=spec.std,
         input_size=spec.input_size,
     )
 

@@ -42,10 +42,15 @@ def code_version(root: Path | None = None) -> dict[str, str]:
     root = root or Path(__file__).resolve().parents[1]
     version = {"package": __version__}
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         version["git_commit"] = commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         version["git_commit"] = "unknown (not a git checkout)"
@@ -56,8 +61,11 @@ def hardware() -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
     try:
@@ -65,8 +73,9 @@ def hardware() -> dict[str, Any]:
 
         info["ray"] = ray.__version__
         if ray.is_initialized():
-            info["ray_cluster_resources"] = {k: v for k, v in ray.cluster_resources().items()
-                                             if not k.startswith("node:")}
+            info["ray_cluster_resources"] = {
+                k: v for k, v in ray.cluster_resources().items() if not k.startswith("node:")
+            }
             info["ray_nodes"] = len([n for n in ray.nodes() if n.get("Alive")])
     except ImportError:
         pass
@@ -83,15 +92,18 @@ def training_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("train_loss", "training loss"), ("val_clean_accuracy", "validation clean accuracy"),
-              ("val_adversarial_accuracy", "validation PGD accuracy"))
+    panels = (
+        ("train_loss", "training loss"),
+        ("val_clean_accuracy", "validation clean accuracy"),
+        ("val_adversarial_accuracy", "validation PGD accuracy"),
+    )
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
     for ax, (key, label) in zip(axes, panels):
         for name, rows in histories.items():
             points = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
             if not points:
                 continue
-            line, = ax.plot(*zip(*points), marker=".", label=name)
+            (line,) = ax.plot(*zip(*points), marker=".", label=name)
             best = rows[-1].get("best_epoch")
             for epoch, value in points:
                 if epoch == best:
@@ -116,8 +128,10 @@ def _cell(value: Any) -> str:
 
 def _figure(caption: str, path: str | Path | Location) -> str:
     data = base64.b64encode(Location(path).read_bytes()).decode()
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 STYLE = """
@@ -131,20 +145,26 @@ figcaption { font-size: 0.9em; color: #555; } pre { background: #f6f6f6; padding
 """
 
 
-def write_report(out_dir: str | Path | Location, *, title: str, sections: Sequence[Section],
-                 data: dict[str, Any]) -> Location:
+def write_report(
+    out_dir: str | Path | Location, *, title: str, sections: Sequence[Section], data: dict[str, Any]
+) -> Location:
     """Write out_dir/report.html and out_dir/report.json (a local folder or a storage URI; figures
     are read from either); returns the HTML's location."""
     out_dir = Location(out_dir)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+    ]
     for section in sections:
         parts.append(f"<section><h2>{html.escape(section.title)}</h2>")
         if section.text:
             parts.extend(f"<p>{html.escape(p)}</p>" for p in section.text.split("\n\n"))
         for table in section.tables:
-            parts.append(f"<table><caption>{html.escape(table.caption)}</caption><tr>"
-                         + "".join(f"<th>{html.escape(str(h))}</th>" for h in table.header) + "</tr>")
+            parts.append(
+                f"<table><caption>{html.escape(table.caption)}</caption><tr>"
+                + "".join(f"<th>{html.escape(str(h))}</th>" for h in table.header)
+                + "</tr>"
+            )
             parts.extend("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in table.rows)
             parts.append("</table>")
         parts.extend(_figure(caption, path) for caption, path in section.figures)
@@ -166,17 +186,34 @@ def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: 
     browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise FileNotFoundError("no chromium on PATH")
-    probe = ("<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
-             "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
-             "+ imgs.filter(i => i.complete && i.naturalWidth > 0).length; });</script>")
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+        "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
+        "+ imgs.filter(i => i.complete && i.naturalWidth > 0).length; });</script>"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "page.html"
         copy.write_text(Path(page).read_text().replace("</body>", probe + "</body>"))
         out = subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp}/profile", "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
-            capture_output=True, text=True, timeout=timeout).stdout
+            [
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={tmp}/profile",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                copy.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        ).stdout
     match = re.search(r"<title>CHECK (\d+) (\d+) (\d+)</title>", out)
     if match is None:
         raise RuntimeError("the page did not load in Chromium")

@@ -303,8 +303,10 @@ def copy_tree(source: Location, target: Location) -> None:
 # --- preflight: can every node of the cluster write and read here? --------------------------------
 
 PREFLIGHT = ".robint-preflight"
-_FIX = ("give a location that every node can write and read: s3://bucket/prefix (with credentials on every "
-        "node) or a folder on shared storage (NFS, EFS) mounted at the same path on every node")
+_FIX = (
+    "give a location that every node can write and read: s3://bucket/prefix (with credentials on every "
+    "node) or a folder on shared storage (NFS, EFS) mounted at the same path on every node"
+)
 
 
 def _node_write(folder: Location, node: str) -> str | None:
@@ -374,12 +376,18 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
             _node_clean(folder, "driver", created)
             _remove_remote(location / PREFLIGHT)
         if error or missing:
-            raise InputError(f"{location}: cannot write and read there ({error or why or 'the file written is not there'})")
+            raise InputError(
+                f"{location}: cannot write and read there ({error or why or 'the file written is not there'})"
+            )
         return
 
     def on_each(fn, args_of):
-        calls = [ray.remote(fn).options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            node, soft=False)).remote(*args_of(node)) for node in nodes]
+        calls = [
+            ray.remote(fn)
+            .options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+            .remote(*args_of(node))
+            for node in nodes
+        ]
         try:
             return dict(zip(nodes, ray.get(calls, timeout=timeout_s)))
         except ray.exceptions.GetTimeoutError as err:
@@ -387,8 +395,10 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
             late = [nodes[n] for n, c in zip(nodes, calls) if c not in ready]
             for call in calls:
                 ray.cancel(call, force=True)
-            raise InputError(f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
-                             f"{timeout_s:g} s (busy or unreachable)") from err
+            raise InputError(
+                f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
+                f"{timeout_s:g} s (busy or unreachable)"
+            ) from err
 
     created = on_each(_first_missing, lambda node: (location,))
     try:
@@ -400,10 +410,14 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
         for reader, (missing, why) in seen.items():
             if missing:
                 writer = nodes[missing[0]]
-                problem = ("a local folder that the nodes do not share" if location.is_local
-                           else why or "is its storage endpoint or bucket another one?")
-                raise InputError(f"{location}: node {nodes[reader]} cannot read what node {writer} wrote there "
-                                 f"({problem}); {_FIX}")
+                problem = (
+                    "a local folder that the nodes do not share"
+                    if location.is_local
+                    else why or "is its storage endpoint or bucket another one?"
+                )
+                raise InputError(
+                    f"{location}: node {nodes[reader]} cannot read what node {writer} wrote there ({problem}); {_FIX}"
+                )
     finally:
         on_each(_node_clean, lambda node: (folder, node, created[node]))
         _remove_remote(location / PREFLIGHT)

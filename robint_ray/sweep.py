@@ -23,8 +23,13 @@ from .storage import Location
 
 # The sweepable parameters and their type. pgd.step_rel sets pgd.step_size = step_rel * eps / steps
 # (the paper's CIFAR-10 choice, 0.1 for eps 0.5 in 20 steps, is step_rel 4; Madry et al. use 2.5).
-PARAMETERS: dict[str, type] = {"pgd.eps": float, "pgd.step_size": float, "pgd.step_rel": float, "pgd.steps": int,
-                               "optim.lr": float}
+PARAMETERS: dict[str, type] = {
+    "pgd.eps": float,
+    "pgd.step_size": float,
+    "pgd.step_rel": float,
+    "pgd.steps": int,
+    "optim.lr": float,
+}
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 
 
@@ -91,8 +96,10 @@ class SweepOptions:
         check(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         check(self.workers >= 1, f"workers must be >= 1, got {self.workers}")
         check(self.gpus_per_worker >= 0, f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        check(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
-              f"max_concurrent_trials must be >= 1 or null, got {self.max_concurrent_trials}")
+        check(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            f"max_concurrent_trials must be >= 1 or null, got {self.max_concurrent_trials}",
+        )
 
 
 @dataclass(frozen=True)
@@ -108,8 +115,12 @@ class Sweep:
         return self.options.num_samples * math.prod(len(d.values) for d in self.space if d.kind == "grid")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"base": self.base.to_dict(), "trial": self.trial.to_dict(),
-                "space": {d.name: {d.kind: list(d.values)} for d in self.space}, **asdict(self.options)}
+        return {
+            "base": self.base.to_dict(),
+            "trial": self.trial.to_dict(),
+            "space": {d.name: {d.kind: list(d.values)} for d in self.space},
+            **asdict(self.options),
+        }
 
 
 def _dimension(name: str, spec: Any) -> Dimension:
@@ -117,8 +128,11 @@ def _dimension(name: str, spec: Any) -> Dimension:
     kind_of = PARAMETERS[name]
     if isinstance(spec, list):
         spec = {"grid": spec}
-    check(isinstance(spec, Mapping) and len(spec) == 1,
-          f"space.{name}: give a list of values (a grid) or one of {', '.join(f'{{{k}: ...}}' for k in KINDS)}; got {spec!r}")
+    check(
+        isinstance(spec, Mapping) and len(spec) == 1,
+        f"space.{name}: give a list of values (a grid) or one of "
+        f"{', '.join(f'{{{k}: ...}}' for k in KINDS)}; got {spec!r}",
+    )
     ((kind, values),) = spec.items()
     check(kind in KINDS, f"space.{name}: unknown search kind '{kind}'; known: {', '.join(KINDS)}")
     check(isinstance(values, list), f"space.{name}.{kind} must be a list, got {values!r}")
@@ -138,8 +152,10 @@ def _dimension(name: str, spec: Any) -> Dimension:
 
     values = tuple(number(v) for v in values)
     if kind in ("uniform", "loguniform", "randint"):
-        check(len(values) == 2 and values[0] <= values[1], f"space.{name}.{kind} takes [low, high] with low <= high, "
-                                                             f"got {list(values)}")
+        check(
+            len(values) == 2 and values[0] <= values[1],
+            f"space.{name}.{kind} takes [low, high] with low <= high, got {list(values)}",
+        )
         check(kind != "loguniform" or values[0] > 0, f"space.{name}.loguniform needs low > 0, got {values[0]}")
     check(kind != "randint" or kind_of is int, f"space.{name}: randint is for integer parameters (pgd.steps)")
     if name in ("pgd.eps", "pgd.step_size", "pgd.step_rel", "optim.lr"):
@@ -151,8 +167,9 @@ def _dimension(name: str, spec: Any) -> Dimension:
     return Dimension(name, kind, values)
 
 
-def trial_config(start: TrainConfig, params: Mapping[str, Any], *,
-                 val_attack: ValAttackConfig | None = None) -> TrainConfig:
+def trial_config(
+    start: TrainConfig, params: Mapping[str, Any], *, val_attack: ValAttackConfig | None = None
+) -> TrainConfig:
     """The training config of one trial: `start` with the swept params set (pgd.step_rel resolved to
     pgd.step_size = step_rel * eps / steps), and val_pgd the cheaper validation attack if given (at the
     trial's norm and eps; else start's val_pgd stays)."""
@@ -163,8 +180,16 @@ def trial_config(start: TrainConfig, params: Mapping[str, Any], *,
         cfg = cfg.override({"pgd.step_size": params["pgd.step_rel"] * cfg.pgd.eps / cfg.pgd.steps})
     if val_attack is None:
         return cfg
-    return cfg.override({"val_pgd": {**asdict(cfg.pgd), "steps": val_attack.steps, "random_start": False,
-                                     "step_size": val_attack.step_rel * cfg.pgd.eps / val_attack.steps}})
+    return cfg.override(
+        {
+            "val_pgd": {
+                **asdict(cfg.pgd),
+                "steps": val_attack.steps,
+                "random_start": False,
+                "step_size": val_attack.step_rel * cfg.pgd.eps / val_attack.steps,
+            }
+        }
+    )
 
 
 def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
@@ -193,12 +218,17 @@ def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
     check(isinstance(space, Mapping) and len(space) > 0, "'space' must map at least one parameter to its values")
     dims = tuple(_dimension(str(name), spec) for name, spec in space.items())
     names = [d.name for d in dims]
-    check(not {"pgd.step_size", "pgd.step_rel"} <= set(names),
-          "sweep either pgd.step_size (absolute) or pgd.step_rel (relative to eps), not both")
+    check(
+        not {"pgd.step_size", "pgd.step_rel"} <= set(names),
+        "sweep either pgd.step_size (absolute) or pgd.step_rel (relative to eps), not both",
+    )
     random = [d.name for d in dims if d.kind != "grid"]
     if options.search == "grid":
-        check(not random, f"search: grid, but {', '.join(random)} {'is' if len(random) == 1 else 'are'} drawn at random "
-                          f"(give lists, or search: random)")
+        check(
+            not random,
+            f"search: grid, but {', '.join(random)} {'is' if len(random) == 1 else 'are'} drawn at random "
+            f"(give lists, or search: random)",
+        )
     # Every combination of the grid values and the bounds of the ranges must make a valid training
     # config (e.g. an absolute step_size that is not smaller than an eps is allowed, but eps <= 0 is not).
     for values in itertools.product(*(d.corners() for d in dims)):
@@ -225,8 +255,9 @@ def load_sweep(path: str | Path) -> Sweep:
 # --- the results ----------------------------------------------------------------------------------
 
 
-def trial_row(trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any] | None, *, epochs_planned: int,
-              state: str) -> dict[str, Any]:
+def trial_row(
+    trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, Any] | None, *, epochs_planned: int, state: str
+) -> dict[str, Any]:
     """One row of results.csv; state is Tune's trial status (TERMINATED, ERROR, RUNNING, PENDING, ...).
     status: completed (all epochs), stopped_early (by ASHA), error, or while the sweep runs (or after an
     interruption) running / pending. The accuracies are the last epoch's."""
@@ -238,10 +269,17 @@ def trial_row(trial_id: str, params: Mapping[str, Any], metrics: Mapping[str, An
         status = "error"
     else:
         status = "running" if state == "RUNNING" else "pending"
-    return {**{name: params.get(name) for name in sorted(params)}, "epochs": epochs, "epochs_planned": epochs_planned,
-            **{k: metrics.get(k) for k in ("val_clean_accuracy", "val_adversarial_accuracy", "val_score",
-                                           "best_epoch", "best_val_score")},
-            "status": status, "trial_id": trial_id}
+    return {
+        **{name: params.get(name) for name in sorted(params)},
+        "epochs": epochs,
+        "epochs_planned": epochs_planned,
+        **{
+            k: metrics.get(k)
+            for k in ("val_clean_accuracy", "val_adversarial_accuracy", "val_score", "best_epoch", "best_val_score")
+        },
+        "status": status,
+        "trial_id": trial_id,
+    }
 
 
 def write_table(path: str | Path | Location, rows: list[dict[str, Any]]) -> None:
@@ -259,8 +297,9 @@ def read_table(path: str | Path | Location) -> list[dict[str, str]]:
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points that no other point beats in both coordinates (ties kept), by x then y."""
-    front = [i for i, (x, y) in enumerate(points)
-             if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)]
+    front = [
+        i for i, (x, y) in enumerate(points) if not any(x2 >= x and y2 >= y and (x2 > x or y2 > y) for x2, y2 in points)
+    ]
     return sorted(front, key=lambda i: points[i])
 
 
@@ -278,17 +317,35 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path | Location) -> No
     completed = [i for i, r in enumerate(done) if r["status"] == "completed"] or list(range(len(done)))
     front = [completed[i] for i in pareto_front([points[i] for i in completed])]
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    for status, marker in (("completed", "o"), ("stopped_early", "x"), ("error", "s"), ("running", "."),
-                           ("pending", ".")):
+    for status, marker in (
+        ("completed", "o"),
+        ("stopped_early", "x"),
+        ("error", "s"),
+        ("running", "."),
+        ("pending", "."),
+    ):
         pts = [p for p, r in zip(points, done) if r["status"] == status]
         if pts:
             ax.scatter(*zip(*pts), marker=marker, label=status.replace("_", " "), zorder=3)
     for (x, y), row in zip(points, done):
-        ax.annotate(f"eps {float(row['pgd.eps']):g}" if row.get("pgd.eps") is not None else row["trial_id"], (x, y),
-                    textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.annotate(
+            f"eps {float(row['pgd.eps']):g}" if row.get("pgd.eps") is not None else row["trial_id"],
+            (x, y),
+            textcoords="offset points",
+            xytext=(4, 4),
+            fontsize=8,
+        )
     if front:
-        ax.plot(*zip(*(points[i] for i in front)), "k--", marker="o", markersize=12, markerfacecolor="none", lw=1,
-                label="Pareto front", zorder=2)
+        ax.plot(
+            *zip(*(points[i] for i in front)),
+            "k--",
+            marker="o",
+            markersize=12,
+            markerfacecolor="none",
+            lw=1,
+            label="Pareto front",
+            zorder=2,
+        )
     ax.set_xlabel("val clean accuracy")
     ax.set_ylabel("val PGD accuracy")
     ax.set_title("Clean vs robust accuracy per trial (last epoch)")
@@ -318,7 +375,8 @@ def write_best_config(sweep: Sweep, rows: list[dict[str, Any]], sweep_dir: str |
     (sweep_dir / "best.yaml").write_text(
         f"# The best trial ({best['trial_id']}) of the sweep in {sweep_dir}: val score {best['best_val_score']:.4f} "
         f"(epoch {best['best_epoch']}).\n# Train it with: robint train {sweep_dir / 'best.yaml'} --out RUN_DIR\n"
-        + dump_config(best_cfg))
+        + dump_config(best_cfg)
+    )
     return best
 
 

@@ -98,18 +98,36 @@ def configure_cudnn(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def adversarial_batch(module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, *,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+def adversarial_batch(
+    module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The PGD images of the training attack (Algorithm 1, lines 4-7), computed on `module` (never a
     DDP wrapper) with batch norm in cfg.bn_mode. Parameter gradients are left untouched."""
-    return pgd(module, x, y, threat=Threat(cfg.norm, cfg.eps, cfg.step_size), steps=cfg.steps,
-               random_start=cfg.random_start, model_mode=cfg.bn_mode, generator=generator)
+    return pgd(
+        module,
+        x,
+        y,
+        threat=Threat(cfg.norm, cfg.eps, cfg.step_size),
+        steps=cfg.steps,
+        random_start=cfg.random_start,
+        model_mode=cfg.bn_mode,
+        generator=generator,
+    )
 
 
-def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, attack_model: nn.Module | None = None,
-                pgd_cfg: PGDConfig | None = None, device: torch.device, bf16: bool = False,
-                channels_last: bool = False, generator: torch.Generator | None = None,
-                on_batch: Callable[[int, int, torch.Tensor], None] | None = None) -> dict[str, float]:
+def train_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    attack_model: nn.Module | None = None,
+    pgd_cfg: PGDConfig | None = None,
+    device: torch.device,
+    bf16: bool = False,
+    channels_last: bool = False,
+    generator: torch.Generator | None = None,
+    on_batch: Callable[[int, int, torch.Tensor], None] | None = None,
+) -> dict[str, float]:
     """One pass of SGD over `loader`; with pgd_cfg, on the PGD images of each batch (attack on
     attack_model, the module inside `model`'s DDP wrapper, or `model` itself).
 
@@ -127,8 +145,9 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, *, a
             x = x.contiguous(memory_format=torch.channels_last)
         if pgd_cfg is not None:
             with autocast(device, bf16):
-                x = adversarial_batch(attack_model if attack_model is not None else model, x, y, pgd_cfg,
-                                      generator=generator)
+                x = adversarial_batch(
+                    attack_model if attack_model is not None else model, x, y, pgd_cfg, generator=generator
+                )
         with autocast(device, bf16):
             logits = model(x)  # (B, classes)
         loss = F.cross_entropy(logits.float(), y)
@@ -166,8 +185,9 @@ def load_data(cfg: TrainConfig, split: str):
     from .data import load_split
 
     data = cfg.data
-    dataset = load_split(data.path, split, augment=data.augment and split == "fit",
-                         val_fraction=data.val_fraction, seed=data.split_seed)
+    dataset = load_split(
+        data.path, split, augment=data.augment and split == "fit", val_fraction=data.val_fraction, seed=data.split_seed
+    )
     n = {"fit": data.train_n, "val": data.val_n, "test": data.test_n}[split]
     return subsample(dataset, n, cfg.seed)
 
@@ -214,14 +234,29 @@ def _broadcast_state(module: nn.Module) -> None:
             dist.broadcast(tensor, src=0)
 
 
-def evaluate_sharded(module: nn.Module, dataset, pgd_cfg: PGDConfig, *, rank: int, world: int, batch_size: int,
-                     device: torch.device, bf16: bool) -> dict[str, float]:
+def evaluate_sharded(
+    module: nn.Module,
+    dataset,
+    pgd_cfg: PGDConfig,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    device: torch.device,
+    bf16: bool,
+) -> dict[str, float]:
     """Clean and PGD accuracy over `dataset`, each worker taking every world-th item, summed over
     workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
     from .evaluate import AttackConfig, evaluate
 
-    attack = AttackConfig(kind="pgd", norm=pgd_cfg.norm, eps=pgd_cfg.eps, step_size=pgd_cfg.step_size,
-                          steps=pgd_cfg.steps, random_start=pgd_cfg.random_start)
+    attack = AttackConfig(
+        kind="pgd",
+        norm=pgd_cfg.norm,
+        eps=pgd_cfg.eps,
+        step_size=pgd_cfg.step_size,
+        steps=pgd_cfg.steps,
+        random_start=pgd_cfg.random_start,
+    )
     positions = np.arange(rank, len(dataset), world)
     counts = [0.0, 0.0, 0.0]
     if len(positions):
@@ -250,8 +285,14 @@ def _restore(checkpoint, module: nn.Module, optimizer, scheduler) -> TrainState:
         saved = torch.load(Path(directory) / STATE, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
-    return TrainState(epoch=saved["epoch"], best_epoch=saved["best_epoch"], best_score=saved["best_score"],
-                      attempt=saved["attempt"] + 1, resumed_from=saved["epoch"], history=list(saved["history"]))
+    return TrainState(
+        epoch=saved["epoch"],
+        best_epoch=saved["best_epoch"],
+        best_score=saved["best_score"],
+        attempt=saved["attempt"] + 1,
+        resumed_from=saved["epoch"],
+        history=list(saved["history"]),
+    )
 
 
 def _write_jsonl(target: Location, rows: list[dict[str, Any]]) -> None:
@@ -311,8 +352,9 @@ def train_fn_per_worker(loop_config: dict[str, Any]) -> None:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             generator.manual_seed(_seed_epoch(cfg.seed, epoch, worker.rank))
             sampler.set_epoch(epoch)
-            metrics = _run_epoch(worker, net, loader, val, state, epoch=epoch, generator=generator,
-                                 epoch_seconds=epoch_seconds)
+            metrics = _run_epoch(
+                worker, net, loader, val, state, epoch=epoch, generator=generator, epoch_seconds=epoch_seconds
+            )
             _report(worker, net, state, metrics, classes=fit.classes, board=board, epoch_seconds=epoch_seconds)
     if cfg.test and worker.run_dir is not None:
         _final_test(worker, net.module, state, classes=fit.classes)
@@ -361,8 +403,15 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     if on_gpu:
         configure_cudnn(cfg.deterministic)
     check(cfg.batch_size % world == 0, f"batch_size {cfg.batch_size} does not split evenly over {world} workers")
-    return _Worker(cfg, run_dir, rank, world, device, bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
-                   channels_last=cfg.channels_last and on_gpu)
+    return _Worker(
+        cfg,
+        run_dir,
+        rank,
+        world,
+        device,
+        bf16=cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu),
+        channels_last=cfg.channels_last and on_gpu,
+    )
 
 
 def _fit_loader(worker: _Worker, fit):
@@ -373,9 +422,14 @@ def _fit_loader(worker: _Worker, fit):
 
     cfg = worker.cfg
     sampler = DistributedSampler(fit, num_replicas=worker.world, rank=worker.rank, shuffle=True, seed=cfg.seed)
-    loader = DataLoader(fit, batch_size=cfg.batch_size // worker.world, sampler=sampler,
-                        num_workers=cfg.data.loader_workers, pin_memory=worker.device.type == "cuda",
-                        persistent_workers=cfg.data.loader_workers > 0)
+    loader = DataLoader(
+        fit,
+        batch_size=cfg.batch_size // worker.world,
+        sampler=sampler,
+        num_workers=cfg.data.loader_workers,
+        pin_memory=worker.device.type == "cuda",
+        persistent_workers=cfg.data.loader_workers > 0,
+    )
     return sampler, loader
 
 
@@ -407,8 +461,15 @@ class _Board:
     target: Location
 
     def log(self, metrics: dict[str, Any]) -> None:
-        for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy",
-                    "val_score", "lr", "train_images_per_s"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_clean_accuracy",
+            "val_adversarial_accuracy",
+            "val_score",
+            "lr",
+            "train_images_per_s",
+        ):
             self.writer.add_scalar(key, metrics[key], metrics["epoch"])
         self.writer.flush()
         if not self.target.is_local:
@@ -423,8 +484,16 @@ def _run_files(worker: _Worker, state: TrainState):
     run_dir = worker.run_dir
     if run_dir is not None:
         (run_dir / "workers" / f"rank{worker.rank}.json").write_json(
-            {"rank": worker.rank, "world": worker.world, "pid": os.getpid(), "host": socket.gethostname(),
-             "attempt": state.attempt, "resumed_from_epoch": state.epoch, "started": time.time()})
+            {
+                "rank": worker.rank,
+                "world": worker.world,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "attempt": state.attempt,
+                "resumed_from_epoch": state.epoch,
+                "started": time.time(),
+            }
+        )
     if run_dir is None or worker.rank != 0:
         yield None
         return
@@ -438,16 +507,33 @@ def _run_files(worker: _Worker, state: TrainState):
         writer.close()
 
 
-def _run_epoch(worker: _Worker, net: _Net, loader, val, state: TrainState, *, epoch: int, generator: torch.Generator,
-               epoch_seconds: list[float]) -> dict[str, Any]:
+def _run_epoch(
+    worker: _Worker,
+    net: _Net,
+    loader,
+    val,
+    state: TrainState,
+    *,
+    epoch: int,
+    generator: torch.Generator,
+    epoch_seconds: list[float],
+) -> dict[str, Any]:
     """Train one epoch (on PGD images when adversarial), step the scheduler, validate clean and PGD
     accuracy on rank 0's weights, and record the epoch in `state` (best epoch, history) and its
     duration in epoch_seconds; returns the epoch's metrics (the same on every worker)."""
     cfg, started = worker.cfg, time.perf_counter()
-    sums = train_epoch(net.model, loader, net.optimizer, attack_model=net.module,
-                       pgd_cfg=cfg.pgd if cfg.adversarial else None, device=worker.device, bf16=worker.bf16,
-                       channels_last=worker.channels_last, generator=generator,
-                       on_batch=_progress(worker, epoch, len(loader), started))
+    sums = train_epoch(
+        net.model,
+        loader,
+        net.optimizer,
+        attack_model=net.module,
+        pgd_cfg=cfg.pgd if cfg.adversarial else None,
+        device=worker.device,
+        bf16=worker.bf16,
+        channels_last=worker.channels_last,
+        generator=generator,
+        on_batch=_progress(worker, epoch, len(loader), started),
+    )
     train_seconds = time.perf_counter() - started
     loss_sum, correct, n = _all_sum([sums["loss_sum"], sums["correct"], sums["n"]], worker.device)
     lr = net.optimizer.param_groups[0]["lr"]
@@ -455,19 +541,38 @@ def _run_epoch(worker: _Worker, net: _Net, loader, val, state: TrainState, *, ep
     # Rank 0's batch-norm statistics everywhere, so the evaluated model is the saved one.
     _broadcast_state(net.module)
     val_started = time.perf_counter()
-    result = evaluate_sharded(net.module, val, cfg.val_pgd or cfg.pgd, rank=worker.rank, world=worker.world,
-                              batch_size=cfg.eval_batch_size, device=worker.device, bf16=worker.bf16)
+    result = evaluate_sharded(
+        net.module,
+        val,
+        cfg.val_pgd or cfg.pgd,
+        rank=worker.rank,
+        world=worker.world,
+        batch_size=cfg.eval_batch_size,
+        device=worker.device,
+        bf16=worker.bf16,
+    )
     score = selection_score(result["clean_accuracy"], result["adversarial_accuracy"], rule=cfg.selection_rule)
     if score > state.best_score:
         state.best_epoch, state.best_score = epoch, score
     epoch_seconds.append(time.perf_counter() - started)
     metrics = {
-        "epoch": epoch, "train_loss": loss_sum / n, "train_accuracy": correct / n,
-        "val_clean_accuracy": result["clean_accuracy"], "val_adversarial_accuracy": result["adversarial_accuracy"],
-        "val_score": score, "best_epoch": state.best_epoch, "best_val_score": state.best_score, "lr": lr,
-        "train_images": int(n), "val_images": result["n"], "train_seconds": train_seconds,
-        "val_seconds": time.perf_counter() - val_started, "train_images_per_s": n / train_seconds,
-        "attempt": state.attempt, "resumed_from_epoch": state.resumed_from, "workers": worker.world,
+        "epoch": epoch,
+        "train_loss": loss_sum / n,
+        "train_accuracy": correct / n,
+        "val_clean_accuracy": result["clean_accuracy"],
+        "val_adversarial_accuracy": result["adversarial_accuracy"],
+        "val_score": score,
+        "best_epoch": state.best_epoch,
+        "best_val_score": state.best_score,
+        "lr": lr,
+        "train_images": int(n),
+        "val_images": result["n"],
+        "train_seconds": train_seconds,
+        "val_seconds": time.perf_counter() - val_started,
+        "train_images_per_s": n / train_seconds,
+        "attempt": state.attempt,
+        "resumed_from_epoch": state.resumed_from,
+        "workers": worker.world,
     }
     state.epoch = epoch
     state.history.append(metrics)
@@ -482,14 +587,30 @@ def _progress(worker: _Worker, epoch: int, batches: int, started: float) -> Call
         if worker.rank == 0 and (i % cfg.log_every == 0 or i == batches):
             elapsed = time.perf_counter() - started
             rate = seen * worker.world / elapsed
-            log.info("epoch %d/%d batch %d/%d loss %.4f  %.1f img/s  epoch ETA %s", epoch, cfg.epochs, i, batches,
-                     loss.item(), rate, _hms(elapsed / i * (batches - i)))
+            log.info(
+                "epoch %d/%d batch %d/%d loss %.4f  %.1f img/s  epoch ETA %s",
+                epoch,
+                cfg.epochs,
+                i,
+                batches,
+                loss.item(),
+                rate,
+                _hms(elapsed / i * (batches - i)),
+            )
 
     return progress
 
 
-def _report(worker: _Worker, net: _Net, state: TrainState, metrics: dict[str, Any], *, classes: list[str],
-            board: _Board | None, epoch_seconds: list[float]) -> None:
+def _report(
+    worker: _Worker,
+    net: _Net,
+    state: TrainState,
+    metrics: dict[str, Any],
+    *,
+    classes: list[str],
+    board: _Board | None,
+    epoch_seconds: list[float],
+) -> None:
     """ray.train.report the epoch's metrics; rank 0 attaches the checkpoint (weights + train_state.pt),
     waits until Ray Train has committed it, then writes metrics.jsonl, TensorBoard and best/."""
     import ray.train
@@ -503,11 +624,21 @@ def _report(worker: _Worker, net: _Net, state: TrainState, metrics: dict[str, An
     _log_epoch(cfg, metrics, best=state.best_epoch == epoch, epoch_seconds=epoch_seconds)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, net.module, classes=classes, config=cfg.to_dict(), metrics=metrics)
-        torch.save({"epoch": epoch, "optimizer": net.optimizer.state_dict(), "scheduler": net.scheduler.state_dict(),
-                    "best_epoch": state.best_epoch, "best_score": state.best_score, "attempt": state.attempt,
-                    "history": state.history}, Path(tmp) / STATE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"epoch_{epoch:04d}")
+        torch.save(
+            {
+                "epoch": epoch,
+                "optimizer": net.optimizer.state_dict(),
+                "scheduler": net.scheduler.state_dict(),
+                "best_epoch": state.best_epoch,
+                "best_score": state.best_score,
+                "attempt": state.attempt,
+                "history": state.history,
+            },
+            Path(tmp) / STATE,
+        )
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"epoch_{epoch:04d}"
+        )
     # Wait until the controller has registered the checkpoint (it polls workers every 2 s):
     # from here on a failure resumes after this epoch, and metrics.jsonl says so.
     ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
@@ -522,10 +653,21 @@ def _report(worker: _Worker, net: _Net, state: TrainState, metrics: dict[str, An
 def _log_epoch(cfg: TrainConfig, metrics: dict[str, Any], *, best: bool, epoch_seconds: list[float]) -> None:
     epoch = metrics["epoch"]
     eta = sum(epoch_seconds) / len(epoch_seconds) * (cfg.epochs - epoch)
-    log.info("epoch %d/%d: train loss %.4f acc %.4f | val clean %.4f pgd %.4f score %.4f%s | %.1f img/s | "
-             "%s per epoch, ETA %s", epoch, cfg.epochs, metrics["train_loss"], metrics["train_accuracy"],
-             metrics["val_clean_accuracy"], metrics["val_adversarial_accuracy"], metrics["val_score"],
-             " (best)" if best else "", metrics["train_images_per_s"], _hms(epoch_seconds[-1]), _hms(eta))
+    log.info(
+        "epoch %d/%d: train loss %.4f acc %.4f | val clean %.4f pgd %.4f score %.4f%s | %.1f img/s | "
+        "%s per epoch, ETA %s",
+        epoch,
+        cfg.epochs,
+        metrics["train_loss"],
+        metrics["train_accuracy"],
+        metrics["val_clean_accuracy"],
+        metrics["val_adversarial_accuracy"],
+        metrics["val_score"],
+        " (best)" if best else "",
+        metrics["train_images_per_s"],
+        _hms(epoch_seconds[-1]),
+        _hms(eta),
+    )
 
 
 def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classes: list[str]) -> None:
@@ -541,16 +683,34 @@ def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classe
         module.load_state_dict(best.state_dict())
     _broadcast_state(module)
     test = load_data(cfg, "test")
-    result = evaluate_sharded(module, test, cfg.pgd, rank=rank, world=worker.world, batch_size=cfg.eval_batch_size,
-                              device=worker.device, bf16=worker.bf16)
-    figures = {"test_clean_accuracy": result["clean_accuracy"], "test_adversarial_accuracy": result["adversarial_accuracy"],
-               "test_images": result["n"], "test_epoch": state.best_epoch}
+    result = evaluate_sharded(
+        module,
+        test,
+        cfg.pgd,
+        rank=rank,
+        world=worker.world,
+        batch_size=cfg.eval_batch_size,
+        device=worker.device,
+        bf16=worker.bf16,
+    )
+    figures = {
+        "test_clean_accuracy": result["clean_accuracy"],
+        "test_adversarial_accuracy": result["adversarial_accuracy"],
+        "test_images": result["n"],
+        "test_epoch": state.best_epoch,
+    }
     if rank == 0:
-        log.info("test (best epoch %d): clean %.4f pgd %.4f on %d images", state.best_epoch,
-                 figures["test_clean_accuracy"], figures["test_adversarial_accuracy"], result["n"])
+        log.info(
+            "test (best epoch %d): clean %.4f pgd %.4f on %d images",
+            state.best_epoch,
+            figures["test_clean_accuracy"],
+            figures["test_adversarial_accuracy"],
+            result["n"],
+        )
         (run_dir / "test.json").write_json({**figures, "attack": asdict(cfg.pgd)})
-        save_checkpoint(run_dir / "best", module, classes=classes, config=cfg.to_dict(),
-                        metrics={**meta["metrics"], **figures})
+        save_checkpoint(
+            run_dir / "best", module, classes=classes, config=cfg.to_dict(), metrics={**meta["metrics"], **figures}
+        )
     last_metrics = state.history[-1] if state.history else {}
     ray.train.report({**last_metrics, **figures})
 
@@ -570,9 +730,16 @@ def _local_folder(target: Location):
 # --- the driver ----------------------------------------------------------------------------------
 
 
-def make_trainer(cfg: TrainConfig, run_dir: str | Path | Location | None, *, workers: int = 1,
-                 gpus_per_worker: float = 0, storage_path: str | Path | Location | None = None, name: str = RAY_NAME,
-                 callbacks: list | None = None):
+def make_trainer(
+    cfg: TrainConfig,
+    run_dir: str | Path | Location | None,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    storage_path: str | Path | Location | None = None,
+    name: str = RAY_NAME,
+    callbacks: list | None = None,
+):
     """A TorchTrainer running train_fn_per_worker. run_dir and storage_path: local paths (made
     absolute) or storage URIs. Ray Train's storage is RUN_DIR/ray unless storage_path is given, on the
     filesystem the location names (storage_path + storage_filesystem); it keeps the latest and the best
@@ -585,19 +752,24 @@ def make_trainer(cfg: TrainConfig, run_dir: str | Path | Location | None, *, wor
     run_dir = Location(run_dir) if run_dir is not None else None
     if storage_path is None:
         check(run_dir is not None, "give run_dir or storage_path")
-    storage, storage_filesystem = (Location(storage_path) if storage_path is not None else run_dir / "ray").for_ray_train()
+    storage, storage_filesystem = (
+        Location(storage_path) if storage_path is not None else run_dir / "ray"
+    ).for_ray_train()
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     return TorchTrainer(
         train_fn_per_worker,
         train_loop_config={"config": cfg.to_dict(), "run_dir": run_dir.uri if run_dir else None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage, storage_filesystem=storage_filesystem,
+            name=name,
+            storage_path=storage,
+            storage_filesystem=storage_filesystem,
             callbacks=callbacks,  # e.g. Ray Tune's TuneReportCallback when a Tune trial runs the trainer
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ray always keeps the latest checkpoint too: these two are what resume and best/ need.
-            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_score",
-                                               checkpoint_score_order="max"),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute="val_score", checkpoint_score_order="max"
+            ),
         ),
     )
 
@@ -618,12 +790,20 @@ def preflight(cfg: TrainConfig, workers: int) -> None:
     check(cfg.batch_size % workers == 0, f"batch_size {cfg.batch_size} does not split evenly over {workers} workers")
     val = load_data(cfg, "val")
     num_classes = cfg.num_classes or len(val.classes)
-    check(int(val.labels.max()) < num_classes, f"the data has labels up to {int(val.labels.max())}, "
-          f"the model only {num_classes} classes")
+    check(
+        int(val.labels.max()) < num_classes,
+        f"the data has labels up to {int(val.labels.max())}, the model only {num_classes} classes",
+    )
 
 
-def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, gpus_per_worker: float = 0,
-        resume: bool = False) -> dict[str, Any]:
+def run(
+    cfg: TrainConfig,
+    run_dir: str | Path | Location,
+    *,
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    resume: bool = False,
+) -> dict[str, Any]:
     """Train (or, with resume, continue) the run in run_dir (a local path or a storage URI) on Ray;
     returns the last reported metrics."""
     import ray
@@ -637,7 +817,9 @@ def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, g
     if resume:
         check(started, f"{run_dir}: no run to resume (no {run_dir / 'ray' / RAY_NAME})")
     else:
-        check(not started, f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another --out")
+        check(
+            not started, f"{run_dir} already holds a run: continue it with --resume {run_dir}, or choose another --out"
+        )
     cfg = resolve_paths(cfg)
     preflight(cfg, workers)
     init_ray()
@@ -653,8 +835,13 @@ def run(cfg: TrainConfig, run_dir: str | Path | Location, *, workers: int = 1, g
     storage.preflight(run_dir)  # every node can write and read there, before an epoch is spent
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    log.info("training %s (%s) with %d worker(s) into %s", cfg.arch, "adversarial" if cfg.adversarial else "standard",
-             workers, run_dir)
+    log.info(
+        "training %s (%s) with %d worker(s) into %s",
+        cfg.arch,
+        "adversarial" if cfg.adversarial else "standard",
+        workers,
+        run_dir,
+    )
     with _sigint_handler_restored():
         result = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker).fit()
     return dict(result.metrics or {})

@@ -45,8 +45,15 @@ from .config import TrainConfig, dump_config
 from .errors import InputError, check
 from .storage import Location
 from .sweep import (
-    Dimension, Sweep, ValAttackConfig, plot_tradeoff, trial_config, trial_params, trial_row,
-    write_best_config, write_table,
+    Dimension,
+    Sweep,
+    ValAttackConfig,
+    plot_tradeoff,
+    trial_config,
+    trial_params,
+    trial_row,
+    write_best_config,
+    write_table,
 )
 
 log = logging.getLogger(__name__)
@@ -64,8 +71,15 @@ class SweepInterrupted(RuntimeError):
 # --- one trial ------------------------------------------------------------------------------------
 
 
-def _run_trial(params: dict[str, Any], *, start: dict[str, Any], val_attack: dict[str, Any] | None, workers: int,
-               gpus_per_worker: float, trials_dir: str) -> None:
+def _run_trial(
+    params: dict[str, Any],
+    *,
+    start: dict[str, Any],
+    val_attack: dict[str, Any] | None,
+    workers: int,
+    gpus_per_worker: float,
+    trials_dir: str,
+) -> None:
     """The Tune function trainable: one distributed training run with the trial's parameters.
 
     Its training run folder is trials_dir/<trial_id>; a trial restored by `--resume` finds its Ray
@@ -75,13 +89,19 @@ def _run_trial(params: dict[str, Any], *, start: dict[str, Any], val_attack: dic
 
     from .train import make_trainer
 
-    cfg = trial_config(TrainConfig.from_dict(start), params,
-                       val_attack=ValAttackConfig(**val_attack) if val_attack else None)
+    cfg = trial_config(
+        TrainConfig.from_dict(start), params, val_attack=ValAttackConfig(**val_attack) if val_attack else None
+    )
     run_dir = Location(trials_dir) / ray.tune.get_context().get_trial_id()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     _append_line(run_dir / "starts.jsonl", json.dumps({"started": time.time(), "pid": os.getpid(), "params": params}))
-    trainer = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker,
-                           callbacks=[TuneReportCallback(), _placement_group_recorder(run_dir / PLACEMENT_GROUPS)])
+    trainer = make_trainer(
+        cfg,
+        run_dir,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        callbacks=[TuneReportCallback(), _placement_group_recorder(run_dir / PLACEMENT_GROUPS)],
+    )
     trainer.fit()
 
 
@@ -132,8 +152,16 @@ def remove_placement_groups(run_dir: Location) -> int:
 
 def trial_rows(trials, epochs_planned: int, finished: Mapping[str, str] = {}) -> list[dict[str, Any]]:
     """The rows of Tune's Trial objects; `finished` overrides the status of trials that just ended."""
-    return [trial_row(t.trial_id, trial_params(t.config), t.last_result, epochs_planned=epochs_planned,
-                      state=finished.get(t.trial_id, t.status)) for t in trials]
+    return [
+        trial_row(
+            t.trial_id,
+            trial_params(t.config),
+            t.last_result,
+            epochs_planned=epochs_planned,
+            state=finished.get(t.trial_id, t.status),
+        )
+        for t in trials
+    ]
 
 
 class SweepCallback(Callback):
@@ -174,11 +202,14 @@ def check_resources(sweep: Sweep) -> None:
     have = ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
     if short and not os.environ.get("RAY_ADDRESS"):
-        raise InputError(f"one trial ({o.workers} workers) needs {' and '.join(short)}: use fewer workers, "
-                         f"gpus_per_worker or cpus_per_worker")
+        raise InputError(
+            f"one trial ({o.workers} workers) needs {' and '.join(short)}: use fewer workers, "
+            f"gpus_per_worker or cpus_per_worker"
+        )
     if short:
-        log.warning("the cluster has too few resources for one trial for now: %s; waiting for the autoscaler",
-                    "; ".join(short))
+        log.warning(
+            "the cluster has too few resources for one trial for now: %s; waiting for the autoscaler", "; ".join(short)
+        )
 
 
 def run_sweep(sweep: Sweep, sweep_dir: str | Path | Location, *, resume: bool = False) -> list[dict[str, Any]]:
@@ -211,12 +242,19 @@ def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool) -> Sweep:
     sweep = replace(sweep, trial=resolve_paths(sweep.trial))
     if resume:
         tune_path, storage_filesystem = tune_dir.for_ray_train()
-        check(stored.is_file() and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_filesystem),
-              f"{sweep_dir}: no sweep to resume (no {stored.name} and Tune state in {tune_dir})")
-        check(yaml.safe_load(stored.read_text()) == yaml.safe_load(yaml.safe_dump(sweep.to_dict(), sort_keys=False)),
-              f"{sweep_dir} holds a different sweep than CONFIG: resume it with the config it started with")
+        check(
+            stored.is_file() and tune.Tuner.can_restore(tune_path, storage_filesystem=storage_filesystem),
+            f"{sweep_dir}: no sweep to resume (no {stored.name} and Tune state in {tune_dir})",
+        )
+        check(
+            yaml.safe_load(stored.read_text()) == yaml.safe_load(yaml.safe_dump(sweep.to_dict(), sort_keys=False)),
+            f"{sweep_dir} holds a different sweep than CONFIG: resume it with the config it started with",
+        )
     else:
-        check(not tune_dir.exists(), f"{sweep_dir} already holds a sweep: continue it with --resume, or choose another --out")
+        check(
+            not tune_dir.exists(),
+            f"{sweep_dir} already holds a sweep: continue it with --resume, or choose another --out",
+        )
     preflight(sweep.trial, sweep.options.workers)
     init_ray()
     check_resources(sweep)
@@ -233,12 +271,18 @@ def _trainable(sweep: Sweep, sweep_dir: Location):
 
     o = sweep.options
     return tune.with_resources(
-        tune.with_parameters(_run_trial, start=sweep.trial.to_dict(),
-                             val_attack=asdict(o.val_pgd) if o.val_pgd else None, workers=o.workers,
-                             gpus_per_worker=o.gpus_per_worker, trials_dir=(sweep_dir / "trials").uri),
+        tune.with_parameters(
+            _run_trial,
+            start=sweep.trial.to_dict(),
+            val_attack=asdict(o.val_pgd) if o.val_pgd else None,
+            workers=o.workers,
+            gpus_per_worker=o.gpus_per_worker,
+            trials_dir=(sweep_dir / "trials").uri,
+        ),
         # The trial only waits on its Train controller; the training workers reserve the CPUs and GPUs.
         # Tune refuses an all-zero request, so a trial holds one byte of Ray's `memory` resource.
-        {"cpu": 0, "memory": 1})
+        {"cpu": 0, "memory": 1},
+    )
 
 
 def _restored_tuner(sweep: Sweep, sweep_dir: Location):
@@ -247,8 +291,13 @@ def _restored_tuner(sweep: Sweep, sweep_dir: Location):
 
     log.info("resuming the sweep in %s", sweep_dir)
     tune_path, storage_filesystem = (sweep_dir / TUNE_NAME).for_ray_train()
-    return tune.Tuner.restore(tune_path, _trainable(sweep, sweep_dir), resume_unfinished=True, resume_errored=True,
-                              storage_filesystem=storage_filesystem)
+    return tune.Tuner.restore(
+        tune_path,
+        _trainable(sweep, sweep_dir),
+        resume_unfinished=True,
+        resume_errored=True,
+        storage_filesystem=storage_filesystem,
+    )
 
 
 def _new_tuner(sweep: Sweep, sweep_dir: Location):
@@ -260,12 +309,23 @@ def _new_tuner(sweep: Sweep, sweep_dir: Location):
     return tune.Tuner(
         _trainable(sweep, sweep_dir),
         param_space={d.name: _tune_domain(d) for d in sweep.space},
-        tune_config=tune.TuneConfig(metric=METRIC, mode="max", scheduler=_asha(sweep), search_alg=_search_alg(sweep),
-                                    num_samples=o.num_samples, max_concurrent_trials=o.max_concurrent_trials,
-                                    trial_dirname_creator=lambda trial: trial.trial_id),
-        run_config=tune.RunConfig(name=TUNE_NAME, storage_path=storage_path, storage_filesystem=storage_filesystem,
-                                  callbacks=[SweepCallback(sweep_dir / "results.csv", sweep_dir / "trials", epochs)],
-                                  verbose=1, failure_config=tune.FailureConfig(max_failures=0)),  # Train retries workers
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode="max",
+            scheduler=_asha(sweep),
+            search_alg=_search_alg(sweep),
+            num_samples=o.num_samples,
+            max_concurrent_trials=o.max_concurrent_trials,
+            trial_dirname_creator=lambda trial: trial.trial_id,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            callbacks=[SweepCallback(sweep_dir / "results.csv", sweep_dir / "trials", epochs)],
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=0),
+        ),  # Train retries workers
     )
 
 
@@ -292,8 +352,13 @@ def _asha(sweep: Sweep):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=epochs, grace_period=min(asha.grace_period, epochs),
-                         reduction_factor=asha.reduction_factor, brackets=asha.brackets)
+    return ASHAScheduler(
+        time_attr=TIME_ATTR,
+        max_t=epochs,
+        grace_period=min(asha.grace_period, epochs),
+        reduction_factor=asha.reduction_factor,
+        brackets=asha.brackets,
+    )
 
 
 def _search_alg(sweep: Sweep):
@@ -315,11 +380,14 @@ def _final_rows(sweep: Sweep, sweep_dir: Location) -> list[dict[str, Any]]:
     trials = tune.ExperimentAnalysis(tune_path, storage_filesystem=storage_filesystem).trials
     for trial in trials:
         remove_placement_groups(sweep_dir / "trials" / trial.trial_id)
-    rows = sorted(trial_rows(trials, sweep.trial.epochs),
-                  key=lambda row: [row[d.name] for d in sweep.space] + [row["trial_id"]])
+    rows = sorted(
+        trial_rows(trials, sweep.trial.epochs), key=lambda row: [row[d.name] for d in sweep.space] + [row["trial_id"]]
+    )
     write_table(sweep_dir / "results.csv", rows)
     ended = [r for r in rows if r["status"] not in ("running", "pending")]
     if len(ended) < sweep.num_trials:  # Tune creates trials lazily: an interrupted sweep may lack some
-        raise SweepInterrupted(f"the sweep in {sweep_dir} stopped with {len(ended)} of its {sweep.num_trials} trials "
-                               f"ended; continue it with --resume")
+        raise SweepInterrupted(
+            f"the sweep in {sweep_dir} stopped with {len(ended)} of its {sweep.num_trials} trials "
+            f"ended; continue it with --resume"
+        )
     return rows

@@ -102,44 +102,66 @@ def _feature_index(features: Sequence[int] | torch.Tensor, n: int, k: int, devic
     if z.dim() == 1:
         z = z.view(1, -1).expand(n, -1)  # the same coordinates for every image
     check(z.shape[0] == n and z.shape[1] >= 1, f"features must be (|z|,) or (N, |z|); got {tuple(z.shape)} for N = {n}")
-    check(int(z.min()) >= 0 and int(z.max()) < k, f"feature indices must lie in 0..{k - 1}, got {z.min().item()}..{z.max().item()}")
+    check(
+        int(z.min()) >= 0 and int(z.max()) < k,
+        f"feature indices must lie in 0..{k - 1}, got {z.min().item()}..{z.max().item()}",
+    )
     return z
 
 
-def invert(model: Classifier, x_source: torch.Tensor, x_target: torch.Tensor, *,
-           settings: PGDSettings = INVERSION) -> torch.Tensor:
+def invert(
+    model: Classifier, x_source: torch.Tensor, x_target: torch.Tensor, *, settings: PGDSettings = INVERSION
+) -> torch.Tensor:
     """Representation inversion (eq. 15): per example, x_source + d with ||d|| <= eps whose R is
     closest to R(x_target) in normalised L2 distance.
 
     x_source, x_target: (N, C, H, W) in [0, 1] on the model's device. Returns (N, C, H, W) in [0, 1],
     detached. Runs the model in eval mode and restores its mode.
     """
-    check(x_source.shape == x_target.shape,
-          f"source and target batches differ in shape: {tuple(x_source.shape)} vs {tuple(x_target.shape)}")
+    check(
+        x_source.shape == x_target.shape,
+        f"source and target batches differ in shape: {tuple(x_source.shape)} vs {tuple(x_target.shape)}",
+    )
     check_images(x_target)
     rep_target = representation(model, x_target)  # (N, k)
-    return pgd(Representation(model), x_source, rep_target, threat=settings.threat, steps=settings.steps,
-               loss_fn=normalised_distance, targeted=True)
+    return pgd(
+        Representation(model),
+        x_source,
+        rep_target,
+        threat=settings.threat,
+        steps=settings.steps,
+        loss_fn=normalised_distance,
+        targeted=True,
+    )
 
 
-def generate_classes(model: Classifier, seeds: torch.Tensor, classes: torch.Tensor, *,
-                     settings: PGDSettings = GENERATION[32]) -> torch.Tensor:
+def generate_classes(
+    model: Classifier, seeds: torch.Tensor, classes: torch.Tensor, *, settings: PGDSettings = GENERATION[32]
+) -> torch.Tensor:
     """Class-specific image generation (eq. 16): per example, seed + d with ||d|| <= eps that
     maximises the logit of its class. seeds: (N, C, H, W) in [0, 1]; classes: (N,) long.
     Returns (N, C, H, W) in [0, 1], detached."""
-    check(classes.shape == (seeds.shape[0],), f"need one class per seed, got {tuple(classes.shape)} for {seeds.shape[0]} seeds")
-    return pgd(model, seeds, classes.to(seeds.device), threat=settings.threat, steps=settings.steps,
-               loss_fn=class_logit)
+    check(
+        classes.shape == (seeds.shape[0],),
+        f"need one class per seed, got {tuple(classes.shape)} for {seeds.shape[0]} seeds",
+    )
+    return pgd(
+        model, seeds, classes.to(seeds.device), threat=settings.threat, steps=settings.steps, loss_fn=class_logit
+    )
 
 
-def visualize_features(model: Classifier, x_start: torch.Tensor, features: Sequence[int] | torch.Tensor, *,
-                       settings: PGDSettings = FEATURE_VIS) -> torch.Tensor:
+def visualize_features(
+    model: Classifier,
+    x_start: torch.Tensor,
+    features: Sequence[int] | torch.Tensor,
+    *,
+    settings: PGDSettings = FEATURE_VIS,
+) -> torch.Tensor:
     """Direct feature visualisation (eq. 13-14): per example, x_start + d with ||d|| <= eps that
     maximises the mean of R(x) over the coordinates `features` ((|z|,) for every image, or (N, |z|)).
     x_start: (N, C, H, W) in [0, 1] (noise or images). Returns (N, C, H, W) in [0, 1], detached."""
     z = _feature_index(features, x_start.shape[0], model.representation_dim, x_start.device)
-    return pgd(Representation(model), x_start, z, threat=settings.threat, steps=settings.steps,
-               loss_fn=mean_activation)
+    return pgd(Representation(model), x_start, z, threat=settings.threat, steps=settings.steps, loss_fn=mean_activation)
 
 
 # --- measurements --------------------------------------------------------------------------------
@@ -151,7 +173,7 @@ def representation(model: Classifier, x: torch.Tensor, *, batch_size: int = 256)
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model.representation(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model.representation(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
@@ -162,13 +184,14 @@ def logits(model: Classifier, x: torch.Tensor, *, batch_size: int = 256) -> torc
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     finally:
         model.train(was_training)
 
 
-def feature_activations(model: Classifier, x: torch.Tensor, features: Sequence[int] | torch.Tensor, *,
-                        batch_size: int = 256) -> torch.Tensor:
+def feature_activations(
+    model: Classifier, x: torch.Tensor, features: Sequence[int] | torch.Tensor, *, batch_size: int = 256
+) -> torch.Tensor:
     """The objective of eq. 13-14 on each image: mean of R(x) over `features`. Returns (N,)."""
     rep = representation(model, x, batch_size=batch_size)
     return mean_activation(rep, _feature_index(features, len(x), rep.shape[1], rep.device))
@@ -226,8 +249,15 @@ class ClassSeeds:
         return scale @ scale.T + float(self.noise_sd[c]) ** 2 * eye
 
 
-def fit_class_seeds(pooled: torch.Tensor, labels: torch.Tensor, *, num_classes: int, pool: int,
-                    image_shape: tuple[int, int, int], ridge: float = 1e-4) -> ClassSeeds:
+def fit_class_seeds(
+    pooled: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    num_classes: int,
+    pool: int,
+    image_shape: tuple[int, int, int],
+    ridge: float = 1e-4,
+) -> ClassSeeds:
     """Fit each class's normal on its pooled images (eq. 19-22: mean and 1/n covariance, in float64),
     with ridge * I added to the covariance (the authors' 1e-4). Should a covariance still not factor
     (round-off), the ridge grows tenfold until it does, so sampling never fails. Where every class
@@ -252,9 +282,9 @@ def fit_class_seeds(pooled: torch.Tensor, labels: torch.Tensor, *, num_classes: 
         centred = members - mu  # (n, d)
         if low_rank:  # cov = centred.T @ centred / n exactly, kept as its (d, n) factor
             scale = torch.zeros(d, largest, dtype=torch.float64)
-            scale[:, :len(members)] = centred.T / len(members) ** 0.5
+            scale[:, : len(members)] = centred.T / len(members) ** 0.5
             scales.append(scale)
-            noise.append(ridge ** 0.5)
+            noise.append(ridge**0.5)
         else:
             cov = centred.T @ centred / len(members)  # (d, d), eq. 20
             jitter = ridge
@@ -262,30 +292,39 @@ def fit_class_seeds(pooled: torch.Tensor, labels: torch.Tensor, *, num_classes: 
                 tril, info = torch.linalg.cholesky_ex(cov + jitter * eye)
                 if int(info) == 0:
                     break
-                log.warning("class %d: covariance + %.0e I is not positive definite; trying %.0e", c, jitter,
-                            jitter * 10)
+                log.warning(
+                    "class %d: covariance + %.0e I is not positive definite; trying %.0e", c, jitter, jitter * 10
+                )
                 jitter *= 10
             scales.append(tril)
             noise.append(0.0)
         means.append(mu)
-    return ClassSeeds(torch.stack(means).float(), torch.stack(scales).float(), torch.tensor(noise), pool,
-                      tuple(image_shape))
+    return ClassSeeds(
+        torch.stack(means).float(), torch.stack(scales).float(), torch.tensor(noise), pool, tuple(image_shape)
+    )
 
 
 def pool_images(x: torch.Tensor, pool: int) -> torch.Tensor:
     """Average-pool (N, C, H, W) by `pool` (H and W must be multiples of it)."""
-    check(x.shape[-1] % pool == 0 and x.shape[-2] % pool == 0, f"image size {tuple(x.shape[-2:])} is not a multiple of {pool}")
+    check(
+        x.shape[-1] % pool == 0 and x.shape[-2] % pool == 0,
+        f"image size {tuple(x.shape[-2:])} is not a multiple of {pool}",
+    )
     return F.avg_pool2d(x, pool)
 
 
-def sample_class_seeds(seeds: ClassSeeds, classes: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_class_seeds(
+    seeds: ClassSeeds, classes: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One draw from each listed class's normal, upsampled to full size and clipped to [0, 1].
     classes: (M,) long. Returns (M, C, H, W) float32 on the CPU. The draws depend only on the
     generator's state and `classes`."""
     classes = classes.long().cpu()
     check(classes.dim() == 1, "classes must be (M,)")
-    check(len(classes) == 0 or (int(classes.min()) >= 0 and int(classes.max()) < seeds.num_classes),
-          f"classes must lie in 0..{seeds.num_classes - 1}")
+    check(
+        len(classes) == 0 or (int(classes.min()) >= 0 and int(classes.max()) < seeds.num_classes),
+        f"classes must lie in 0..{seeds.num_classes - 1}",
+    )
     c, h, w = seeds.image_shape
     z = torch.randn(len(classes), seeds.scale.shape[2], generator=generator)  # (M, r)
     draws = seeds.mean[classes] + (seeds.scale[classes] @ z.unsqueeze(2)).squeeze(2)  # (M, d)

@@ -46,10 +46,14 @@ pytestmark = pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.3
 
 def _probe(env: dict[str, str]) -> tuple[str, int]:
     code = PROBE + "tuned = tune_allocator()\nprint(tuned, mapped_bytes_of_a_64_mib_tensor())\n"
-    clean = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
-                                                                "ROBINT_TUNE_MALLOC")}
-    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
-                         check=True).stdout.split()
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "ROBINT_TUNE_MALLOC")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True
+    ).stdout.split()
     return out[0], int(out[1])
 
 

@@ -46,8 +46,9 @@ def test_each_example_is_independent_of_its_batch(norm, device):
     threat = Threat(norm, 0.5 if norm == "l2" else 0.03, 0.1 if norm == "l2" else 0.01)
     whole = pgd(model, x, y, threat=threat, steps=5)
     for size in (1, 7, 32):
-        pieces = torch.cat([pgd(model, x[i:i + size], y[i:i + size], threat=threat, steps=5)
-                            for i in range(0, len(x), size)])
+        pieces = torch.cat(
+            [pgd(model, x[i : i + size], y[i : i + size], threat=threat, steps=5) for i in range(0, len(x), size)]
+        )
         torch.testing.assert_close(pieces, whole, atol=1e-6, rtol=0)
 
 
@@ -57,8 +58,17 @@ def test_iterates_stay_in_the_ball_and_the_box(norm, eps, random_start, device):
     model = tiny_model().to(device)
     x, y = (t.to(device) for t in batch())
     g = torch.Generator().manual_seed(0)  # on the CPU: the starts are drawn there for any device
-    x_adv = pgd(model, x, y, threat=Threat(norm, eps, eps / 4), steps=8, random_start=random_start,
-                generator=g, restarts=2, keep="best")
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        threat=Threat(norm, eps, eps / 4),
+        steps=8,
+        random_start=random_start,
+        generator=g,
+        restarts=2,
+        keep="best",
+    )
     delta = (x_adv - x).flatten(1)
     size = delta.norm(dim=1) if norm == "l2" else delta.abs().max(dim=1).values
     assert (size <= eps + 1e-6).all()
@@ -122,21 +132,25 @@ def test_custom_loss_on_the_representation():
     x, _ = batch(4)
     unit = torch.zeros(4, model.representation_dim)
     unit[:, 5] = 1
-    x_adv = pgd(Representation(model), x, unit, threat=Threat("l2", 5.0, 0.5), steps=10,
-                loss_fn=lambda r, u: (r * u).sum(dim=1))
+    x_adv = pgd(
+        Representation(model), x, unit, threat=Threat("l2", 5.0, 0.5), steps=10, loss_fn=lambda r, u: (r * u).sum(dim=1)
+    )
     with torch.no_grad():
         assert (model.representation(x_adv)[:, 5] > model.representation(x)[:, 5]).all()
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(threat=lambda: Threat("l2", -0.1, 0.1)), "eps must be >= 0"),
-    (dict(threat=lambda: Threat("l3", 0.5, 0.1)), "unknown norm"),
-    (dict(threat=lambda: Threat("l2", 0.5, 0.0)), "step size must be > 0"),
-    (dict(steps=0), "steps must be an integer >= 1"),
-    (dict(x=lambda x: x * 2), "images must lie in [0, 1]"),
-    (dict(x=lambda x: x - 0.5), "images must lie in [0, 1]"),
-    (dict(keep="first"), "keep must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(threat=lambda: Threat("l2", -0.1, 0.1)), "eps must be >= 0"),
+        (dict(threat=lambda: Threat("l3", 0.5, 0.1)), "unknown norm"),
+        (dict(threat=lambda: Threat("l2", 0.5, 0.0)), "step size must be > 0"),
+        (dict(steps=0), "steps must be an integer >= 1"),
+        (dict(x=lambda x: x * 2), "images must lie in [0, 1]"),
+        (dict(x=lambda x: x - 0.5), "images must lie in [0, 1]"),
+        (dict(keep="first"), "keep must be"),
+    ],
+)
 def test_bad_input_is_an_input_error(kwargs, message):
     model = tiny_model()
     x, y = batch(2)

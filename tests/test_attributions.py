@@ -98,7 +98,9 @@ def test_ig_completeness_on_a_trained_model_from_the_bundled_sample(trained_tiny
     the number of steps. A wrong path, a missing (x - x') factor or wrong weights breaks it."""
     x, y = sample_test[0][:6], sample_test[1][:6]
     with torch.no_grad():
-        assert (trained_tiny(sample_test[0]).argmax(1) == sample_test[1]).float().mean() > 0.15  # learnt something (chance: 0.1)
+        assert (
+            trained_tiny(sample_test[0]).argmax(1) == sample_test[1]
+        ).float().mean() > 0.15  # learnt something (chance: 0.1)
         logit_x, logit_0 = (trained_tiny(z).gather(1, y[:, None]).squeeze(1) for z in (x, torch.zeros_like(x)))
     baselines = attr.make_baselines(x, kind="black", k=1)
     errors = {}
@@ -138,8 +140,9 @@ def test_ig_equals_captum_trapezoid_after_rescaling(tiny, images, output, kind, 
     baselines = attr.make_baselines(x, kind=kind, k=1, seed=0)
     ours = attr.integrated_gradients(tiny, x, y, baselines, steps=steps, output=output, batch_size=64).attributions
     forward = (lambda z: tiny(z).softmax(1)) if output == "probability" else tiny
-    theirs = IntegratedGradients(forward).attribute(x, baselines=baselines[:, 0], target=y, n_steps=steps + 1,
-                                                     method="riemann_trapezoid", internal_batch_size=64)
+    theirs = IntegratedGradients(forward).attribute(
+        x, baselines=baselines[:, 0], target=y, n_steps=steps + 1, method="riemann_trapezoid", internal_batch_size=64
+    )
     # captum's trapezoid weights sum to n/(n+1) on the same points: ours = captum * (m + 1) / m
     rescaled = theirs * (steps + 1) / steps
     torch.testing.assert_close(ours, rescaled, rtol=1e-4, atol=1e-4 * rescaled.abs().max().item())
@@ -174,8 +177,12 @@ def test_ig_completeness_on_pretrained_resnet20(resnet20, cifar_exact, n):
 
     x, y = stack(take(load_split(cifar_exact, "test"), n))
     baselines = attr.make_baselines(x, kind="black", k=1)
-    gaps = {m: attr.integrated_gradients(resnet20, x, y, baselines, steps=m, output="logit", batch_size=301)
-            .relative_gap.mean().item() for m in (50, 300)}
+    gaps = {
+        m: attr.integrated_gradients(resnet20, x, y, baselines, steps=m, output="logit", batch_size=301)
+        .relative_gap.mean()
+        .item()
+        for m in (50, 300)
+    }
     assert gaps[300] <= 0.05, gaps
     assert gaps[300] < gaps[50], gaps
 
@@ -217,10 +224,18 @@ def test_expected_gradients_equal_shap_on_the_same_draws(tiny, sample_test, smoo
     target = torch.as_tensor(ranks)[:, 0].long().to(device)
     torch.testing.assert_close(target, tiny(x).argmax(1))
 
-    draws = replay_shap_draws(len(x), nsamples, len(background), rseed, device=device,
-                              noise_shape=tuple(x.shape[1:]) if smoothing else None, torch_seed=torch_seed)
-    ours = attr.expected_gradients(tiny, x, target, background, output="logit", local_smoothing=smoothing,
-                                   draws=draws, batch_size=10)
+    draws = replay_shap_draws(
+        len(x),
+        nsamples,
+        len(background),
+        rseed,
+        device=device,
+        noise_shape=tuple(x.shape[1:]) if smoothing else None,
+        torch_seed=torch_seed,
+    )
+    ours = attr.expected_gradients(
+        tiny, x, target, background, output="logit", local_smoothing=smoothing, draws=draws, batch_size=10
+    )
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
 
 

@@ -24,27 +24,64 @@ def run_cli(argv, capsys):
 
 
 def eval_args(weights, data, *extra):
-    return ["eval", "--arch", "cifar_resnet20", "--weights", str(weights), "--data", str(data),
-            "--split", "test", *extra]
+    return [
+        "eval",
+        "--arch",
+        "cifar_resnet20",
+        "--weights",
+        str(weights),
+        "--data",
+        str(data),
+        "--split",
+        "test",
+        *extra,
+    ]
 
 
 def test_eval_writes_json(resnet20_path, tmp_path, capsys):
     out_json = tmp_path / "r" / "out.json"
-    code, out, _ = run_cli(eval_args(resnet20_path, "sample", "--n", "64", "--eps", "0.1", "--step-size", "0.02",
-                                     "--json", str(out_json)), capsys)
+    code, out, _ = run_cli(
+        eval_args(resnet20_path, "sample", "--n", "64", "--eps", "0.1", "--step-size", "0.02", "--json", str(out_json)),
+        capsys,
+    )
     assert code == 0 and "clean accuracy" in out
     result = json.loads(out_json.read_text())
     assert result["n"] == 64
     assert 0 <= result["adversarial_accuracy"] <= result["clean_accuracy"] <= 1
-    assert result["attack"] == {**result["attack"], "kind": "pgd", "norm": "l2", "eps": 0.1, "step_size": 0.02,
-                                "steps": 20, "keep": "last", "random_start": False}
+    assert result["attack"] == {
+        **result["attack"],
+        "kind": "pgd",
+        "norm": "l2",
+        "eps": 0.1,
+        "step_size": 0.02,
+        "steps": 20,
+        "keep": "last",
+        "random_start": False,
+    }
 
 
 def test_eval_is_independent_of_batch_size(resnet20_path, tmp_path, capsys):
     figures = []
     for batch in (7, 64):
-        run_cli(eval_args(resnet20_path, "sample", "--n", "64", "--eps", "0.1", "--step-size", "0.02",
-                          "--steps", "5", "--batch-size", str(batch), "--json", str(tmp_path / f"{batch}.json")), capsys)
+        run_cli(
+            eval_args(
+                resnet20_path,
+                "sample",
+                "--n",
+                "64",
+                "--eps",
+                "0.1",
+                "--step-size",
+                "0.02",
+                "--steps",
+                "5",
+                "--batch-size",
+                str(batch),
+                "--json",
+                str(tmp_path / f"{batch}.json"),
+            ),
+            capsys,
+        )
         figures.append(json.loads((tmp_path / f"{batch}.json").read_text())["adversarial_correct"])
     assert figures[0] == figures[1]
 
@@ -55,8 +92,26 @@ def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet2
     figures = []
     for extra in ([], ["--workers", "2", "--gpus-per-task", "0", "--cpus-per-task", "1"]):
         path = tmp_path / f"{len(extra)}.json"
-        code, _, _ = run_cli(eval_args(resnet20_path, "sample", "--n", "24", "--eps", "0.1", "--step-size", "0.02",
-                                       "--steps", "3", "--batch-size", "8", "--json", str(path), *extra), capsys)
+        code, _, _ = run_cli(
+            eval_args(
+                resnet20_path,
+                "sample",
+                "--n",
+                "24",
+                "--eps",
+                "0.1",
+                "--step-size",
+                "0.02",
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--json",
+                str(path),
+                *extra,
+            ),
+            capsys,
+        )
         assert code == 0
         result = json.loads(path.read_text())
         figures.append((result["n"], result["clean_correct"], result["adversarial_correct"]))
@@ -65,19 +120,23 @@ def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet2
 
 def test_eval_our_checkpoint(tmp_path, capsys):
     save_checkpoint(tmp_path / "ck", build_model("cifar_resnet8"))
-    code, out, _ = run_cli(["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "sample", "--n", "8",
-                            "--attack", "none"], capsys)
+    code, out, _ = run_cli(
+        ["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "sample", "--n", "8", "--attack", "none"], capsys
+    )
     assert code == 0 and out.split()[:2] == ["images", "8"]
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--eps", "-0.5"], "eps must be >= 0"),
-    (["--norm", "l3"], "unknown norm"),
-    (["--steps", "0"], "steps must be an integer >= 1"),
-    (["--attack", "fgsm"], "unknown attack"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--split", "validation"], "unknown split"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--eps", "-0.5"], "eps must be >= 0"),
+        (["--norm", "l3"], "unknown norm"),
+        (["--steps", "0"], "steps must be an integer >= 1"),
+        (["--attack", "fgsm"], "unknown attack"),
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--split", "validation"], "unknown split"),
+    ],
+)
 def test_bad_settings_exit_2_with_one_line(resnet20_path, capsys, extra, message):
     code, out, err = run_cli(eval_args(resnet20_path, "sample", "--n", "4", *extra), capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -86,13 +145,22 @@ def test_bad_settings_exit_2_with_one_line(resnet20_path, capsys, extra, message
 def test_bad_models_and_data_exit_2(resnet20_path, tmp_path, capsys):
     save_checkpoint(tmp_path / "c8", build_model("cifar_resnet8", 100))
     x = np.zeros((2, 32, 32, 3), np.uint8)
-    np.savez(tmp_path / "bad_labels.npz", x_train=x, y_train=np.array([0, 12]), x_test=x, y_test=np.array([0, 12]),
-             classes=np.array([str(i) for i in range(13)]))
+    np.savez(
+        tmp_path / "bad_labels.npz",
+        x_train=x,
+        y_train=np.array([0, 12]),
+        x_test=x,
+        y_test=np.array([0, 12]),
+        classes=np.array([str(i) for i in range(13)]),
+    )
     truncated = tmp_path / "trunc.th"
     truncated.write_bytes(resnet20_path.read_bytes()[:4096])
     cases = [
         (eval_args(resnet20_path, tmp_path / "missing.npz"), "data path not found"),
-        (["eval", "--arch", "cifar_resnet32", "--weights", str(resnet20_path), "--data", "sample"], "does not fit architecture"),
+        (
+            ["eval", "--arch", "cifar_resnet32", "--weights", str(resnet20_path), "--data", "sample"],
+            "does not fit architecture",
+        ),
         (eval_args(truncated, "sample"), "corrupt, truncated"),
         (eval_args(resnet20_path, tmp_path / "bad_labels.npz"), "the data has 13 classes, the model 10"),
         (["eval", "--checkpoint", str(tmp_path / "c8"), "--data", "sample"], "the data has 10 classes, the model 100"),
@@ -105,9 +173,25 @@ def test_bad_models_and_data_exit_2(resnet20_path, tmp_path, capsys):
 
 
 def test_the_console_script_exits_2_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "robint_ray", "eval", "--arch", "cifar_resnet20", "--weights",
-                           str(tmp_path / "none.th"), "--data", "sample", "--eps", "-1"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "robint_ray",
+            "eval",
+            "--arch",
+            "cifar_resnet20",
+            "--weights",
+            str(tmp_path / "none.th"),
+            "--data",
+            "sample",
+            "--eps",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "eps must be >= 0" in proc.stderr
 
 
@@ -117,8 +201,21 @@ def test_the_console_script_exits_2_without_traceback(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [32, 128, 1017])
 def test_paper_pgd_small_eps_figure(resnet20_path, cifar_exact, tmp_path, capsys, batch):
-    code, _, _ = run_cli(eval_args(resnet20_path, cifar_exact, "--eps", "0.1", "--step-size", "0.02",
-                                   "--batch-size", str(batch), "--json", str(tmp_path / "o.json")), capsys)
+    code, _, _ = run_cli(
+        eval_args(
+            resnet20_path,
+            cifar_exact,
+            "--eps",
+            "0.1",
+            "--step-size",
+            "0.02",
+            "--batch-size",
+            str(batch),
+            "--json",
+            str(tmp_path / "o.json"),
+        ),
+        capsys,
+    )
     result = json.loads((tmp_path / "o.json").read_text())
     assert code == 0 and result["n"] == 1017
     assert result["clean_accuracy"] == pytest.approx(0.9164, abs=1e-3)
@@ -136,7 +233,18 @@ def test_paper_pgd_figure_and_best_iterate(resnet20_path, cifar_exact, tmp_path,
 
 @pytest.mark.slow
 def test_autoattack_figure(resnet20_path, cifar_exact, tmp_path, capsys):
-    code, _, _ = run_cli(eval_args(resnet20_path, cifar_exact, "--attack", "autoattack", "--batch-size", "256",
-                                   "--json", str(tmp_path / "aa.json")), capsys)
+    code, _, _ = run_cli(
+        eval_args(
+            resnet20_path,
+            cifar_exact,
+            "--attack",
+            "autoattack",
+            "--batch-size",
+            "256",
+            "--json",
+            str(tmp_path / "aa.json"),
+        ),
+        capsys,
+    )
     result = json.loads((tmp_path / "aa.json").read_text())
     assert code == 0 and result["n"] == 1017 and result["adversarial_accuracy"] <= 0.005

@@ -14,7 +14,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from conftest import token_auth_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +36,13 @@ def test_cluster_configs_validate(name):
         if "ray start --head" in command:
             assert "--dashboard-host=127.0.0.1" in command  # the dashboard stays on the head node
     # Every command is whole shell (YAML ends a plain scalar at " #": a quote cut there breaks it).
-    for key in ("setup_commands", "head_setup_commands", "worker_setup_commands", "head_start_ray_commands",
-                "worker_start_ray_commands"):
+    for key in (
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    ):
         for command in config.get(key, []):
             check = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
             assert check.returncode == 0, f"{name} {key}: {command!r}: {check.stderr}"
@@ -86,8 +90,11 @@ def test_every_shipped_training_config_fits_a_node_type_of_cluster_yaml():
     for s in shipped:
         fits, why = fit_verdict(s.request, types)
         assert fits, f"{s.path.name}: {why}"
-        held = sum(int(specs[n.name]["max_workers"]) * int(min(n.cpus // s.request.cpus, n.gpus // s.request.gpus))
-                   for n in types if s.request.fits(n))
+        held = sum(
+            int(specs[n.name]["max_workers"]) * int(min(n.cpus // s.request.cpus, n.gpus // s.request.gpus))
+            for n in types
+            if s.request.fits(n)
+        )
         assert held >= s.workers, f"{s.path.name}: {s.workers} workers, the node types hold {held}"
     head = config["available_node_types"][config["head_node_type"]]["resources"]
     assert head == {"CPU": 0, "GPU": 0}
@@ -99,7 +106,9 @@ def test_a_4_vcpu_gpu_node_would_not_fit_the_small_imagenet_workers():
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
-    failing = [s.path.name for s in shipped_configs(ROOT / "experiments") if not fit_verdict(s.request, node_types(config))[0]]
+    failing = [
+        s.path.name for s in shipped_configs(ROOT / "experiments") if not fit_verdict(s.request, node_types(config))[0]
+    ]
     assert failing == ["smallimagenet150_robust_l2.yaml", "smallimagenet150_standard.yaml", "smallimagenet150.yaml"]
 
 
@@ -149,14 +158,26 @@ def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_p
     stops only its own processes, and all of them end with the namespace."""
     script = tmp_path / "autoscale.py"
     script.write_text(AUTOSCALE)
-    shell = (f"set -e; ip link set lo up; mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray; cd {tmp_path}; "
-             f"exec {sys.executable} {script} {ROOT / 'cluster.yaml'}")
-    env = {**os.environ, **token_auth_env(tmp_path), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "RAY_FAKE_CLUSTER": "1",
-           "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    shell = (
+        f"set -e; ip link set lo up; mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray; cd {tmp_path}; "
+        f"exec {sys.executable} {script} {ROOT / 'cluster.yaml'}"
+    )
+    env = {
+        **os.environ,
+        **token_auth_env(tmp_path),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
-                          capture_output=True, text=True, timeout=400, env=env)
+    proc = subprocess.run(
+        ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["gpus_before"] == 0

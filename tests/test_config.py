@@ -21,16 +21,35 @@ def test_defaults_are_the_papers_cifar10_settings():
     assert cfg.pgd == PGDConfig(norm="l2", eps=0.5, step_size=0.1, steps=20, random_start=False, bn_mode="train")
 
 
-@pytest.mark.parametrize("name, adversarial", [("cifar10_standard", False), ("cifar10_robust_l2", True),
-                                               ("smallimagenet150_standard", False), ("smallimagenet150_robust_l2", True)])
+@pytest.mark.parametrize(
+    "name, adversarial",
+    [
+        ("cifar10_standard", False),
+        ("cifar10_robust_l2", True),
+        ("smallimagenet150_standard", False),
+        ("smallimagenet150_robust_l2", True),
+    ],
+)
 def test_the_four_paper_runs(name, adversarial):
     cfg = load_config(EXPERIMENTS / f"{name}.yaml")
     assert cfg.adversarial is adversarial and cfg.epochs == 100
     if name.startswith("cifar10"):
-        assert (cfg.arch, cfg.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.t_max) == ("cifar_resnet18", 128, "sgd", 0.01, 200)
+        assert (cfg.arch, cfg.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.t_max) == (
+            "cifar_resnet18",
+            128,
+            "sgd",
+            0.01,
+            200,
+        )
         assert (cfg.pgd.eps, cfg.pgd.step_size, cfg.pgd.steps) == (0.5, 0.1, 20)
     else:
-        assert (cfg.arch, cfg.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == ("resnet50", 200, "adam", 1e-4, 5e-4)
+        assert (cfg.arch, cfg.batch_size, cfg.optim.name, cfg.optim.lr, cfg.optim.weight_decay) == (
+            "resnet50",
+            200,
+            "adam",
+            1e-4,
+            5e-4,
+        )
         assert (cfg.optim.schedule, cfg.optim.t_max) == ("cosine", 200)  # the author's notebook
         assert (cfg.pgd.eps, cfg.pgd.steps) == (1.5, 20) and cfg.pgd.step_size == pytest.approx(2.5 * 1.5 / 20)
     assert cfg.pgd.norm == "l2" and not cfg.pgd.random_start and cfg.pgd.bn_mode == "train"
@@ -62,8 +81,17 @@ def test_unknown_keys_are_errors_that_name_the_key(tmp_path):
 
 
 def test_sets_are_typed_and_dotted():
-    cfg = load_config(None, ["optim.lr=1e-4", "adversarial=true", "pgd.norm=linf", "data.train_n=100",
-                             "data.path=../x", "optim.t_max=null"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=1e-4",
+            "adversarial=true",
+            "pgd.norm=linf",
+            "data.train_n=100",
+            "data.path=../x",
+            "optim.t_max=null",
+        ],
+    )
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
     assert cfg.adversarial is True and cfg.pgd.norm == "linf" and cfg.data.train_n == 100
     assert cfg.data.path == "../x" and cfg.optim.t_max is None
@@ -71,11 +99,18 @@ def test_sets_are_typed_and_dotted():
     assert apply_overrides({"a": {"b": 1}}, {"a.b": 2}) == {"a": {"b": 2}}
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("epochs=ten", "'epochs' must be an integer"), ("adversarial=yes please", "'adversarial' must be true or false"),
-    ("pgd.norm=l3", "'pgd.norm' must be one of"), ("optim.lr=-1", "optim.lr must be > 0"),
-    ("pgd.steps=0", "pgd.steps must be >= 1"), ("optim=3", "'optim' must be a mapping"), ("lr", "key=value"),
-])
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("epochs=ten", "'epochs' must be an integer"),
+        ("adversarial=yes please", "'adversarial' must be true or false"),
+        ("pgd.norm=l3", "'pgd.norm' must be one of"),
+        ("optim.lr=-1", "optim.lr must be > 0"),
+        ("pgd.steps=0", "pgd.steps must be >= 1"),
+        ("optim=3", "'optim' must be a mapping"),
+        ("lr", "key=value"),
+    ],
+)
 def test_bad_values_are_input_errors(setting, message):
     with pytest.raises(InputError, match=message):
         load_config(None, [setting])

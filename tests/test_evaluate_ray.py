@@ -18,13 +18,27 @@ def images(cifar_exact):
     return take(load_split(cifar_exact, "test"), 40)
 
 
-@pytest.mark.parametrize("attack", [
-    AttackConfig(kind="pgd", norm="l2", eps=0.1, step_size=0.025, steps=10),
-    AttackConfig(kind="autoattack", norm="l2", eps=0.1, autoattack_version="custom", autoattack_attacks=("apgd-ce",),
-                 seed=3),
-    pytest.param(AttackConfig(kind="autoattack", norm="l2", eps=0.1, autoattack_version="custom",
-                              autoattack_attacks=("apgd-ce", "apgd-t"), seed=3), marks=pytest.mark.slow),
-], ids=["pgd", "autoattack-apgd-ce", "autoattack"])  # apgd-t: 2 minutes on 2 cores
+@pytest.mark.parametrize(
+    "attack",
+    [
+        AttackConfig(kind="pgd", norm="l2", eps=0.1, step_size=0.025, steps=10),
+        AttackConfig(
+            kind="autoattack", norm="l2", eps=0.1, autoattack_version="custom", autoattack_attacks=("apgd-ce",), seed=3
+        ),
+        pytest.param(
+            AttackConfig(
+                kind="autoattack",
+                norm="l2",
+                eps=0.1,
+                autoattack_version="custom",
+                autoattack_attacks=("apgd-ce", "apgd-t"),
+                seed=3,
+            ),
+            marks=pytest.mark.slow,
+        ),
+    ],
+    ids=["pgd", "autoattack-apgd-ce", "autoattack"],
+)  # apgd-t: 2 minutes on 2 cores
 def test_sharded_over_two_workers_equals_one_process(ray_local, resnet20, images, attack):
     n = 40 if attack.kind == "pgd" else 16
     subset = torch.utils.data.Subset(images, range(n))
@@ -53,6 +67,12 @@ def test_results_come_back_in_input_order(ray_local, resnet20, images):
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
     attack = AttackConfig(kind="pgd", norm="l2", eps=0.1, step_size=0.025, steps=5)
     straight = correctness(resnet20, torch.utils.data.TensorDataset(x, y), attack=attack, batch_size=40)
-    shuffled = correctness(resnet20, torch.utils.data.TensorDataset(x[perm], y[perm]), attack=attack, batch_size=4,
-                           workers=2, shard_batches=1)
+    shuffled = correctness(
+        resnet20,
+        torch.utils.data.TensorDataset(x[perm], y[perm]),
+        attack=attack,
+        batch_size=4,
+        workers=2,
+        shard_batches=1,
+    )
     assert torch.equal(shuffled[0], straight[0][perm]) and torch.equal(shuffled[1], straight[1][perm])

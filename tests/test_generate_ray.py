@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from robint_ray.data import load_split
 from robint_ray.errors import InputError
 from robint_ray.generate import GenerationConfig, fit_seeds, generate, generate_shard, plan_shards
-from robint_ray.data import load_split
 from robint_ray.models import build_model
 from robint_ray.visualize import PGDSettings
 
@@ -22,8 +22,14 @@ pytestmark = pytest.mark.ray
 # carry an image up to 3.0 from its seed, so the ball of 2.0 binds and the eps check below tests the
 # projection (at the paper's eps 30 and step 0.5, 3 steps could never leave the ball).
 EPS = 2.0
-CONFIG = GenerationConfig(per_class=3, classes=tuple(range(10)), seed=7, shard_size=8, batch_size=4,
-                          settings=PGDSettings(eps=EPS, step_size=1.0, steps=3))
+CONFIG = GenerationConfig(
+    per_class=3,
+    classes=tuple(range(10)),
+    seed=7,
+    shard_size=8,
+    batch_size=4,
+    settings=PGDSettings(eps=EPS, step_size=1.0, steps=3),
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +77,12 @@ def test_truncating_generation_is_the_rounded_one_floored(tiny, seeds, tmp_path)
     from dataclasses import replace
 
     shard = plan_shards(CONFIG)[0]
-    files = {rounding: generate_shard(shard, model=tiny, seeds=seeds, config=replace(CONFIG, rounding=rounding),
-                                      out_dir=str(tmp_path / rounding)) for rounding in ("round", "truncate")}
+    files = {
+        rounding: generate_shard(
+            shard, model=tiny, seeds=seeds, config=replace(CONFIG, rounding=rounding), out_dir=str(tmp_path / rounding)
+        )
+        for rounding in ("round", "truncate")
+    }
     with np.load(files["round"]) as r, np.load(files["truncate"]) as t:
         rounded, truncated = r["images"].astype(int), t["images"].astype(int)
         assert np.array_equal(r["seeds"], t["seeds"])
@@ -134,23 +144,84 @@ def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path):
 
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny)
     gen = tmp_path / "gen"
-    assert main(["generate", "--checkpoint", str(ckpt), "--data", "sample", "--per-class", "2", "--out", str(gen),
-                 "--workers", "2", "--seed", "3", "--steps", "2", "--shard-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                "sample",
+                "--per-class",
+                "2",
+                "--out",
+                str(gen),
+                "--workers",
+                "2",
+                "--seed",
+                "3",
+                "--steps",
+                "2",
+                "--shard-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     with np.load(gen / "generated.npz", allow_pickle=False) as f:
         assert f["images"].shape == (20, 32, 32, 3) and f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     assert (gen / "classes.png").stat().st_size > 0 and (gen / "seeds.png").stat().st_size > 0
 
     inv = tmp_path / "inv"
-    assert main(["invert", "--checkpoint", str(ckpt), "--data", "sample", "--n", "3", "--out", str(inv),
-                 "--steps", "20", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "invert",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                "sample",
+                "--n",
+                "3",
+                "--out",
+                str(inv),
+                "--steps",
+                "20",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     with np.load(inv / "inversions.npz", allow_pickle=False) as f:
         assert f["images"].shape == (6, 32, 32, 3) and list(f["source_kind"]) == ["image"] * 3 + ["noise"] * 3
         assert (f["distance_after"] < f["distance_before"]).all()
     assert (inv / "inversions-image.png").exists() and (inv / "inversions-noise.png").exists()
 
     fv = tmp_path / "fv"
-    assert main(["featvis", "--checkpoint", str(ckpt), "--data", "sample", "--features", "5", "1,2",
-                 "--starts", "2", "--top", "4", "--out", str(fv), "--steps", "10"]) == 0
+    assert (
+        main(
+            [
+                "featvis",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                "sample",
+                "--features",
+                "5",
+                "1,2",
+                "--starts",
+                "2",
+                "--top",
+                "4",
+                "--out",
+                str(fv),
+                "--steps",
+                "10",
+            ]
+        )
+        == 0
+    )
     with np.load(fv / "featvis.npz", allow_pickle=False) as f:
         assert f["images"].shape == (4, 32, 32, 3) and f["features"].tolist() == [[5, -1], [1, 2]]
         assert f["top"].shape == (2, 4) and (f["top_values"][:, 0] >= f["bottom_values"][:, 0]).all()
@@ -181,8 +252,9 @@ def stand_in():
     return StandIn().eval()
 
 
-def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(reference, tiny, seeds, stand_in,
-                                                                                tmp_path):
+def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(
+    reference, tiny, seeds, stand_in, tmp_path
+):
     """The fused step (each shard measures its own images; the driver adds the statistics up as they
     come) gives the FID of generating, merging into generated.npz and running the FID fan-out on it,
     and the same images; a rerun measures the stored shards without remaking them."""
@@ -191,20 +263,37 @@ def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(r
     from robint_ray.inception import inception_features
 
     out2, summary = reference
-    separate = source_stats([open_source(summary["path"])], stand_in, dims=16, workers=2, batch_size=8,
-                            progress=False)[0]
+    separate = source_stats([open_source(summary["path"])], stand_in, dims=16, workers=2, batch_size=8, progress=False)[
+        0
+    ]
     real = open_source("sample", "test")
     real_stats = FeatureStats.of(inception_features(stand_in, read_images(real, 0, 200), dims=16))
-    fused = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False, merge=False,
-                     fid=FIDFeatures(stand_in, dims=16, batch_size=8))
+    fused = generate(
+        tiny,
+        seeds,
+        config=CONFIG,
+        out_dir=tmp_path,
+        workers=2,
+        progress=False,
+        merge=False,
+        fid=FIDFeatures(stand_in, dims=16, batch_size=8),
+    )
     assert fused["path"] is None and not (tmp_path / "generated.npz").exists()
     assert _shard_bytes(tmp_path) == _shard_bytes(out2)  # the same images
     assert fused["stats"].n == separate.n == 30
     expected = fid_from_stats(separate, real_stats)
     assert fid_from_stats(fused["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
     (tmp_path / "shards" / "shard-00001.npz").unlink()
-    again = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False, merge=False,
-                     fid=FIDFeatures(stand_in, dims=16, batch_size=8))
+    again = generate(
+        tiny,
+        seeds,
+        config=CONFIG,
+        out_dir=tmp_path,
+        workers=2,
+        progress=False,
+        merge=False,
+        fid=FIDFeatures(stand_in, dims=16, batch_size=8),
+    )
     assert again["computed"] == 1 and _shard_bytes(tmp_path) == _shard_bytes(out2)
     assert fid_from_stats(again["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
 

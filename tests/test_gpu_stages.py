@@ -108,11 +108,17 @@ ray.shutdown()
 def test_every_stage_asks_for_gpus_and_the_driver_never_touches_cuda(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path / "out")], env=env, cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path / "out")],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    out = json.loads(line[len("RESULT "):])
+    out = json.loads(line[len("RESULT ") :])
     assert not out["cuda_initialised"]
     by_name: dict[str, list] = {}
     for task in out["tasks"]:
@@ -127,7 +133,12 @@ def test_every_stage_asks_for_gpus_and_the_driver_never_touches_cuda(tmp_path):
     for name in stages:
         for task in by_name[name]:
             assert task["required_resources"].get("GPU") == share.get(name, 1.0), task
-    assert out["gpus"] == {"evaluation": 1.0, "attributions": 1.0, "generation": 1.0, "inversion": 0.25,
-                           "features": 0.25}
+    assert out["gpus"] == {
+        "evaluation": 1.0,
+        "attributions": 1.0,
+        "generation": 1.0,
+        "inversion": 0.25,
+        "features": 0.25,
+    }
     # Simulated GPUs: Ray gave each task a GPU id, torch saw no CUDA device there, so the tasks ran on the CPU.
     assert all(devices == ["cpu"] for devices in out["devices"].values()), out["devices"]

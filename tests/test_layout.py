@@ -15,8 +15,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "robint_ray"
-PURE = ["models", "data", "attacks", "attributions", "visualize", "inception", "config", "checkpoint", "sweep",
-        "files", "errors"]
+PURE = [
+    "models",
+    "data",
+    "attacks",
+    "attributions",
+    "visualize",
+    "inception",
+    "config",
+    "checkpoint",
+    "sweep",
+    "files",
+    "errors",
+]
 MIXED = ["fid", "evaluate"]
 
 
@@ -41,11 +52,12 @@ def test_math_modules_never_import_ray(module):
 
 @pytest.mark.parametrize("module", PURE + MIXED)
 def test_importing_a_math_module_imports_no_ray(module):
-    code = (f"import sys, robint_ray.{module}; "
-            "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); "
-            "print(bad); sys.exit(1 if bad else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=PACKAGE.parent)
+    code = (
+        f"import sys, robint_ray.{module}; "
+        "bad = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')); "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 

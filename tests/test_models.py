@@ -12,7 +12,9 @@ from robint_ray.errors import InputError
 from robint_ray.models import Representation, build_model
 
 
-@pytest.mark.parametrize("arch,size,dim", [("cifar_resnet8", 32, 64), ("cifar_resnet18", 32, 512), ("resnet18", 128, 512)])
+@pytest.mark.parametrize(
+    "arch,size,dim", [("cifar_resnet8", 32, 64), ("cifar_resnet18", 32, 512), ("resnet18", 128, 512)]
+)
 def test_forward_and_representation(arch, size, dim):
     torch.manual_seed(0)
     model = build_model(arch, 7).eval()
@@ -92,10 +94,13 @@ class Evil:
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize("name, write, reason", [
-    ("notes.txt", lambda path: path.write_text("# weights\n1 2 3\n"), "Unsupported operand"),
-    ("evil.pt", lambda path: torch.save({"state_dict": {"x": Evil()}}, path), "Unsupported global: GLOBAL "),
-])
+@pytest.mark.parametrize(
+    "name, write, reason",
+    [
+        ("notes.txt", lambda path: path.write_text("# weights\n1 2 3\n"), "Unsupported operand"),
+        ("evil.pt", lambda path: torch.save({"state_dict": {"x": Evil()}}, path), "Unsupported global: GLOBAL "),
+    ],
+)
 def test_a_file_that_is_not_safe_weights_is_refused_in_one_line_naming_it(tmp_path, capsys, name, write, reason):
     path = tmp_path / name
     write(path)

@@ -8,7 +8,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from PIL import Image
 
@@ -28,41 +27,82 @@ def png(path: Path) -> str:
 def recorded_results(folder: Path) -> dict:
     """Stage results of the shape the stages write, with small figures."""
     ci = {"mean": 0.5, "ci_low": 0.4, "ci_high": 0.6}
-    history = [{"epoch": e, "train_loss": 2.0 / e, "train_accuracy": 0.2 * e, "val_clean_accuracy": 0.25 * e,
-                "val_adversarial_accuracy": 0.1 * e, "best_epoch": 2} for e in (1, 2, 3)]
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 2.0 / e,
+            "train_accuracy": 0.2 * e,
+            "val_clean_accuracy": 0.25 * e,
+            "val_adversarial_accuracy": 0.1 * e,
+            "best_epoch": 2,
+        }
+        for e in (1, 2, 3)
+    ]
     settings = {"eps": 30.0, "step_size": 0.5, "steps": 60}
     return {
         "train": {name: {"checkpoint": "unused", "epochs": history} for name in MODELS},
-        "evaluation": {"standard": {"pgd": {"n": 200, "clean_accuracy": 0.38, "adversarial_accuracy": 0.195},
-                                    "autoattack": {"n": 50, "adversarial_accuracy": 0.22}},
-                       "robust": {"pgd": {"n": 200, "clean_accuracy": 0.30, "adversarial_accuracy": 0.235},
-                                  "autoattack": {"n": 50, "adversarial_accuracy": 0.24}}},
-        "attributions": {m: {"means": {name: {k: ci for k in ("deletion_auc", "insertion_auc", "gini", "top_mass")}
-                                       for name in MODELS},
-                             "difference": {k: {**ci, "p_value": 0.01} for k in ("deletion_auc", "insertion_auc",
-                                                                                  "gini", "top_mass")},
-                             "target": "predicted",
-                             "figures": [png(folder / f"{m}_overlay.png"), png(folder / f"{m}_grid.png")]}
-                         for m in ("ig", "shap")},
-        "generation": {"fid": {"real (train vs test)": 77.4, "standard": 371.2, "robust": 310.8},
-                       "n": {"train": 500, "test": 500, "standard": 100, "robust": 100}, "dims": 2048,
-                       "resize": "bilinear", **{name: {"settings": settings, "seed_pool": 4,
-                                                       "figures": [png(folder / f"{name}_classes.png"),
-                                                                   png(folder / f"{name}_seeds.png")]}
-                                                for name in MODELS}},
-        "inversion": {**{f"inv{r}": {"figure": png(folder / f"inv{r}.png")} for r in (1, 2)},
-                      **{name: {"inception192_inv1": 25.0, "inception192_inv2": 26.0} for name in MODELS}},
-        "features": {name: {"features": [[13], [42]], "objective_before": [0.1], "objective_after": [2.0],
-                            "figure": png(folder / f"{name}_features.png")} for name in MODELS},
+        "evaluation": {
+            "standard": {
+                "pgd": {"n": 200, "clean_accuracy": 0.38, "adversarial_accuracy": 0.195},
+                "autoattack": {"n": 50, "adversarial_accuracy": 0.22},
+            },
+            "robust": {
+                "pgd": {"n": 200, "clean_accuracy": 0.30, "adversarial_accuracy": 0.235},
+                "autoattack": {"n": 50, "adversarial_accuracy": 0.24},
+            },
+        },
+        "attributions": {
+            m: {
+                "means": {
+                    name: {k: ci for k in ("deletion_auc", "insertion_auc", "gini", "top_mass")} for name in MODELS
+                },
+                "difference": {
+                    k: {**ci, "p_value": 0.01} for k in ("deletion_auc", "insertion_auc", "gini", "top_mass")
+                },
+                "target": "predicted",
+                "figures": [png(folder / f"{m}_overlay.png"), png(folder / f"{m}_grid.png")],
+            }
+            for m in ("ig", "shap")
+        },
+        "generation": {
+            "fid": {"real (train vs test)": 77.4, "standard": 371.2, "robust": 310.8},
+            "n": {"train": 500, "test": 500, "standard": 100, "robust": 100},
+            "dims": 2048,
+            "resize": "bilinear",
+            **{
+                name: {
+                    "settings": settings,
+                    "seed_pool": 4,
+                    "figures": [png(folder / f"{name}_classes.png"), png(folder / f"{name}_seeds.png")],
+                }
+                for name in MODELS
+            },
+        },
+        "inversion": {
+            **{f"inv{r}": {"figure": png(folder / f"inv{r}.png")} for r in (1, 2)},
+            **{name: {"inception192_inv1": 25.0, "inception192_inv2": 26.0} for name in MODELS},
+        },
+        "features": {
+            name: {
+                "features": [[13], [42]],
+                "objective_before": [0.1],
+                "objective_after": [2.0],
+                "figure": png(folder / f"{name}_features.png"),
+            }
+            for name in MODELS
+        },
     }
 
 
 def report(tmp_path: Path):
     for name in ("cifar10_standard.yaml", "cifar10_robust_l2.yaml"):
         shutil.copy(SMOKE / name, tmp_path / name)
-    config = StudyConfig(data="sample", workers=1,
-                         standard=ModelSource(train=str(tmp_path / "cifar10_standard.yaml"), set=("epochs=15",)),
-                         robust=ModelSource(train=str(tmp_path / "cifar10_robust_l2.yaml")))
+    config = StudyConfig(
+        data="sample",
+        workers=1,
+        standard=ModelSource(train=str(tmp_path / "cifar10_standard.yaml"), set=("epochs=15",)),
+        robust=ModelSource(train=str(tmp_path / "cifar10_robust_l2.yaml")),
+    )
     study = Study(config, tmp_path / "out")
     study.models = {name: build_model("cifar_resnet8") for name in MODELS}
     figures = tmp_path / "figures"
@@ -73,8 +113,8 @@ def report(tmp_path: Path):
 
 def table(html: str, caption: str) -> list[list[str]]:
     """The cells of the report table with this caption, row by row (header first)."""
-    body = html[html.index(f"<caption>{caption}</caption>"):]
-    body = body[:body.index("</table>")]
+    body = html[html.index(f"<caption>{caption}</caption>") :]
+    body = body[: body.index("</table>")]
     return [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in body.split("<tr>")[1:]]
 
 
@@ -106,11 +146,29 @@ def test_the_papers_tables_stand_beside_ours_with_the_difference(tmp_path):
     fid = {row[0]: row[1:] for row in table(html, "FID (lower is better)")[1:]}
     assert fid["robust model"][:3] == ["310.8", "88.25", f"{310.8 - 88.25:.4g}"]
     inversion = table(html, "Inception-192 distance (lower is closer)")
-    assert inversion[0] == ["model", "Inv. 1 (ours)", "Inv. 1 (paper)", "ours - paper", "Inv. 2 (ours)",
-                            "Inv. 2 (paper)", "ours - paper"]
+    assert inversion[0] == [
+        "model",
+        "Inv. 1 (ours)",
+        "Inv. 1 (paper)",
+        "ours - paper",
+        "Inv. 2 (ours)",
+        "Inv. 2 (paper)",
+        "ours - paper",
+    ]
     assert inversion[2][1:4] == ["25", "20.05", "4.95"]
-    for number in ("Table 1", "Table 2", "Table 3", "Fig. 2", "Fig. 3", "Fig. 4", "Figs. 5 / 12", "Fig. 10",
-                   "Fig. 11", "Fig. 13", "Fig. 14"):
+    for number in (
+        "Table 1",
+        "Table 2",
+        "Table 3",
+        "Fig. 2",
+        "Fig. 3",
+        "Fig. 4",
+        "Figs. 5 / 12",
+        "Fig. 10",
+        "Fig. 11",
+        "Fig. 13",
+        "Fig. 14",
+    ):
         assert number in html, number
 
 
@@ -125,8 +183,12 @@ def test_the_training_curves_are_a_figure(tmp_path):
 
 
 def test_report_models_from_checkpoints_name_their_source(tmp_path):
-    config = StudyConfig(data="sample", workers=1, standard=ModelSource(checkpoint="/runs/std/best"),
-                         robust=ModelSource(checkpoint="/runs/rob/best"))
+    config = StudyConfig(
+        data="sample",
+        workers=1,
+        standard=ModelSource(checkpoint="/runs/std/best"),
+        robust=ModelSource(checkpoint="/runs/rob/best"),
+    )
     study = Study(config, tmp_path / "out")
     torch.manual_seed(0)
     study.models = {name: build_model("cifar_resnet8") for name in MODELS}

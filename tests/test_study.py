@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from robint_ray.errors import InputError
@@ -51,11 +50,16 @@ def test_report_is_self_contained(tmp_path):
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     fig.savefig(tmp_path / "f.png")
-    page = write_report(tmp_path / "out", title="t", data={"fid": 1.5},
-                        sections=[Section("S", "text", [Table("T", ["a", "b"], [["x", 0.123456]])],
-                                          [("a figure", tmp_path / "f.png")])])
+    page = write_report(
+        tmp_path / "out",
+        title="t",
+        data={"fid": 1.5},
+        sections=[
+            Section("S", "text", [Table("T", ["a", "b"], [["x", 0.123456]])], [("a figure", tmp_path / "f.png")])
+        ],
+    )
     text = page.read_text()
-    assert "data:image/png;base64," in text and "<td>0.1235</td>" in text and "src=\"http" not in text
+    assert "data:image/png;base64," in text and "<td>0.1235</td>" in text and 'src="http' not in text
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == {"fid": 1.5}
 
 
@@ -67,9 +71,19 @@ def test_report_tables_and_figures_show_in_headless_chromium(tmp_path):
 
     for i in range(3):
         Image.new("RGB", (40, 30), (i * 80, 20, 200)).save(tmp_path / f"{i}.png")
-    page = write_report(tmp_path / "out", title="t", data={}, sections=[
-        Section("A", "", [Table("T1", ["a"], [[1]]), Table("T2", ["b"], [[2]])],
-                [(f"figure {i}", tmp_path / f"{i}.png") for i in range(3)])])
+    page = write_report(
+        tmp_path / "out",
+        title="t",
+        data={},
+        sections=[
+            Section(
+                "A",
+                "",
+                [Table("T1", ["a"], [[1]]), Table("T2", ["b"], [[2]])],
+                [(f"figure {i}", tmp_path / f"{i}.png") for i in range(3)],
+            )
+        ],
+    )
     assert check_in_browser(page) == {"tables": 2, "images": 3, "images_loaded": 3}
 
 
@@ -85,8 +99,17 @@ def smoke_config(tmp_path: Path, **sizes) -> Path:
     return path
 
 
-TINY = {"epochs=15": "epochs=2", "epochs=10": "epochs=2", "n: 200,": "n: 40,", "autoattack_n: 50": "autoattack_n: 8", "n: 24,": "n: 6,", "steps: 300": "steps: 20",
-        "steps: 150": "steps: 10", "per_class: 10": "per_class: 4", "shard_size: 25": "shard_size: 5"}
+TINY = {
+    "epochs=15": "epochs=2",
+    "epochs=10": "epochs=2",
+    "n: 200,": "n: 40,",
+    "autoattack_n: 50": "autoattack_n: 8",
+    "n: 24,": "n: 6,",
+    "steps: 300": "steps: 20",
+    "steps: 150": "steps: 10",
+    "per_class: 10": "per_class: 4",
+    "shard_size: 25": "shard_size: 5",
+}
 
 
 @pytest.mark.slow

@@ -26,8 +26,13 @@ def tiny_models():
 
 
 def study(tmp_path, **stages) -> Study:
-    config = StudyConfig(data="sample", workers=1, standard=ModelSource(checkpoint="unused"),
-                         robust=ModelSource(checkpoint="unused"), **stages)
+    config = StudyConfig(
+        data="sample",
+        workers=1,
+        standard=ModelSource(checkpoint="unused"),
+        robust=ModelSource(checkpoint="unused"),
+        **stages,
+    )
     s = Study(config, tmp_path / "out")
     s.models = tiny_models()  # the stages take their models from here
     return s
@@ -36,8 +41,12 @@ def study(tmp_path, **stages) -> Study:
 @pytest.mark.ray
 @pytest.mark.parametrize("target", ["predicted", "label"])
 def test_attributions_explain_each_models_prediction_or_the_label(ray_local, tmp_path, target):
-    s = study(tmp_path, attributions=AttributionStage(n=6, overlays=2, ig_steps=3, ig_baselines=1, shap_nsamples=4,
-                                                      shap_background=4, target=target))
+    s = study(
+        tmp_path,
+        attributions=AttributionStage(
+            n=6, overlays=2, ig_steps=3, ig_baselines=1, shap_nsamples=4, shap_background=4, target=target
+        ),
+    )
     folder = tmp_path / "attributions"
     out = s.attributions(folder)
     x, y = stack(take(load_split("sample", "test"), 6))

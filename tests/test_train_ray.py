@@ -33,10 +33,19 @@ pytestmark = pytest.mark.ray
 
 
 def tiny(**changes) -> TrainConfig:
-    cfg = TrainConfig.from_dict(dict(
-        arch="cifar_resnet8", epochs=3, batch_size=64, test=False, max_failures=0, log_every=100,
-        pgd=dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5),
-        data=dict(path="sample", val_fraction=0.2), optim=dict(lr=0.05, t_max=None)))
+    cfg = TrainConfig.from_dict(
+        dict(
+            arch="cifar_resnet8",
+            epochs=3,
+            batch_size=64,
+            test=False,
+            max_failures=0,
+            log_every=100,
+            pgd=dict(norm="linf", eps=8 / 255, step_size=2 / 255, steps=5),
+            data=dict(path="sample", val_fraction=0.2),
+            optim=dict(lr=0.05, t_max=None),
+        )
+    )
     return cfg.override(changes)
 
 
@@ -137,8 +146,11 @@ def test_a_finished_run_hands_ctrl_c_back_and_leaves_no_controller(standard_run)
     handler = signal.getsignal(signal.SIGINT)
     assert not (getattr(handler, "__module__", None) or "").startswith("ray"), handler
     deadline = time.monotonic() + 30
-    while alive := sorted(a["ActorClassName"] for a in actors().values()
-                          if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "DatasetManager")):
+    while alive := sorted(
+        a["ActorClassName"]
+        for a in actors().values()
+        if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "DatasetManager")
+    ):
         assert time.monotonic() < deadline, f"still alive 30 s after the run: {alive}"
         time.sleep(0.5)
 
@@ -147,8 +159,24 @@ def test_best_checkpoint_works_with_robint_eval(standard_run, capsys):
     from robint_ray.cli import main
 
     run_dir, _, _ = standard_run
-    assert main(["eval", "--checkpoint", str(run_dir / "best"), "--data", "sample", "--split", "test",
-                 "--n", "50", "--attack", "none"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(run_dir / "best"),
+                "--data",
+                "sample",
+                "--split",
+                "test",
+                "--n",
+                "50",
+                "--attack",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert "clean accuracy" in capsys.readouterr().out
 
 
@@ -187,8 +215,12 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_loca
     # A separate driver process joined to the test's Ray instance, as `ray job submit` would run it.
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "robint_ray", "train", str(config), "--out", str(run_dir),
-                                   "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "robint_ray", "train", str(config), "--out", str(run_dir), "--workers", "2"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             wait_for_epochs(run_dir, 1)
             driver.send_signal(signal.SIGINT)
@@ -208,8 +240,15 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_loca
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert {r["resumed_from_epoch"] for r in rows[stopped_after:]} == {stopped_after}
     for row, ref in zip(rows, reference):
-        for key in ("train_loss", "train_accuracy", "val_clean_accuracy", "val_adversarial_accuracy", "lr",
-                    "best_epoch", "best_val_score"):
+        for key in (
+            "train_loss",
+            "train_accuracy",
+            "val_clean_accuracy",
+            "val_adversarial_accuracy",
+            "lr",
+            "best_epoch",
+            "best_val_score",
+        ):
             torch.testing.assert_close(row[key], ref[key], rtol=1e-5, atol=1e-6, msg=f"epoch {row['epoch']} {key}")
     assert json.loads((run_dir / "test.json").read_text())["test_epoch"] == reference[-1]["best_epoch"]
 
@@ -243,8 +282,14 @@ def test_attack_runs_on_the_unwrapped_module_and_ddp_forwards_once_per_batch(tmp
         ddp.register_forward_pre_hook(lambda *_: calls.__setitem__("ddp", calls["ddp"] + 1))
         module.register_forward_pre_hook(lambda *_: calls.__setitem__("module", calls["module"] + 1))
         loader = DataLoader(load_data(cfg, "fit"), batch_size=8)
-        sums = train_epoch(ddp, loader, make_optimizer(ddp.parameters(), cfg.optim), attack_model=module,
-                           pgd_cfg=cfg.pgd, device=torch.device("cpu"))
+        sums = train_epoch(
+            ddp,
+            loader,
+            make_optimizer(ddp.parameters(), cfg.optim),
+            attack_model=module,
+            pgd_cfg=cfg.pgd,
+            device=torch.device("cpu"),
+        )
     finally:
         dist.destroy_process_group()
     assert sums["n"] == 16
@@ -279,7 +324,7 @@ def test_adversarial_epochs_fit_a_small_batch(device, bf16, channels_last):
     from robint_ray.train import make_optimizer, train_epoch
 
     x, y = stack(load_split("sample", "val", val_fraction=0.2))
-    batches = [(x[i:i + 16], y[i:i + 16]) for i in (0, 16)]
+    batches = [(x[i : i + 16], y[i : i + 16]) for i in (0, 16)]
     torch.manual_seed(0)
     model = build_model("cifar_resnet8", 10).to(device)
     if channels_last:
@@ -289,8 +334,16 @@ def test_adversarial_epochs_fit_a_small_batch(device, bf16, channels_last):
     generator = torch.Generator(device=device).manual_seed(0)
     losses = []
     for _ in range(10):
-        sums = train_epoch(model, batches, optimizer, pgd_cfg=cfg.pgd, device=device, bf16=bf16,
-                           channels_last=channels_last, generator=generator)
+        sums = train_epoch(
+            model,
+            batches,
+            optimizer,
+            pgd_cfg=cfg.pgd,
+            device=device,
+            bf16=bf16,
+            channels_last=channels_last,
+            generator=generator,
+        )
         losses.append(sums["loss_sum"] / sums["n"])
     assert sums["n"] == 32 and all(map(math.isfinite, losses)), losses
     assert losses[-1] < 0.7 * losses[0], losses
@@ -321,13 +374,20 @@ def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp
     from robint_ray.storage import Location
 
     config = tmp_path / "tiny.yaml"
-    config.write_text(dump_config(tiny(epochs=2, test=True, **{"data.train_n": 256, "data.val_n": 64,
-                                                                 "data.test_n": 64})))
+    config.write_text(
+        dump_config(tiny(epochs=2, test=True, **{"data.train_n": 256, "data.val_n": 64, "data.test_n": 64}))
+    )
     run = Location(s3_server()) / "runs" / "standard"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for args in (["train", str(config), "--out", run.uri], ["train", "--resume", run.uri, "--set", "epochs=3"]):
-        proc = subprocess.run([sys.executable, "-m", "robint_ray", *args, "--workers", "2"], env=env,
-                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, "-m", "robint_ray", *args, "--workers", "2"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[-1]["resumed_from_epoch"] == 2
@@ -337,6 +397,22 @@ def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp
     test = (run / "test.json").read_json()
     assert read_meta(run / "best")["metrics"]["epoch"] == test["test_epoch"] == rows[-1]["best_epoch"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # nothing written locally
-    assert main(["eval", "--checkpoint", (run / "best").uri, "--data", "sample", "--split", "test", "--n", "50",
-                 "--attack", "none"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                (run / "best").uri,
+                "--data",
+                "sample",
+                "--split",
+                "test",
+                "--n",
+                "50",
+                "--attack",
+                "none",
+            ]
+        )
+        == 0
+    )
     assert "clean accuracy" in capsys.readouterr().out

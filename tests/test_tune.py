@@ -59,25 +59,31 @@ def test_sweep_files_load_and_step_rel_gives_the_step_size():
     assert real.num_trials == 6
     smoke = load_sweep(SMOKE)
     assert smoke.options.max_concurrent_trials == 2 and smoke.trial.data.train_n == 400 and smoke.num_trials == 4
-    drawn = parse_sweep(smoke_data(search="random", num_samples=3, space={"pgd.eps": [0.25, 0.5],
-                                                                          "optim.lr": {"loguniform": [1e-3, 0.1]}}))
+    drawn = parse_sweep(
+        smoke_data(
+            search="random", num_samples=3, space={"pgd.eps": [0.25, 0.5], "optim.lr": {"loguniform": [1e-3, 0.1]}}
+        )
+    )
     assert drawn.num_trials == 6
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"space": {"pgd.epsilon": [0.5]}}, "unknown sweep parameter 'pgd.epsilon'"),
-    ({"space": {"pgd.eps": []}}, "space.pgd.eps: empty grid"),
-    ({"space": {"pgd.eps": [0.5, -0.25]}}, "space.pgd.eps must be > 0, got -0.25"),
-    ({"space": {"pgd.eps": {"uniform": [-1.0, 1.0]}}, "search": "random"}, "space.pgd.eps must be > 0, got -1.0"),
-    ({"space": {"pgd.eps": {"normal": [0, 1]}}}, "unknown search kind 'normal'"),
-    ({"space": {"pgd.eps": {"uniform": [0.1, 1.0]}}}, "search: grid, but pgd.eps is drawn at random"),
-    ({"space": {"pgd.step_size": [0.1], "pgd.step_rel": [2.5]}}, "not both"),
-    ({"space": {"pgd.steps": [2.5]}}, "space.pgd.steps: 2.5 is not an integer"),
-    ({"asha": {"grace_period": 1, "reduction": 2}}, "unknown config key 'asha.reduction'"),
-    ({"workerz": 2}, "unknown config key 'workerz'"),
-    ({"overrides": {"optim.learning_rate": 0.1}}, "unknown config key 'optim.learning_rate'"),
-    ({"val_pgd": {"steps": 0}}, "val_pgd.steps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"space": {"pgd.epsilon": [0.5]}}, "unknown sweep parameter 'pgd.epsilon'"),
+        ({"space": {"pgd.eps": []}}, "space.pgd.eps: empty grid"),
+        ({"space": {"pgd.eps": [0.5, -0.25]}}, "space.pgd.eps must be > 0, got -0.25"),
+        ({"space": {"pgd.eps": {"uniform": [-1.0, 1.0]}}, "search": "random"}, "space.pgd.eps must be > 0, got -1.0"),
+        ({"space": {"pgd.eps": {"normal": [0, 1]}}}, "unknown search kind 'normal'"),
+        ({"space": {"pgd.eps": {"uniform": [0.1, 1.0]}}}, "search: grid, but pgd.eps is drawn at random"),
+        ({"space": {"pgd.step_size": [0.1], "pgd.step_rel": [2.5]}}, "not both"),
+        ({"space": {"pgd.steps": [2.5]}}, "space.pgd.steps: 2.5 is not an integer"),
+        ({"asha": {"grace_period": 1, "reduction": 2}}, "unknown config key 'asha.reduction'"),
+        ({"workerz": 2}, "unknown config key 'workerz'"),
+        ({"overrides": {"optim.learning_rate": 0.1}}, "unknown config key 'optim.learning_rate'"),
+        ({"val_pgd": {"steps": 0}}, "val_pgd.steps must be >= 1"),
+    ],
+)
 def test_bad_sweep_files_name_the_problem(change, message):
     with pytest.raises(InputError, match=message.replace("(", r"\(").replace(".", r"\.")):
         parse_sweep(smoke_data(**change))
@@ -124,7 +130,8 @@ def test_ray_version_of_the_private_imports():
     assert ray.__version__ == "2.60.0", (
         f"Ray is {ray.__version__}, not 2.60.0: recheck the private import in robint_ray/tune.py "
         "(_placement_group_recorder: WorkerGroupCallback, get_worker_group_state().placement_group_handle) "
-        "and whether a public API now covers it, then update this version")
+        "and whether a public API now covers it, then update this version"
+    )
 
 
 # --- the smoke sweep, for real -------------------------------------------------------------------
@@ -138,8 +145,11 @@ def live_train_actors() -> dict[str, str]:
     (ray.util.state would need the dashboard)."""
     from ray._private.state import actors
 
-    return {actor_id: a["ActorClassName"] for actor_id, a in actors().items()
-            if a["State"] != "DEAD" and a["ActorClassName"] in TRAIN_ACTORS}
+    return {
+        actor_id: a["ActorClassName"]
+        for actor_id, a in actors().items()
+        if a["State"] != "DEAD" and a["ActorClassName"] in TRAIN_ACTORS
+    }
 
 
 @pytest.fixture(scope="module")
@@ -159,8 +169,12 @@ def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
     print(f"smoke sweep: {seconds:.0f} s")
     rows = read_table(sweep_dir / "results.csv")
     assert len(rows) == 4
-    assert {(float(r["pgd.eps"]), float(r["optim.lr"])) for r in rows} == {(0.25, 0.05), (0.25, 1e-4), (1.0, 0.05),
-                                                                        (1.0, 1e-4)}
+    assert {(float(r["pgd.eps"]), float(r["optim.lr"])) for r in rows} == {
+        (0.25, 0.05),
+        (0.25, 1e-4),
+        (1.0, 0.05),
+        (1.0, 1e-4),
+    }
     assert {r["status"] for r in rows} <= {"completed", "stopped_early"}
     stopped = [r for r in rows if r["status"] == "stopped_early"]
     assert stopped, "ASHA stopped no trial"
@@ -204,8 +218,25 @@ def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys):
     assert cfg.pgd.step_size == pytest.approx(2.5 * cfg.pgd.eps / cfg.pgd.steps)
     assert cfg.epochs == base.epochs and cfg.val_pgd is None and cfg.test == base.test  # the base's, not the sweep's
     capsys.readouterr()
-    assert main(["train", str(sweep_dir / "best.yaml"), "--out", str(tmp_path / "run"), "--set", "epochs=1",
-                 "--set", "data.train_n=128", "--set", "data.val_n=64", "--set", "data.test_n=64"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(sweep_dir / "best.yaml"),
+                "--out",
+                str(tmp_path / "run"),
+                "--set",
+                "epochs=1",
+                "--set",
+                "data.train_n=128",
+                "--set",
+                "data.val_n=64",
+                "--set",
+                "data.test_n=64",
+            ]
+        )
+        == 0
+    )
     assert "test (best epoch 1)" in capsys.readouterr().out
 
 
@@ -244,5 +275,9 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     for trial_id, row in done.items():
         assert (sweep_dir / "trials" / trial_id / "starts.jsonl").read_text() == starts[trial_id]  # not run again
         again = next(r for r in final if r["trial_id"] == trial_id)
-        assert (again["status"], again["epochs"], again["val_score"]) == (row["status"], row["epochs"], row["val_score"])
+        assert (again["status"], again["epochs"], again["val_score"]) == (
+            row["status"],
+            row["epochs"],
+            row["val_score"],
+        )
     assert (sweep_dir / "best.yaml").is_file() and (sweep_dir / "tradeoff.png").is_file()

@@ -19,15 +19,15 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import token_auth_env
-
 from test_study import TINY, smoke_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-needs_namespaces = pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("nsenter") is None
-                                      or os.geteuid() != 0, reason="needs root, unshare and nsenter")
+needs_namespaces = pytest.mark.skipif(
+    shutil.which("unshare") is None or shutil.which("nsenter") is None or os.geteuid() != 0,
+    reason="needs root, unshare and nsenter",
+)
 
 # Runs inside `unshare -n`. $CLUSTER_TEMP: this cluster's session files (a short path: Ray's unix sockets
 # live there) and the tag its processes are stopped by; $PRIVATE: the folder each node mounts privately;
@@ -72,7 +72,8 @@ in_node() { nsenter -t "$(cat "$RESULTS/$1.pid")" -m -- bash -c "$2"; }
 # head's is Ray's default folder under RAY_TMPDIR=$CLUSTER_TEMP/head, where ray start records its address.
 node head "ray start --head --port=6391 --num-cpus=1 --dashboard-host=127.0.0.1 --dashboard-port=8271 \
   --disable-usage-stats --temp-dir='$CLUSTER_TEMP/head/ray' >/dev/null"
-node node2 "ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats --temp-dir='$CLUSTER_TEMP/node2' >/dev/null"
+node node2 "ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stats \
+  --temp-dir='$CLUSTER_TEMP/node2' >/dev/null"
 
 # init_ray on the head, with no RAY_ADDRESS: joins the cluster that `ray start` recorded.
 in_node head "cd '$ROOT' && RAY_TMPDIR='$CLUSTER_TEMP/head' python - > '$RESULTS/init_ray.json'" <<'EOF'
@@ -151,18 +152,37 @@ def cluster_run(tmp_path_factory, request):
     text = config.read_text()
     for name in ("standard", "robust"):
         start = text.index(f"{name}: {{train:")
-        text = text[:start] + f"{name}: {{checkpoint: s3://bucket/run/train/{name}/best}}" + text[text.index("\n", start):]
+        text = (
+            text[:start]
+            + f"{name}: {{checkpoint: s3://bucket/run/train/{name}/best}}"
+            + text[text.index("\n", start) :]
+        )
     kill_config.write_text(text)
     private, results = tmp / "private", tmp / "results"
     private.mkdir()
     results.mkdir()
     temp = tempfile.mkdtemp(prefix="rt2n", dir="/tmp")
-    env = {**os.environ, **token_auth_env(tmp), "CLUSTER_TEMP": temp, "PRIVATE": str(private), "RESULTS": str(results), "ROOT": str(ROOT),
-           "CONFIG": str(config), "BIN": str(Path(sys.executable).parent), "EVAL_N": "40",
-           "PYTHONPATH": str(ROOT), "KILL_CONFIG": str(kill_config) if kill else ""}
+    env = {
+        **os.environ,
+        **token_auth_env(tmp),
+        "CLUSTER_TEMP": temp,
+        "PRIVATE": str(private),
+        "RESULTS": str(results),
+        "ROOT": str(ROOT),
+        "CONFIG": str(config),
+        "BIN": str(Path(sys.executable).parent),
+        "EVAL_N": "40",
+        "PYTHONPATH": str(ROOT),
+        "KILL_CONFIG": str(kill_config) if kill else "",
+    }
     try:
-        proc = subprocess.run(["unshare", "--kill-child", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT], capture_output=True, text=True, timeout=2400,
-                              env=env)
+        proc = subprocess.run(
+            ["unshare", "--kill-child", "-n", "-p", "-f", "--mount-proc", "bash", "-c", SCRIPT],
+            capture_output=True,
+            text=True,
+            timeout=2400,
+            env=env,
+        )
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     logs = "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(results.glob("*.log")))
@@ -194,12 +214,19 @@ def test_the_study_on_s3_finishes_with_everything_in_the_bucket(cluster_run):
     assert rc == 0, (cluster_run / "s3.log").read_text()[-3000:]
     keys = set(json.loads((cluster_run / "keys.json").read_text()))
     run = "bucket/run"
-    for name in ("report.json", "report.html", *[f"{s}/result.json" for s in
-                 ("train", "evaluation", "attributions", "generation", "inversion", "features")]):
+    for name in (
+        "report.json",
+        "report.html",
+        *[f"{s}/result.json" for s in ("train", "evaluation", "attributions", "generation", "inversion", "features")],
+    ):
         assert f"{run}/{name}" in keys, name
     for model in ("standard", "robust"):
-        assert {f"{run}/train/{model}/best/model.safetensors", f"{run}/train/{model}/best/meta.json",
-                f"{run}/train/{model}/metrics.jsonl", f"{run}/train/{model}/config.yaml"} <= keys
+        assert {
+            f"{run}/train/{model}/best/model.safetensors",
+            f"{run}/train/{model}/best/meta.json",
+            f"{run}/train/{model}/metrics.jsonl",
+            f"{run}/train/{model}/config.yaml",
+        } <= keys
         assert any(k.startswith(f"{run}/train/{model}/ray/train/epoch_") for k in keys)  # Ray Train's checkpoints
         assert any(k.startswith(f"{run}/train/{model}/tensorboard/events.") for k in keys)
         # Uploaded when the stage ends: generate() writes shards to the driver's temporary folder, which

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from robint_ray import visualize as V
-from robint_ray.generate import fit_seeds, to_uint8, from_uint8, write_npz
 from robint_ray.data import load_split
+from robint_ray.generate import fit_seeds, from_uint8, to_uint8, write_npz
 
 
 def _l2(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -57,8 +57,9 @@ def test_class_seeds_never_fail_on_degenerate_classes():
     # One image per class (zero covariance) and a constant class: the ridge keeps sampling possible.
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x[2] = 0.5
-    seeds = V.fit_class_seeds(V.pool_images(x, 4), torch.tensor([0, 1, 2]), num_classes=3, pool=4,
-                              image_shape=(3, 32, 32))
+    seeds = V.fit_class_seeds(
+        V.pool_images(x, 4), torch.tensor([0, 1, 2]), num_classes=3, pool=4, image_shape=(3, 32, 32)
+    )
     draws = V.sample_class_seeds(seeds, torch.tensor([0, 1, 2] * 20), generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(draws).all()
     assert (V.pool_images(draws[2::3], 4) - 0.5).abs().max() < 0.1  # sd 0.01 around the constant
@@ -70,14 +71,19 @@ def test_class_seed_draws_have_the_fitted_covariance_in_both_forms():
     g = torch.Generator().manual_seed(3)
     for n in (40, 6):  # d = 3 x 2 x 2 = 12 dimensions
         pooled = 0.3 + 0.2 * torch.rand(n, 3, 2, 2, generator=g)
-        seeds = V.fit_class_seeds(pooled, torch.zeros(n, dtype=torch.long), num_classes=1, pool=4,
-                                  image_shape=(3, 8, 8), ridge=1e-3)
+        seeds = V.fit_class_seeds(
+            pooled, torch.zeros(n, dtype=torch.long), num_classes=1, pool=4, image_shape=(3, 8, 8), ridge=1e-3
+        )
         assert (seeds.scale.shape[2] == 12) == (n >= 12) and (float(seeds.noise_sd[0]) > 0) == (n < 12)
         flat = pooled.flatten(1).double()
         expected = torch.cov(flat.T, correction=0) + 1e-3 * torch.eye(12, dtype=torch.float64)
         torch.testing.assert_close(seeds.covariance(0), expected, atol=1e-6, rtol=0)
-        draws = V.pool_images(V.sample_class_seeds(seeds, torch.zeros(40_000, dtype=torch.long),
-                                                   generator=torch.Generator().manual_seed(0)), 4).flatten(1)
+        draws = V.pool_images(
+            V.sample_class_seeds(
+                seeds, torch.zeros(40_000, dtype=torch.long), generator=torch.Generator().manual_seed(0)
+            ),
+            4,
+        ).flatten(1)
         empirical = torch.cov(draws.double().T)
         torch.testing.assert_close(empirical, expected, atol=4e-4, rtol=0)
         if n < 12:  # without the ridge term the smallest variances are ~0, not 1e-3
@@ -88,8 +94,13 @@ def test_seed_pool_is_the_authors_grain_at_both_sizes():
     """The authors pool by 4 at 32 and at 128 px: 8 x 8 x 3 and 32 x 32 x 3 dimensions."""
     assert V.seed_pool(32) == 4 and V.seed_pool(128) == 4
     x = torch.rand(6, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    seeds = V.fit_class_seeds(V.pool_images(x, V.seed_pool(128)), torch.tensor([0, 0, 0, 1, 1, 1]), num_classes=2,
-                              pool=V.seed_pool(128), image_shape=(3, 128, 128))
+    seeds = V.fit_class_seeds(
+        V.pool_images(x, V.seed_pool(128)),
+        torch.tensor([0, 0, 0, 1, 1, 1]),
+        num_classes=2,
+        pool=V.seed_pool(128),
+        image_shape=(3, 128, 128),
+    )
     assert seeds.mean.shape == (2, 3 * 32 * 32) and seeds.scale.shape == (2, 3072, 3)  # 3 images a class
     draw = V.sample_class_seeds(seeds, torch.tensor([1]), generator=torch.Generator().manual_seed(0))
     assert draw.shape == (1, 3, 128, 128)

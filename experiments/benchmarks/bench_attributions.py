@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from robint_ray.allocator import tuned_malloc_label  # noqa: E402
 from robint_ray import attributions as attr  # noqa: E402
 from robint_ray import explain as ex  # noqa: E402
+from robint_ray.allocator import tuned_malloc_label  # noqa: E402
 from robint_ray.data import load_split, stack  # noqa: E402
 from robint_ray.models import build_model  # noqa: E402
 
@@ -56,8 +56,7 @@ def limit(model, x, target, points_per_image: int, batch_size: int, output: str)
     batches = []
     for i0, i1, p0, p1 in attr._passes(n, points_per_image, batch_size):
         count = (i1 - i0) * (p1 - p0)
-        batches.append((torch.rand((count, *x.shape[1:]), device=x.device),
-                        target[i0:i1].repeat_interleave(p1 - p0)))
+        batches.append((torch.rand((count, *x.shape[1:]), device=x.device), target[i0:i1].repeat_interleave(p1 - p0)))
 
     def run():
         for points, t in batches:
@@ -93,13 +92,16 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model(args.arch).eval().to(device)
     x_test, _ = stack(load_split("sample", "test"))
-    x = x_test[:args.images].contiguous().to(device)
+    x = x_test[: args.images].contiguous().to(device)
     with torch.no_grad():
         target = model(x).argmax(1)
     background = ex.choose_background(load_split("sample", "train"), args.background, seed=0).to(device)
     n, m = len(x), args.steps
-    print(f"# {args.arch}, {n} images, fp32, device {device}, {args.threads} threads in process, "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, best of {args.repeats}, {malloc}", flush=True)
+    print(
+        f"# {args.arch}, {n} images, fp32, device {device}, {args.threads} threads in process, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, best of {args.repeats}, {malloc}",
+        flush=True,
+    )
     cases: list[tuple[str, object, str]] = []  # (name, closure, reference name)
 
     # --- Integrated Gradients ---
@@ -107,21 +109,43 @@ def main() -> None:
     captum_ig = IntegratedGradients(lambda z: model(z).softmax(1))
     cases += [
         ("IG limit: forward+backward", limit(model, x, target, m + 1, args.ig_batch, "probability"), ""),
-        ("IG ours", lambda: attr.integrated_gradients(model, x, target, baselines, steps=m, output="probability",
-                                                      batch_size=args.ig_batch), "IG captum"),
-        ("IG captum", lambda: captum_ig.attribute(x, baselines=baselines[:, 0], target=target, n_steps=m + 1,
-                                                  method="riemann_trapezoid", internal_batch_size=args.ig_batch), ""),
+        (
+            "IG ours",
+            lambda: attr.integrated_gradients(
+                model, x, target, baselines, steps=m, output="probability", batch_size=args.ig_batch
+            ),
+            "IG captum",
+        ),
+        (
+            "IG captum",
+            lambda: captum_ig.attribute(
+                x,
+                baselines=baselines[:, 0],
+                target=target,
+                n_steps=m + 1,
+                method="riemann_trapezoid",
+                internal_batch_size=args.ig_batch,
+            ),
+            "",
+        ),
     ]
     # --- expected gradients ---
     if not args.skip_shap:
         explainer = shap.GradientExplainer(model, background, batch_size=args.shap_batch)
         cases += [
             ("EG limit: forward+backward", limit(model, x, target, args.nsamples, args.shap_batch, "logit"), ""),
-            ("EG ours", lambda: attr.expected_gradients(model, x, target, background, nsamples=args.nsamples,
-                                                        output="logit", batch_size=args.shap_batch),
-             "EG shap GradientExplainer"),
-            ("EG shap GradientExplainer",
-             lambda: explainer.shap_values(x, nsamples=args.nsamples, ranked_outputs=1, rseed=0), ""),
+            (
+                "EG ours",
+                lambda: attr.expected_gradients(
+                    model, x, target, background, nsamples=args.nsamples, output="logit", batch_size=args.shap_batch
+                ),
+                "EG shap GradientExplainer",
+            ),
+            (
+                "EG shap GradientExplainer",
+                lambda: explainer.shap_values(x, nsamples=args.nsamples, ranked_outputs=1, rseed=0),
+                "",
+            ),
         ]
     # --- Ray fan-out of our IG, workers of one thread each, one shard per worker ---
     if not args.skip_ray:
@@ -132,22 +156,35 @@ def main() -> None:
         ig = ex.IGConfig(steps=m, baseline="black", num_baselines=1, output="probability")
 
         def fanned(workers: int):
-            cfg = ex.ExplainConfig(method="ig", ig=ig, workers=workers, shards_per_worker=1, num_cpus=1,
-                                   batch_size=args.ig_batch, metric_steps=1)
+            cfg = ex.ExplainConfig(
+                method="ig",
+                ig=ig,
+                workers=workers,
+                shards_per_worker=1,
+                num_cpus=1,
+                batch_size=args.ig_batch,
+                metric_steps=1,
+            )
             return lambda: ex.explain(cpu_model, xc, tc, config=cfg, progress=False)
 
         one, two = "Ray IG, 1 worker x 1 thread", "Ray IG, 2 workers x 1 thread"
         cases += [(one, fanned(1), ""), (two, fanned(2), one)]
-        ex.explain(cpu_model, xc[:4], tc[:4], config=ex.ExplainConfig(  # warm-up: start both workers
-            method="ig", ig=ig, workers=2, shards_per_worker=1, batch_size=args.ig_batch, metric_steps=1),
-            progress=False)
+        ex.explain(
+            cpu_model,
+            xc[:4],
+            tc[:4],
+            config=ex.ExplainConfig(  # warm-up: start both workers
+                method="ig", ig=ig, workers=2, shards_per_worker=1, batch_size=args.ig_batch, metric_steps=1
+            ),
+            progress=False,
+        )
 
     # Round robin: each repeat runs every case once, so a change in the machine's load hits all alike;
     # every other repeat in reverse order, so that no case always runs right after the same one (the
     # allocator and cache state a case leaves behind moves the next one's time by several per cent).
     times = {name: float("inf") for name, _, _ in cases}
     for r in range(args.repeats):
-        for name, fn, _ in (cases if r % 2 == 0 else cases[::-1]):
+        for name, fn, _ in cases if r % 2 == 0 else cases[::-1]:
             times[name] = min(times[name], best_time(fn, 1))
             print(f"[{r + 1}/{args.repeats}] {name}: {n / times[name]:.2f} img/s", flush=True)
     rows = [(name, n / times[name], ref) for name, _, ref in cases]

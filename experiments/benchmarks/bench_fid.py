@@ -42,8 +42,16 @@ def throughput(n_images: int, shard: int) -> dict:
 
     from robint_ray.data import load_split
     from robint_ray.distributed import fan_out, init_ray
-    from robint_ray.fid import (FeatureStats, fid_from_stats, make_shards, merge_tree, open_source, read_images,
-                                shard_stats, source_stats)
+    from robint_ray.fid import (
+        FeatureStats,
+        fid_from_stats,
+        make_shards,
+        merge_tree,
+        open_source,
+        read_images,
+        shard_stats,
+        source_stats,
+    )
     from robint_ray.inception import inception_features, load_fid_inception
 
     model = load_fid_inception()
@@ -58,12 +66,16 @@ def throughput(n_images: int, shard: int) -> dict:
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         start = time.perf_counter()
-        plain = [FeatureStats.of(inception_features(model, read_images(source, s.start, s.stop), batch_size=shard))
-                 for s in shards]
+        plain = [
+            FeatureStats.of(inception_features(model, read_images(source, s.start, s.stop), batch_size=shard))
+            for s in shards
+        ]
         out["plain_forward_s"] = time.perf_counter() - start
         torch.set_num_threads(threads)
         out["plain_forward_img_s"] = n_images / out["plain_forward_s"]
-        print(f"plain forward, 1 thread      : {out['plain_forward_img_s']:6.2f} img/s  ({out['plain_forward_s']:.1f} s)")
+        print(
+            f"plain forward, 1 thread      : {out['plain_forward_img_s']:6.2f} img/s  ({out['plain_forward_s']:.1f} s)"
+        )
 
         stats = {}
         for workers in (1, 2):
@@ -72,8 +84,9 @@ def throughput(n_images: int, shard: int) -> dict:
             warm = make_shards([source], shard_size=1)[:workers]  # start the workers, import torch there
             fan_out(shard_stats, warm, shared={"model": model, "dims": 64, "batch_size": 1}, progress=False)
             start = time.perf_counter()
-            stats[workers] = source_stats([source], model, dims=2048, workers=workers, batch_size=shard,
-                                          shard_size=shard, progress=False)[0]
+            stats[workers] = source_stats(
+                [source], model, dims=2048, workers=workers, batch_size=shard, shard_size=shard, progress=False
+            )[0]
             seconds = time.perf_counter() - start
             out[f"ray_{workers}_workers_s"] = seconds
             out[f"ray_{workers}_workers_img_s"] = n_images / seconds
@@ -81,12 +94,15 @@ def throughput(n_images: int, shard: int) -> dict:
         ray.shutdown()
     out["speedup_2_vs_1_workers"] = out["ray_2_workers_img_s"] / out["ray_1_workers_img_s"]
     out["ray_1_worker_vs_plain"] = out["ray_1_workers_img_s"] / out["plain_forward_img_s"]
-    print(f"2 vs 1 Ray workers: {out['speedup_2_vs_1_workers']:.2f}x (target >= 1.6)   "
-          f"1 Ray worker vs plain forward: {out['ray_1_worker_vs_plain']:.2f} (target >= 0.9)")
+    print(
+        f"2 vs 1 Ray workers: {out['speedup_2_vs_1_workers']:.2f}x (target >= 1.6)   "
+        f"1 Ray worker vs plain forward: {out['ray_1_worker_vs_plain']:.2f} (target >= 0.9)"
+    )
     # The three runs computed the same statistics (features to float32 noise): check it.
     reference = merge_tree(plain)
     out["max_rel_diff_mean_ray_vs_plain"] = max(
-        float(((s.mean() - reference.mean()).abs().max() / reference.mean().abs().max())) for s in stats.values())
+        float(((s.mean() - reference.mean()).abs().max() / reference.mean().abs().max())) for s in stats.values()
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # few images for 2048 dimensions
         out["fid_ray1_vs_ray2"] = fid_from_stats(stats[1], stats[2])
@@ -115,14 +131,25 @@ def frechet_timing(dims: int = 2048) -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         theirs = float(calculate_frechet_distance(mu1.numpy(), s1.numpy(), mu2.numpy(), s2.numpy()))
         sqrtm_s, sqrtm_cpu = time.perf_counter() - start, time.process_time() - cpu
-    out = {"dims": dims, "fid_ours": ours, "fid_sqrtm": theirs, "ours_s": ours_s, "sqrtm_s": sqrtm_s,
-           "ours_cpu_s": ours_cpu, "sqrtm_cpu_s": sqrtm_cpu, "speedup": sqrtm_s / ours_s,
-           "speedup_cpu": sqrtm_cpu / ours_cpu, "rel_diff": abs(ours - theirs) / abs(theirs),
-           "threads": torch.get_num_threads()}
-    print(f"Frechet distance at {dims} dims: ours {ours_s:.2f} s wall / {ours_cpu:.2f} s CPU, scipy sqrtm "
-          f"(pytorch-fid) {sqrtm_s:.2f} s wall / {sqrtm_cpu:.2f} s CPU -> {out['speedup']:.1f}x wall, "
-          f"{out['speedup_cpu']:.1f}x CPU (target >= 5); values {ours:.10g} vs {theirs:.10g}, relative "
-          f"difference {out['rel_diff']:.1e} (target <= 1e-6)")
+    out = {
+        "dims": dims,
+        "fid_ours": ours,
+        "fid_sqrtm": theirs,
+        "ours_s": ours_s,
+        "sqrtm_s": sqrtm_s,
+        "ours_cpu_s": ours_cpu,
+        "sqrtm_cpu_s": sqrtm_cpu,
+        "speedup": sqrtm_s / ours_s,
+        "speedup_cpu": sqrtm_cpu / ours_cpu,
+        "rel_diff": abs(ours - theirs) / abs(theirs),
+        "threads": torch.get_num_threads(),
+    }
+    print(
+        f"Frechet distance at {dims} dims: ours {ours_s:.2f} s wall / {ours_cpu:.2f} s CPU, scipy sqrtm "
+        f"(pytorch-fid) {sqrtm_s:.2f} s wall / {sqrtm_cpu:.2f} s CPU -> {out['speedup']:.1f}x wall, "
+        f"{out['speedup_cpu']:.1f}x CPU (target >= 5); values {ours:.10g} vs {theirs:.10g}, relative "
+        f"difference {out['rel_diff']:.1e} (target <= 1e-6)"
+    )
     return out
 
 

@@ -66,8 +66,14 @@ def main() -> None:
         model, which = build_model("cifar_resnet20").eval(), "ResNet-20 (random weights)"
     seeds = fit_seeds(load_split("sample", "test"), num_classes=10)
     settings = PGDSettings(eps=GENERATION[32].eps, step_size=GENERATION[32].step_size, steps=args.steps)
-    config = GenerationConfig(per_class=args.per_class, classes=tuple(range(10)), seed=0,
-                              shard_size=args.shard_size, batch_size=args.batch_size, settings=settings)
+    config = GenerationConfig(
+        per_class=args.per_class,
+        classes=tuple(range(10)),
+        seed=0,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        settings=settings,
+    )
 
     # The limit: every PGD step is one forward + backward of a batch; one thread, in process.
     torch.set_num_threads(1)
@@ -77,14 +83,21 @@ def main() -> None:
 
     init_ray(num_cpus=2)
     with tempfile.TemporaryDirectory() as tmp:
-        warm = GenerationConfig(**{**config.__dict__, "per_class": 1, "shard_size": 5,
-                                   "settings": PGDSettings(eps=30.0, step_size=0.5, steps=1)})
+        warm = GenerationConfig(
+            **{
+                **config.__dict__,
+                "per_class": 1,
+                "shard_size": 5,
+                "settings": PGDSettings(eps=30.0, step_size=0.5, steps=1),
+            }
+        )
         generate(model, seeds, config=warm, out_dir=Path(tmp) / "warm", workers=2, progress=False)
         rates = {}
         for workers in (1, 2):
             start = time.perf_counter()
-            summary = generate(model, seeds, config=config, out_dir=Path(tmp) / f"w{workers}", workers=workers,
-                               progress=False)
+            summary = generate(
+                model, seeds, config=config, out_dir=Path(tmp) / f"w{workers}", workers=workers, progress=False
+            )
             seconds = time.perf_counter() - start
             rates[workers] = summary["images"] / seconds
             print(f"{workers} worker(s): {summary['images']} images in {seconds:.1f} s")
@@ -93,21 +106,39 @@ def main() -> None:
     t_step = (t_before + t_after) / 2
     limit = args.batch_size / (settings.steps * t_step)  # images/s on one thread
     for workers, rate in rates.items():
-        print(f"{workers} worker(s): {rate:.2f} images/s = {rate / (workers * limit):.3f} of the forward+backward "
-              f"limit ({workers * limit:.2f} images/s)")
+        print(
+            f"{workers} worker(s): {rate:.2f} images/s = {rate / (workers * limit):.3f} of the forward+backward "
+            f"limit ({workers * limit:.2f} images/s)"
+        )
     speedup = rates[2] / rates[1]
-    print(f"model {which}; {config.total} images, {settings.steps} PGD steps, batches of {args.batch_size}, "
-          f"shards of {args.shard_size}; forward+backward {t_step * 1e3:.1f} ms per batch on one thread "
-          f"(before {t_before * 1e3:.1f}, after {t_after * 1e3:.1f}); {malloc}")
+    print(
+        f"model {which}; {config.total} images, {settings.steps} PGD steps, batches of {args.batch_size}, "
+        f"shards of {args.shard_size}; forward+backward {t_step * 1e3:.1f} ms per batch on one thread "
+        f"(before {t_before * 1e3:.1f}, after {t_after * 1e3:.1f}); {malloc}"
+    )
     print(f"speed-up 2 vs 1 worker: {speedup:.2f}x (target >= 1.6)")
     print(f"1 worker vs limit: {rates[1] / limit:.3f} (target >= 0.85)")
     if args.json:
-        args.json.write_text(json.dumps(dict(model=which, images=config.total, steps=settings.steps,
-                                             batch_size=args.batch_size, shard_size=args.shard_size,
-                                             fwd_bwd_seconds=t_step, fwd_bwd_seconds_before=t_before, fwd_bwd_seconds_after=t_after, limit_images_per_s=limit,
-                                             images_per_s={str(k): v for k, v in rates.items()},
-                                             speedup=speedup, efficiency_1=rates[1] / limit,
-                                             efficiency_2=rates[2] / (2 * limit)), indent=2))
+        args.json.write_text(
+            json.dumps(
+                dict(
+                    model=which,
+                    images=config.total,
+                    steps=settings.steps,
+                    batch_size=args.batch_size,
+                    shard_size=args.shard_size,
+                    fwd_bwd_seconds=t_step,
+                    fwd_bwd_seconds_before=t_before,
+                    fwd_bwd_seconds_after=t_after,
+                    limit_images_per_s=limit,
+                    images_per_s={str(k): v for k, v in rates.items()},
+                    speedup=speedup,
+                    efficiency_1=rates[1] / limit,
+                    efficiency_2=rates[2] / (2 * limit),
+                ),
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

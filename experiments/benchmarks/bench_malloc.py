@@ -56,8 +56,12 @@ def measure(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="cifar_resnet18")
-    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[48, 51, 96, 102, 192, 204],
-                        help="images per pass, comma-separated")
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: [int(v) for v in s.split(",")],
+        default=[48, 51, 96, 102, 192, 204],
+        help="images per pass, comma-separated",
+    )
     parser.add_argument("--points", type=int, default=816, help="images per pass size and repeat (default: 816)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
@@ -70,8 +74,13 @@ def main() -> None:
     clean = {k: v for k, v in os.environ.items() if k not in GLIBC_VARIABLES}
     results = {}
     for name, env in (("glibc defaults", {"ROBINT_TUNE_MALLOC": "0"}), ("robint thresholds", {})):
-        out = subprocess.run([sys.executable, __file__, "--child", *sys.argv[1:]], env={**clean, **env},
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", *sys.argv[1:]],
+            env={**clean, **env},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
         print(f"{name}: done (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)", flush=True)
     glibc, robint = results["glibc defaults"], results["robint thresholds"]

@@ -74,7 +74,7 @@ class StandInExtractor(nn.Module):
         generator = torch.Generator().manual_seed(0)
         self.project = nn.Linear(3 * 4 * 4, dims)
         with torch.no_grad():
-            self.project.weight.copy_(torch.randn(dims, 48, generator=generator) / 48 ** 0.5)
+            self.project.weight.copy_(torch.randn(dims, 48, generator=generator) / 48**0.5)
             self.project.bias.zero_()
 
 
@@ -90,6 +90,8 @@ class StandInFeatures(FIDFeatures):
 
 
 def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> dict:
+    import warnings
+
     import numpy as np
 
     from robint_ray.data import load_split
@@ -98,8 +100,6 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
     from robint_ray.generate import GenerationConfig, fit_seeds, generate
     from robint_ray.models import build_model
     from robint_ray.visualize import PGDSettings
-
-    import warnings
 
     warnings.filterwarnings("ignore", message=".*rank-deficient.*")  # 500 real images < 2048 dims: a stand-in FID
     torch.set_num_threads(1)
@@ -113,12 +113,26 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
     settings = PGDSettings(eps=30.0, step_size=0.5, steps=1)
 
     def config(n: int) -> GenerationConfig:
-        return GenerationConfig(per_class=n // 10, classes=tuple(range(10)), seed=0, shard_size=shard_size,
-                                batch_size=batch_size, settings=settings)
+        return GenerationConfig(
+            per_class=n // 10,
+            classes=tuple(range(10)),
+            seed=0,
+            shard_size=shard_size,
+            batch_size=batch_size,
+            settings=settings,
+        )
 
     with tempfile.TemporaryDirectory(prefix="bench-stream-fid-") as tmp:
-        warm = generate(model, seeds, config=config(2 * shard_size), out_dir=Path(tmp) / "warm", workers=workers,
-                        progress=False, merge=False, fid=features)
+        warm = generate(
+            model,
+            seeds,
+            config=config(2 * shard_size),
+            out_dir=Path(tmp) / "warm",
+            workers=workers,
+            progress=False,
+            merge=False,
+            fid=features,
+        )
         fid_from_stats(warm["stats"], real)
         del warm
         import gc
@@ -128,16 +142,32 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
         sampler = PeakSampler()
         sampler.start()
         start = time.perf_counter()
-        made = generate(model, seeds, config=config(total), out_dir=Path(tmp) / "run", workers=workers,
-                        progress=False, merge=False, fid=features)
+        made = generate(
+            model,
+            seeds,
+            config=config(total),
+            out_dir=Path(tmp) / "run",
+            workers=workers,
+            progress=False,
+            merge=False,
+            fid=features,
+        )
         value = fid_from_stats(made["stats"], real)
         seconds = time.perf_counter() - start
         peak = sampler.stop()
-    return {"images": made["images"], "shards": made["shards"], "shard_size": shard_size, "workers": workers,
-            "seconds": round(seconds, 1), "images_per_s": round(made["images"] / seconds, 1),
-            "baseline_rss_mib": round(baseline / 2**20, 1), "peak_rss_mib": round(peak / 2**20, 1),
-            "extra_rss_mib": round((peak - baseline) / 2**20, 1), "fid_stand_in": round(value, 4),
-            "stats_mib": round(8 * 2048 * 2049 / 2**20, 1)}
+    return {
+        "images": made["images"],
+        "shards": made["shards"],
+        "shard_size": shard_size,
+        "workers": workers,
+        "seconds": round(seconds, 1),
+        "images_per_s": round(made["images"] / seconds, 1),
+        "baseline_rss_mib": round(baseline / 2**20, 1),
+        "peak_rss_mib": round(peak / 2**20, 1),
+        "extra_rss_mib": round((peak - baseline) / 2**20, 1),
+        "fid_stand_in": round(value, 4),
+        "stats_mib": round(8 * 2048 * 2049 / 2**20, 1),
+    }
 
 
 def main() -> int:
@@ -150,31 +180,58 @@ def main() -> int:
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # a child process: one size
     args = parser.parse_args()
     if args.one is not None:
-        print("RESULT " + json.dumps(one_size(args.one, workers=args.workers, shard_size=args.shard_size,
-                                              batch_size=args.batch_size)), flush=True)
+        print(
+            "RESULT "
+            + json.dumps(
+                one_size(args.one, workers=args.workers, shard_size=args.shard_size, batch_size=args.batch_size)
+            ),
+            flush=True,
+        )
         return 0
     rows = []
     for size in args.sizes:
-        proc = subprocess.run([sys.executable, __file__, "--one", str(size), "--workers", str(args.workers),
-                               "--shard-size", str(args.shard_size), "--batch-size", str(args.batch_size)],
-                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                str(size),
+                "--workers",
+                str(args.workers),
+                "--shard-size",
+                str(args.shard_size),
+                "--batch-size",
+                str(args.batch_size),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         if proc.returncode != 0:
             sys.stderr.write(proc.stderr[-3000:])
             return proc.returncode
         rows.append(json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:]))
         print(json.dumps(rows[-1]), flush=True)
     first = rows[0]["extra_rss_mib"]
-    lines = ["| generated images | shards | wall time (s) | images/s | driver RSS above baseline (MiB) | vs. 1,000 |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| generated images | shards | wall time (s) | images/s | driver RSS above baseline (MiB) | vs. 1,000 |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         ratio = r["extra_rss_mib"] / first if first > 0 else float("nan")
-        lines.append(f"| {r['images']:,} | {r['shards']} | {r['seconds']} | {r['images_per_s']} | "
-                     f"{r['extra_rss_mib']} | {ratio:.2f}x |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        lines.append(
+            f"| {r['images']:,} | {r['shards']} | {r['seconds']} | {r['images_per_s']} | "
+            f"{r['extra_rss_mib']} | {ratio:.2f}x |"
+        )
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     table = "\n".join(lines)
-    note = (f"{os.cpu_count()}-core CPU ({platform.machine()}), {os.getloadavg()[0]:.1f} load average at the end, "
-            f"{args.workers} Ray workers, shards of {args.shard_size} images, 1 PGD step (cifar_resnet8), "
-            f"2048-d stand-in features (not the Inception), commit {commit}")
+    note = (
+        f"{os.cpu_count()}-core CPU ({platform.machine()}), {os.getloadavg()[0]:.1f} load average at the end, "
+        f"{args.workers} Ray workers, shards of {args.shard_size} images, 1 PGD step (cifar_resnet8), "
+        f"2048-d stand-in features (not the Inception), commit {commit}"
+    )
     print(table)
     print(note)
     if args.out is not None:

@@ -32,12 +32,21 @@ from robint_ray.train import load_data, make_optimizer, run, train_epoch
 
 
 def config(args) -> TrainConfig:
-    return TrainConfig.from_dict(dict(
-        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, adversarial=True, test=False,
-        max_failures=0, log_every=1000, cpus_per_worker=1,
-        pgd=dict(norm="l2", eps=0.5, step_size=0.1, steps=args.steps),
-        data=dict(path="sample", val_fraction=0.2, train_n=args.train_n, val_n=args.workers),
-        optim=dict(lr=0.05, t_max=None)))
+    return TrainConfig.from_dict(
+        dict(
+            arch=args.arch,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            adversarial=True,
+            test=False,
+            max_failures=0,
+            log_every=1000,
+            cpus_per_worker=1,
+            pgd=dict(norm="l2", eps=0.5, step_size=0.1, steps=args.steps),
+            data=dict(path="sample", val_fraction=0.2, train_n=args.train_n, val_n=args.workers),
+            optim=dict(lr=0.05, t_max=None),
+        )
+    )
 
 
 def plain_images_per_s(cfg: TrainConfig, threads: int) -> list[float]:
@@ -87,18 +96,32 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     ray_ips, plain_ips = statistics.mean(ray_rates), statistics.mean(plain)
     result = {
-        "arch": args.arch, "batch_size": args.batch_size, "pgd_steps": args.steps, "train_images": args.train_n,
-        "workers": args.workers, "ray_train_images_per_s": ray_ips, "plain_images_per_s": plain_ips,
-        "ratio": ray_ips / plain_ips, "ray_epochs": ray_rates, "plain_epochs": plain,
-        "load_average": [load_before, load_after], "torch": torch.__version__,
+        "arch": args.arch,
+        "batch_size": args.batch_size,
+        "pgd_steps": args.steps,
+        "train_images": args.train_n,
+        "workers": args.workers,
+        "ray_train_images_per_s": ray_ips,
+        "plain_images_per_s": plain_ips,
+        "ratio": ray_ips / plain_ips,
+        "ray_epochs": ray_rates,
+        "plain_epochs": plain,
+        "load_average": [load_before, load_after],
+        "torch": torch.__version__,
     }
     print(f"{args.arch}, global batch {args.batch_size}, L2 PGD-{args.steps}, {args.train_n} images/epoch, {malloc}")
-    print(f"  Ray Train, {args.workers} workers x 1 thread (DDP, gloo): {ray_ips:8.1f} img/s  "
-          f"(epochs: {', '.join(f'{r:.1f}' for r in ray_rates)})")
-    print(f"  plain loop, 1 process x {args.workers} threads:        {plain_ips:8.1f} img/s  "
-          f"(epochs: {', '.join(f'{r:.1f}' for r in plain)})")
-    print(f"  ratio Ray / plain: {ray_ips / plain_ips:.3f}   (1-min load average {load_before:.1f} -> {load_after:.1f}, "
-          f"{os.cpu_count()} CPUs)")
+    print(
+        f"  Ray Train, {args.workers} workers x 1 thread (DDP, gloo): {ray_ips:8.1f} img/s  "
+        f"(epochs: {', '.join(f'{r:.1f}' for r in ray_rates)})"
+    )
+    print(
+        f"  plain loop, 1 process x {args.workers} threads:        {plain_ips:8.1f} img/s  "
+        f"(epochs: {', '.join(f'{r:.1f}' for r in plain)})"
+    )
+    print(
+        f"  ratio Ray / plain: {ray_ips / plain_ips:.3f}   (1-min load average {load_before:.1f} -> {load_after:.1f}, "
+        f"{os.cpu_count()} CPUs)"
+    )
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
 

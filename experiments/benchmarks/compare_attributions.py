@@ -23,8 +23,12 @@ def compare(a_path: str, b_path: str) -> dict[str, float]:
     y = b["attributions"].astype(np.float64).reshape(len(b["indices"]), -1)
     relative = np.linalg.norm(x - y, axis=1) / np.linalg.norm(x, axis=1)
     correlation = np.array([np.corrcoef(u, v)[0, 1] for u, v in zip(x, y)])
-    return {"images": len(x), "median_relative_l2": float(np.median(relative)),
-            "max_relative_l2": float(relative.max()), "min_correlation": float(correlation.min())}
+    return {
+        "images": len(x),
+        "median_relative_l2": float(np.median(relative)),
+        "max_relative_l2": float(relative.max()),
+        "min_correlation": float(correlation.min()),
+    }
 
 
 def main() -> None:
@@ -33,8 +37,10 @@ def main() -> None:
     parser.add_argument("b", help="attributions.npz of the other run")
     args = parser.parse_args()
     r = compare(args.a, args.b)
-    print(f"{r['images']} images: relative L2 difference median {r['median_relative_l2']:.2e}, "
-          f"max {r['max_relative_l2']:.2e}; smallest correlation {r['min_correlation']:.6f}")
+    print(
+        f"{r['images']} images: relative L2 difference median {r['median_relative_l2']:.2e}, "
+        f"max {r['max_relative_l2']:.2e}; smallest correlation {r['min_correlation']:.6f}"
+    )
 
 
 if __name__ == "__main__":

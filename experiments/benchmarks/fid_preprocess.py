@@ -28,7 +28,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from robint_ray.allocator import tuned_malloc_label
@@ -62,23 +61,31 @@ def main() -> None:
 
     data = str(CIFAR_EXACT) if CIFAR_EXACT.exists() else "sample"
     train, test = load_split(data, "train"), load_split(data, "test")
-    real = {"train": torch.from_numpy(train.images[:args.real_n]).permute(0, 3, 1, 2).contiguous(),
-            "test": torch.from_numpy(test.images[:args.test_n]).permute(0, 3, 1, 2).contiguous()}
+    real = {
+        "train": torch.from_numpy(train.images[: args.real_n]).permute(0, 3, 1, 2).contiguous(),
+        "test": torch.from_numpy(test.images[: args.test_n]).permute(0, 3, 1, 2).contiguous(),
+    }
     inception = load_fid_inception()
     started = time.perf_counter()
     timings = {}
 
     def stats(images: torch.Tensor, preprocessing: str) -> FeatureStats:
-        return FeatureStats.of(inception_features(inception, images, dims=2048, batch_size=50,
-                                                  preprocessing=preprocessing))
+        return FeatureStats.of(
+            inception_features(inception, images, dims=2048, batch_size=50, preprocessing=preprocessing)
+        )
 
     # Real data: train vs test under each pipeline.
     real_stats = {(name, p): stats(images, p) for name, images in real.items() for p in PREPROCESSING}
     timings["real features"] = time.perf_counter() - started
-    result: dict = {"data": data, "n_train": len(real["train"]), "n_test": len(real["test"]),
-                    "preprocessing": PREPROCESSING, "malloc": malloc, "threads": args.threads,
-                    "fid_real": {p: fid_from_stats(real_stats[("train", p)], real_stats[("test", p)])
-                                 for p in PREPROCESSING}}
+    result: dict = {
+        "data": data,
+        "n_train": len(real["train"]),
+        "n_test": len(real["test"]),
+        "preprocessing": PREPROCESSING,
+        "malloc": malloc,
+        "threads": args.threads,
+        "fid_real": {p: fid_from_stats(real_stats[("train", p)], real_stats[("test", p)]) for p in PREPROCESSING},
+    }
 
     if RESNET20.exists():
         model = load_weights("cifar_resnet20", RESNET20)
@@ -86,8 +93,12 @@ def main() -> None:
         classes = torch.arange(10).repeat_interleave(args.per_class)
         starts = sample_class_seeds(seeds, classes, generator=torch.Generator().manual_seed(0))  # (n, 3, 32, 32)
         t0 = time.perf_counter()
-        generated = torch.cat([generate_classes(model, starts[i:i + 50], classes[i:i + 50], settings=GENERATION[32])
-                               for i in range(0, len(starts), 50)])  # float in [0, 1]
+        generated = torch.cat(
+            [
+                generate_classes(model, starts[i : i + 50], classes[i : i + 50], settings=GENERATION[32])
+                for i in range(0, len(starts), 50)
+            ]
+        )  # float in [0, 1]
         timings["generation"] = time.perf_counter() - t0
         with torch.no_grad():
             hits = float((model(generated).argmax(1) == classes).float().mean())
@@ -107,27 +118,41 @@ def main() -> None:
             b = inception_features(inception, images, dims=192, batch_size=50, preprocessing=p).double()
             per_image = (a - b).norm(dim=1)
             distance[p] = {"mean_per_image": float(per_image.mean()), "batch_of_3": float((a[:3] - b[:3]).norm())}
-        result.update(n_generated=len(generated), generated_as_target_class=hits, fid_generated=fids,
-                      fid_generated_robint=fids["round + robint resize/scaling"],
-                      fid_generated_author=fids["truncate + author resize/scaling"],
-                      inception192_seed_to_generation=distance)
+        result.update(
+            n_generated=len(generated),
+            generated_as_target_class=hits,
+            fid_generated=fids,
+            fid_generated_robint=fids["round + robint resize/scaling"],
+            fid_generated_author=fids["truncate + author resize/scaling"],
+            inception192_seed_to_generation=distance,
+        )
     else:
         result["fid_generated"] = f"skipped: {RESNET20} is absent"
     result["seconds"] = {k: round(v, 1) for k, v in timings.items()}
     result["seconds"]["total"] = round(time.perf_counter() - started, 1)
 
     print(f"images: {data}; {result['n_train']} train vs {result['n_test']} test; {result['malloc']}")
-    print("real data FID (train vs test): " + ", ".join(f"{p} {v:.3f}" for p, v in result["fid_real"].items())
-          + f"; author - robint {result['fid_real']['author'] - result['fid_real']['robint']:+.3f}")
+    print(
+        "real data FID (train vs test): "
+        + ", ".join(f"{p} {v:.3f}" for p, v in result["fid_real"].items())
+        + f"; author - robint {result['fid_real']['author'] - result['fid_real']['robint']:+.3f}"
+    )
     if isinstance(result["fid_generated"], dict):
-        print(f"{result['n_generated']} ResNet-20 generations ({100 * result['generated_as_target_class']:.1f} % "
-              "classified as their target) vs the test images:")
+        print(
+            f"{result['n_generated']} ResNet-20 generations ({100 * result['generated_as_target_class']:.1f} % "
+            "classified as their target) vs the test images:"
+        )
         for name, value in result["fid_generated"].items():
             print(f"  {name:36s} {value:9.3f}")
-        print(f"  author - robint (the two pipelines)  {result['fid_generated_author'] - result['fid_generated_robint']:+9.3f}")
+        print(
+            f"  author - robint (the two pipelines)  "
+            f"{result['fid_generated_author'] - result['fid_generated_robint']:+9.3f}"
+        )
         for p, d in result["inception192_seed_to_generation"].items():
-            print(f"Inception-192 seed -> generation, {p}: mean per image {d['mean_per_image']:.4f}, "
-                  f"first batch of 3 {d['batch_of_3']:.4f}")
+            print(
+                f"Inception-192 seed -> generation, {p}: mean per image {d['mean_per_image']:.4f}, "
+                f"first batch of 3 {d['batch_of_3']:.4f}"
+            )
     else:
         print(result["fid_generated"])
     print(f"seconds: {result['seconds']}")

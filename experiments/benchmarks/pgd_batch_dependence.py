@@ -22,7 +22,7 @@ from robint_ray.data import load_split, stack
 def robust_accuracy(model, x, y, attack, batch: int) -> tuple[int, float]:
     correct = 0
     for i in range(0, len(x), batch):
-        xb, yb = x[i:i + batch], y[i:i + batch]
+        xb, yb = x[i : i + batch], y[i : i + batch]
         x_adv = attack(xb, yb)
         with torch.no_grad():
             correct += int(((model(xb).argmax(1) == yb) & (model(x_adv).argmax(1) == yb)).sum())
@@ -43,7 +43,10 @@ def main() -> None:
     print(f"ResNet-20, {len(x)} exact CIFAR-10 test images, L2 eps 0.5, step 0.1, 20 steps, no random start")
     print(f"{'batch':>6} {'torchattacks PGDL2':>22} {'robint_ray pgd':>18}")
     for batch in args.batches:
-        (ta_n, ta), (our_n, our) = robust_accuracy(model, x, y, reference, batch), robust_accuracy(model, x, y, ours, batch)
+        (ta_n, ta), (our_n, our) = (
+            robust_accuracy(model, x, y, reference, batch),
+            robust_accuracy(model, x, y, ours, batch),
+        )
         print(f"{batch:>6} {ta:>14.4f} ({ta_n:>4}) {our:>10.4f} ({our_n:>4})", flush=True)
 
 

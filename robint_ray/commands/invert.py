@@ -28,8 +28,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the target and source images (default: test)")
     parser.add_argument("--n", type=int, default=8, help="target images, one per class in turn (default: 8)")
-    parser.add_argument("--source", default="both", choices=("image", "noise", "both"),
-                        help="start from an image of another class, from noise, or both (default)")
+    parser.add_argument(
+        "--source",
+        default="both",
+        choices=("image", "noise", "both"),
+        help="start from an image of another class, from noise, or both (default)",
+    )
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise sources")
@@ -83,34 +87,65 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     kinds = ["image", "noise"] if args.source == "both" else [args.source]
     if fanned:
         init_ray(num_cpus=args.workers)
-    arrays: dict[str, list] = {k: [] for k in ("images", "labels", "targets", "sources", "source_kind",
-                                               "target_index", "distance_before", "distance_after")}
+    arrays: dict[str, list] = {
+        k: []
+        for k in (
+            "images",
+            "labels",
+            "targets",
+            "sources",
+            "source_kind",
+            "target_index",
+            "distance_before",
+            "distance_after",
+        )
+    }
     figures = []
     for kind in kinds:
         if kind == "image":
             sources = torch.stack([dataset[i][0] for i in sources_at])
         else:
             sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
-        with (task_resources_of(args, device=wish) if fanned else contextlib.nullcontext()):
+        with task_resources_of(args, device=wish) if fanned else contextlib.nullcontext():
             result = inversions(model, sources, targets, settings=settings, workers=args.workers)
         images, t8, s8 = to_uint8(result["images"]), to_uint8(targets), to_uint8(sources)
-        for key, value in (("images", images), ("targets", t8), ("sources", s8),
-                           ("labels", dataset.labels[targets_at]), ("target_index", np.array(targets_at)),
-                           ("source_kind", np.array([kind] * args.n)),
-                           ("distance_before", result["distance_before"].numpy()),
-                           ("distance_after", result["distance_after"].numpy())):
+        for key, value in (
+            ("images", images),
+            ("targets", t8),
+            ("sources", s8),
+            ("labels", dataset.labels[targets_at]),
+            ("target_index", np.array(targets_at)),
+            ("source_kind", np.array([kind] * args.n)),
+            ("distance_before", result["distance_before"].numpy()),
+            ("distance_after", result["distance_after"].numpy()),
+        ):
             arrays[key].append(value)
-        figures.append(save_inversion_figure(out / f"inversions-{kind}.png", t8, s8, images,
-                                             distance_after=result["distance_after"].tolist(),
-                                             title=f"representation inversion from {kind} ({settings.steps} steps, "
-                                                   f"L2 eps {settings.eps:g}, step {settings.step_size:g})"))
-        print(f"source {kind:>5}: normalised distance {result['distance_before'].mean():.4f} -> "
-              f"{result['distance_after'].mean():.4f} (mean over {args.n})")
+        figures.append(
+            save_inversion_figure(
+                out / f"inversions-{kind}.png",
+                t8,
+                s8,
+                images,
+                distance_after=result["distance_after"].tolist(),
+                title=f"representation inversion from {kind} ({settings.steps} steps, "
+                f"L2 eps {settings.eps:g}, step {settings.step_size:g})",
+            )
+        )
+        print(
+            f"source {kind:>5}: normalised distance {result['distance_before'].mean():.4f} -> "
+            f"{result['distance_after'].mean():.4f} (mean over {args.n})"
+        )
     path = write_npz(out / "inversions.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
-    summary = dict(model=source, data=str(args.data), split=args.split, settings=settings.__dict__,
-                   path=str(where / path.name), figures=[str(where / f.name) for f in figures],
-                   distance_before=np.concatenate(arrays["distance_before"]).tolist(),
-                   distance_after=np.concatenate(arrays["distance_after"]).tolist())
+    summary = dict(
+        model=source,
+        data=str(args.data),
+        split=args.split,
+        settings=settings.__dict__,
+        path=str(where / path.name),
+        figures=[str(where / f.name) for f in figures],
+        distance_before=np.concatenate(arrays["distance_before"]).tolist(),
+        distance_after=np.concatenate(arrays["distance_after"]).tolist(),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"-> {summary['path']}; figures: {', '.join(summary['figures'])}")
     return 0

@@ -18,15 +18,27 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="study config (YAML), e.g. experiments/smoke/paper_cifar10.yaml")
-    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://bucket/prefix; "
-                        "on a multi-node cluster a URI or shared storage)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="output folder, a path or a storage URI (s3://bucket/prefix; "
+        "on a multi-node cluster a URI or shared storage)",
+    )
     parser.add_argument("--workers", type=int, default=None, help="override the config's workers")
-    parser.add_argument("--gpus-per-task", type=float, default=None,
-                        help="GPUs per Ray task of every stage after training, fractions allowed (default: the "
-                             "config's gpus_per_task, else on a cluster with GPUs 1 per evaluation, attribution and "
-                             "generation task and 1/4 per inversion and feature task; 0 without GPUs)")
-    parser.add_argument("--cpus-per-task", type=float, default=None,
-                        help="CPUs per Ray task of those stages (default: the config's cpus_per_task, 1)")
+    parser.add_argument(
+        "--gpus-per-task",
+        type=float,
+        default=None,
+        help="GPUs per Ray task of every stage after training, fractions allowed (default: the "
+        "config's gpus_per_task, else on a cluster with GPUs 1 per evaluation, attribution and "
+        "generation task and 1/4 per inversion and feature task; 0 without GPUs)",
+    )
+    parser.add_argument(
+        "--cpus-per-task",
+        type=float,
+        default=None,
+        help="CPUs per Ray task of those stages (default: the config's cpus_per_task, 1)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -17,10 +17,14 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="sweep YAML (see experiments/sweep_cifar10_l2.yaml)")
-    parser.add_argument("--out", required=True, help="sweep folder, a path or a storage URI (must not hold a sweep, "
-                        "unless --resume)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the interrupted sweep in --out: finished trials are not run again")
+    parser.add_argument(
+        "--out", required=True, help="sweep folder, a path or a storage URI (must not hold a sweep, unless --resume)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted sweep in --out: finished trials are not run again",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,10 +43,16 @@ def run(args: argparse.Namespace) -> int:
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
-    print(f"sweep folder {sweep_dir}: {len(rows)} trials (" + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
+    print(
+        f"sweep folder {sweep_dir}: {len(rows)} trials ("
+        + ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        + ")"
+    )
     best = best_row(rows)
     params = ", ".join(f"{k}={best[k]:g}" for k in best if "." in k and best[k] is not None)
-    print(f"best trial {best['trial_id']}: {params}; val clean {best['val_clean_accuracy']:.4f}, "
-          f"val PGD {best['val_adversarial_accuracy']:.4f} (best val score {best['best_val_score']:.4f})")
+    print(
+        f"best trial {best['trial_id']}: {params}; val clean {best['val_clean_accuracy']:.4f}, "
+        f"val PGD {best['val_adversarial_accuracy']:.4f} (best val score {best['best_val_score']:.4f})"
+    )
     print(f"train it with: robint train {sweep_dir / 'best.yaml'} --out RUN_DIR")
     return 0
