@@ -33,9 +33,13 @@ VENV = Path(sys.executable).parent.parent
 SITE = Path(__import__("ray").__file__).parent.parent  # the site-packages the test runs from
 MACHINES = {"robint-head": "127.0.0.2", "robint-worker": "127.0.0.3"}
 
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
+MISSING += [] if os.access(SSHD, os.X_OK) else ["sshd"]
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(
-    os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "sshd", "ssh", "rsync", "ssh-keygen")),
-    reason="needs root, unshare, OpenSSH (client and server) and rsync")]
+    os.geteuid() != 0 or bool(MISSING),
+    reason=f"needs root and OpenSSH's server and client, rsync, unshare, ip and pgrep "
+           f"(Debian: apt-get install openssh-server rsync); {'missing: ' + ', '.join(MISSING) if MISSING else 'not root'}")]
 
 
 def local_config(tmp: Path) -> dict:
@@ -82,7 +86,7 @@ MaxSessions 100
 MaxStartups 100
 Subsystem sftp internal-sftp
 EOF
-/usr/sbin/sshd -D -e -f $m/sshd_config 2> $m/sshd.log &
+$SSHD -D -e -f $m/sshd_config 2> $m/sshd.log &
 wait
 """
 
@@ -159,7 +163,7 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
         (tmp / "machine.sh").write_text(MACHINE)
         (tmp / "script.sh").write_text(SCRIPT)  # run from a file: `pgrep -f` must not find Ray's names in a command line
         env = {**os.environ, "T": str(tmp), "ROOT": str(ROOT), "VENV": str(VENV), "SITE": str(SITE),
-               "BASE_PYTHON": sys.executable, "IP_head": MACHINES["robint-head"], "IP_worker": MACHINES["robint-worker"],
+               "BASE_PYTHON": sys.executable, "SSHD": SSHD, "IP_head": MACHINES["robint-head"], "IP_worker": MACHINES["robint-worker"],
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
         env.pop("RAY_ADDRESS", None)
         env.pop("PYTHONPATH", None)
