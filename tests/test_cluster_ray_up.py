@@ -19,6 +19,7 @@ head's dashboard, and `ray down` stops every Ray process of the cluster.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,7 +138,7 @@ ray job submit --no-wait --working-dir . --runtime-env-json "$RT" -- \
 id=$(grep -o "raysubmit_[A-Za-z0-9]*" $T/submit.log | head -1)
 echo "== ray job logs -f $id"
 timeout 300 ray job logs -f $id
-ray job status $id
+ray job status $id | tee $T/status.log
 kill $tunnel; wait $tunnel || true  # the dashboard's SSH tunnel
 echo "== ray down"
 ray down -y $T/cluster.yaml > $T/ray_down.log 2>&1 || { tail -30 $T/ray_down.log; exit 1; }
@@ -171,16 +172,28 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
                               capture_output=True, text=True, timeout=900, env=env)
         out = proc.stdout + proc.stderr
         if keep:
-            shutil.copytree(tmp, Path(keep) / tmp.name, ignore=shutil.ignore_patterns("robint-venv", "robint_ray", "*.so"),
+            shutil.copytree(tmp, Path(keep) / tmp.name, ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "*.so"),
                             dirs_exist_ok=True)
             (Path(keep) / tmp.name / "test_output.txt").write_text(out)
         assert proc.returncode == 0, out[-5000:]
-        up = (tmp / "ray_up.log").read_text()
-        # ray up ran the config's setup commands over SSH on the head: the project's editable install
-        assert "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in up
+        up = re.sub(r"\x1b\[[0-9;]*m", "", (tmp / "ray_up.log").read_text())
+        # ray up ran the config's setup commands over SSH on the head (the project's editable install)
+        head = MACHINES["robint-head"]
+        assert any(line.startswith("ssh ") and f"root@{head} " in line and
+                   "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in line
+                   for line in up.split("Full command is `")), up[-3000:]
+        # and the head's autoscaler ran them on the worker: on both machines (each its own home
+        # folder), the synced project, its editable install and the login shell's PATH
+        for name in MACHINES:
+            home = tmp / name / "home"
+            assert (home / "robint-ray" / "pyproject.toml").is_file(), name
+            assert list(home.glob("robint-venv/lib/python3*/site-packages/__editable__*robint_ray*")), name
+            assert "robint-venv/bin" in (home / ".bashrc").read_text(), name
         assert "alive nodes: 2" in out, out[-3000:]
         assert "2 alive node(s):" in out and "verdict: ready" in out, out[-3000:]  # robint doctor on the head
-        assert "epochs 1, best epoch 1" in out and "succeeded" in out.lower(), out[-3000:]
+        assert "epochs 1, best epoch 1" in out, out[-3000:]  # robint train's summary, in the job's log
+        status = (tmp / "status.log").read_text()
+        assert "raysubmit_" in status and "succeeded" in status, status
         assert "ip=127.0.0.3" in out  # the training worker ran on the worker machine
         # the machines run the project's copy that ray up synced to them (not this checkout, nor the
         # test environment's editable install that their venvs can see)
