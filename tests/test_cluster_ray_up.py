@@ -65,7 +65,7 @@ mount --bind $m/hosts /etc/hosts
 sed 's|^root:\([^:]*\):0:0:\([^:]*\):[^:]*:|root:\1:0:0:\2:/home/researcher:|' /etc/passwd > $m/passwd
 mount --bind $m/passwd /etc/passwd
 mount -t tmpfs tmpfs /home && mkdir -p /home/researcher && mount --bind $m/home /home/researcher
-mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray
+mkdir -p /tmp/ray $m/ray && mount --bind $m/ray /tmp/ray   # its own /tmp/ray (Ray's logs kept in $m/ray)
 cd /home/researcher
 touch .bashrc .profile
 # Pre-provisioned: a virtual environment that sees the dependencies, a pip that uses no index.
@@ -172,8 +172,8 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
                               capture_output=True, text=True, timeout=900, env=env)
         out = proc.stdout + proc.stderr
         if keep:
-            shutil.copytree(tmp, Path(keep) / tmp.name, ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "*.so"),
-                            dirs_exist_ok=True)
+            shutil.copytree(tmp, Path(keep) / tmp.name, symlinks=True, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "runtime_resources", "sockets"))
             (Path(keep) / tmp.name / "test_output.txt").write_text(out)
         assert proc.returncode == 0, out[-5000:]
         up = re.sub(r"\x1b\[[0-9;]*m", "", (tmp / "ray_up.log").read_text())
