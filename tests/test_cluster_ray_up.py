@@ -1,11 +1,12 @@
 """`ray up` for real: cluster-local.yaml launched over SSH onto two stand-in machines on this one.
 
-Each machine is an OpenSSH server (Debian's openssh-server) on its own loopback address, in its own
-PID, mount and UTS namespaces (bash as PID 1, sshd its child): its own hostname and /etc/hosts (Ray
-finds a node's address through the host name here: nothing routes outside), its own home folder
-/home/researcher (through its own /etc/passwd, root's home there), its own /tmp/ray. All of it runs in
-a private network namespace, and in one outer PID namespace: every process of the test, Ray's and
-sshd's, ends with it.
+Each machine is an OpenSSH server (Debian's openssh-server) in its own network, PID, mount and UTS
+namespaces (bash as PID 1, sshd its child): its own network stack and loopback, an address on a bridge
+that the laptop (where `ray up` runs) is on too, its own hostname and /etc/hosts (Ray finds a node's
+address through the host name here: nothing routes outside), its own home folder /home/researcher
+(through its own /etc/passwd, root's home there), its own /tmp/ray. All of it runs in a private
+network namespace, and in one outer PID namespace: every process of the test, Ray's and sshd's, ends
+with it.
 
 The config is cluster-local.yaml with only the addresses, the user, the key and the shared folder
 changed. The machines come pre-provisioned as a machine without internet access must be: a virtual
@@ -32,7 +33,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 SITE = Path(__import__("ray").__file__).parent.parent  # the site-packages the test runs from
-MACHINES = {"robint-head": "127.0.0.2", "robint-worker": "127.0.0.3"}
+MACHINES = {"robint-head": "10.0.0.2", "robint-worker": "10.0.0.3"}  # the laptop: 10.0.0.1
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
@@ -58,6 +59,10 @@ MACHINE = r"""
 # One stand-in machine: $1 name, $2 address. Runs as PID 1 of its own PID namespace.
 set -e
 name=$1; ip=$2; m=$T/$name
+for i in $(seq 300); do ip link show eth0 > /dev/null 2>&1 && break; sleep 0.1; done   # the laptop adds it
+ip link set lo up
+ip addr add $ip/24 dev eth0
+ip link set eth0 up
 hostname $name
 echo "127.0.0.1 localhost
 $ip $name" > $m/hosts
@@ -94,14 +99,20 @@ wait
 SCRIPT = r"""
 set -e
 ip link set lo up
+ip link add br0 type bridge && ip addr add 10.0.0.1/24 dev br0 && ip link set br0 up
 mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray   # the laptop's /tmp/ray (the local provider's state)
 mkdir -p /run/sshd
 for name in robint-head robint-worker; do
   mkdir -p $T/$name/home
-  unshare -p -f --mount-proc -m -u bash $T/machine.sh $name $(eval echo \$IP_${name#robint-}) > $T/$name/machine.log 2>&1 &
+  unshare -n -p -f --mount-proc -m -u bash $T/machine.sh $name $(eval echo \$IP_${name#robint-}) > $T/$name/machine.log 2>&1 &
+  pid=$!   # unshare itself, in the machine's network namespace once it has made it
+  for i in $(seq 100); do [ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/$$/ns/net)" ] && break; sleep 0.05; done
+  ip link add name v-$name type veth peer name eth0 netns $pid
+  ip link set v-$name master br0 up
 done
 for ip in $IP_head $IP_worker; do
-  for i in $(seq 50); do ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true 2>/dev/null && break; sleep 0.2; done
+  for i in $(seq 150); do ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true 2>/dev/null && break; sleep 0.2; done
+  ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true || { tail $T/*/machine.log; exit 2; }
 done
 cd $ROOT
 # The README's walkthrough, as a user types it, from a laptop whose home folder is $T/laptop.
@@ -113,10 +124,10 @@ export RAY_AUTH_MODE=token
 echo "== ray up"
 ray up -y --no-config-cache $T/cluster.yaml > $T/ray_up.log 2>&1 || { tail -50 $T/ray_up.log; exit 1; }
 echo "== ray dashboard"
-ray dashboard -p 8266 $T/cluster.yaml > $T/dashboard.log 2>&1 &
+ray dashboard $T/cluster.yaml > $T/dashboard.log 2>&1 &
 tunnel=$!
-for i in $(seq 100); do python -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8266", timeout=2)' 2>/dev/null && break; sleep 0.3; done
-export RAY_ADDRESS=http://127.0.0.1:8266
+for i in $(seq 100); do python -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8265", timeout=2)' 2>/dev/null && break; sleep 0.3; done
+export RAY_ADDRESS=http://127.0.0.1:8265
 RT='{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}'
 echo "== wait for 2 nodes"
 # No working directory here: the driver (on the head) and a task (on the worker: the head has no CPUs
@@ -194,7 +205,7 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
         assert "epochs 1, best epoch 1" in out, out[-3000:]  # robint train's summary, in the job's log
         status = (tmp / "status.log").read_text()
         assert "raysubmit_" in status and "succeeded" in status, status
-        assert "ip=127.0.0.3" in out  # the training worker ran on the worker machine
+        assert f"ip={MACHINES['robint-worker']})" in out  # the training worker ran on the worker machine
         # the machines run the project's copy that ray up synced to them (not this checkout, nor the
         # test environment's editable install that their venvs can see)
         synced = "/home/researcher/robint-ray/robint_ray/__init__.py"
