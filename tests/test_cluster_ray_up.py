@@ -153,8 +153,9 @@ ray job status $id | tee $T/status.log
 kill $tunnel; wait $tunnel || true  # the dashboard's SSH tunnel
 echo "== ray down"
 ray down -y $T/cluster.yaml > $T/ray_down.log 2>&1 || { tail -30 $T/ray_down.log; exit 1; }
-# `ray down` runs `ray stop` on the head; the local provider does not log in to the workers, whose Ray
-# exits once it has lost the head (Ray's GCS reconnect timeout, 60 s).
+# `ray down` runs `ray stop` on the head; the local provider does not log in to the workers: a worker's
+# raylet exits once it has lost the head (Ray's GCS reconnect timeout, 60 s), then the watcher that
+# cluster-local.yaml's start commands left there runs `ray stop` (Ray's log monitor would stay).
 start=$(date +%s)
 # Ray's processes, any other process of the machines' robint-venv, the workers' watcher (`ray stop`).
 RAYPROC='raylet|gcs_server|dashboard|monitor.py|ray::|ray_process_reaper|default_worker|robint-venv|ray (start|stop)'
