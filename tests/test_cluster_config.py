@@ -179,7 +179,8 @@ def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_p
         env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # the script's one JSON line; Ray's driver may print autoscaler events after it
+    result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"gpus_before"')))
     assert result["gpus_before"] == 0
     assert result["resources"]["GPU"] == 1 and result["resources"]["CPU"] == 8  # gpu_worker's resources
     assert result["nodes"] == 2

@@ -1,0 +1,218 @@
+"""`ray up` for real: cluster-local.yaml launched over SSH onto two stand-in machines on this one.
+
+Each machine is an OpenSSH server (Debian's openssh-server) in its own network, PID, mount and UTS
+namespaces (bash as PID 1, sshd its child): its own network stack and loopback, an address on a bridge
+that the laptop (where `ray up` runs) is on too, its own hostname and /etc/hosts (Ray finds a node's
+address through the host name here: nothing routes outside), its own home folder /home/researcher
+(through its own /etc/passwd, root's home there), its own /tmp/ray. All of it runs in a private
+network namespace, and in one outer PID namespace: every process of the test, Ray's and sshd's, ends
+with it.
+
+The config is cluster-local.yaml with only the addresses, the user, the key and the shared folder
+changed. The machines come pre-provisioned as a machine without internet access must be: a virtual
+environment ~/robint-venv that sees the project's dependencies (those of the test's own environment)
+and a pip that uses no index; `ray up` then runs the config's setup commands over SSH (the project's
+editable install into that environment included) and its start commands, the head's autoscaler starts
+the worker machine, `ray job submit` runs `robint doctor` and a one-epoch `robint train` through the
+head's dashboard, and `ray down` stops every Ray process of the cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.executable).parent.parent
+SITE = Path(__import__("ray").__file__).parent.parent  # the site-packages the test runs from
+MACHINES = {"robint-head": "10.0.0.2", "robint-worker": "10.0.0.3"}  # the laptop: 10.0.0.1
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
+MISSING += [] if os.access(SSHD, os.X_OK) else ["sshd"]
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(
+    os.geteuid() != 0 or bool(MISSING),
+    reason=f"needs root and OpenSSH's server and client, rsync, unshare, ip and pgrep "
+           f"(Debian: apt-get install openssh-server rsync); {'missing: ' + ', '.join(MISSING) if MISSING else 'not root'}")]
+
+
+def local_config(tmp: Path) -> dict:
+    """cluster-local.yaml with only the addresses, the user, the key and the shared folder changed."""
+    text = (ROOT / "cluster-local.yaml").read_text().replace("/mnt/shared", str(tmp / "shared"))
+    config = yaml.safe_load(text)
+    config["provider"]["head_ip"], worker = MACHINES.values()
+    config["provider"]["worker_ips"] = [worker]
+    config["max_workers"] = 1
+    config["auth"] = {"ssh_user": "root", "ssh_private_key": str(tmp / "key")}
+    return config
+
+
+MACHINE = r"""
+# One stand-in machine: $1 name, $2 address. Runs as PID 1 of its own PID namespace.
+set -e
+name=$1; ip=$2; m=$T/$name
+for i in $(seq 300); do ip link show eth0 > /dev/null 2>&1 && break; sleep 0.1; done   # the laptop adds it
+ip link set lo up
+ip addr add $ip/24 dev eth0
+ip link set eth0 up
+hostname $name
+echo "127.0.0.1 localhost
+$ip $name" > $m/hosts
+mount --bind $m/hosts /etc/hosts
+sed 's|^root:\([^:]*\):0:0:\([^:]*\):[^:]*:|root:\1:0:0:\2:/home/researcher:|' /etc/passwd > $m/passwd
+mount --bind $m/passwd /etc/passwd
+mount -t tmpfs tmpfs /home && mkdir -p /home/researcher && mount --bind $m/home /home/researcher
+mkdir -p /tmp/ray $m/ray && mount --bind $m/ray /tmp/ray   # its own /tmp/ray (Ray's logs kept in $m/ray)
+cd /home/researcher
+touch .bashrc .profile
+# Pre-provisioned: a virtual environment that sees the dependencies, a pip that uses no index.
+$BASE_PYTHON -m venv --without-pip robint-venv
+echo "$SITE" > $(ls -d robint-venv/lib/python3*/site-packages)/_provisioned_deps.pth
+sed "1s|.*|#!/home/researcher/robint-venv/bin/python|" $VENV/bin/ray > robint-venv/bin/ray && chmod +x robint-venv/bin/ray
+mkdir -p .config/pip && printf '[global]\nno-index = true\nno-build-isolation = false\n' > .config/pip/pip.conf
+cat > $m/sshd_config <<EOF
+ListenAddress $ip
+HostKey $T/hostkey
+AuthorizedKeysFile $T/key.pub
+PidFile none
+UsePAM no
+StrictModes no
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+MaxSessions 100
+MaxStartups 100
+Subsystem sftp internal-sftp
+EOF
+$SSHD -D -e -f $m/sshd_config 2> $m/sshd.log &
+wait
+"""
+
+SCRIPT = r"""
+set -e
+ip link set lo up
+ip link add br0 type bridge && ip addr add 10.0.0.1/24 dev br0 && ip link set br0 up
+mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray   # the laptop's /tmp/ray (the local provider's state)
+mkdir -p /run/sshd
+for name in robint-head robint-worker; do
+  mkdir -p $T/$name/home
+  unshare -n -p -f --mount-proc -m -u bash $T/machine.sh $name $(eval echo \$IP_${name#robint-}) > $T/$name/machine.log 2>&1 &
+  pid=$!   # unshare itself, in the machine's network namespace once it has made it
+  for i in $(seq 100); do [ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/$$/ns/net)" ] && break; sleep 0.05; done
+  ip link add name v-$name type veth peer name eth0 netns $pid
+  ip link set v-$name master br0 up
+done
+for ip in $IP_head $IP_worker; do
+  for i in $(seq 150); do ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true 2>/dev/null && break; sleep 0.2; done
+  ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true || { tail $T/*/machine.log; exit 2; }
+done
+cd $ROOT
+# The README's walkthrough, as a user types it, from a laptop whose home folder is $T/laptop.
+export HOME=$T/laptop
+mkdir -p $HOME
+ray get-auth-token --generate > /dev/null
+test -s $HOME/.ray/auth_token
+export RAY_AUTH_MODE=token
+echo "== ray up"
+ray up -y --no-config-cache $T/cluster.yaml > $T/ray_up.log 2>&1 || { tail -50 $T/ray_up.log; exit 1; }
+echo "== ray dashboard"
+ray dashboard $T/cluster.yaml > $T/dashboard.log 2>&1 &
+tunnel=$!
+for i in $(seq 100); do python -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8265", timeout=2)' 2>/dev/null && break; sleep 0.3; done
+export RAY_ADDRESS=http://127.0.0.1:8265
+RT='{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}'
+echo "== wait for 2 nodes"
+# No working directory here: the driver (on the head) and a task (on the worker: the head has no CPUs
+# for tasks) import robint_ray as the machines have it, the copy that ray up synced and installed
+# (Ray puts the driver's current folder, the home folder, on the workers' import path: a folder
+# ~/robint_ray there would shadow it).
+timeout 300 ray job submit -- python -c 'import ray, time, socket, robint_ray; ray.init(); t = time.time()
+while sum(n["Alive"] for n in ray.nodes()) < 2 and time.time() - t < 240: time.sleep(2)
+print("alive nodes:", sum(n["Alive"] for n in ray.nodes()))
+where = lambda: (socket.gethostname(), robint_ray.__file__)
+print("robint_ray on %s: %s" % where())
+print("robint_ray on %s: %s" % ray.get(ray.remote(num_cpus=1)(where).remote()))' | tee $T/wait.log
+grep -q "alive nodes: 2" $T/wait.log || exit 3
+echo "== robint doctor"
+timeout 120 ray exec $T/cluster.yaml 'robint doctor'
+echo "== ray job submit --no-wait"
+ray job submit --no-wait --working-dir . --runtime-env-json "$RT" -- \
+  robint train experiments/smoke/cifar10_standard.yaml --set epochs=1 --out $T/shared/run | tee $T/submit.log
+id=$(grep -o "raysubmit_[A-Za-z0-9]*" $T/submit.log | head -1)
+echo "== ray job logs -f $id"
+timeout 300 ray job logs -f $id
+ray job status $id | tee $T/status.log
+kill $tunnel; wait $tunnel || true  # the dashboard's SSH tunnel
+echo "== ray down"
+ray down -y $T/cluster.yaml > $T/ray_down.log 2>&1 || { tail -30 $T/ray_down.log; exit 1; }
+# `ray down` runs `ray stop` on the head; the local provider does not log in to the workers: a worker's
+# raylet exits once it has lost the head (Ray's GCS reconnect timeout, 60 s), then the watcher that
+# cluster-local.yaml's start commands left there runs `ray stop` (Ray's log monitor would stay).
+start=$(date +%s)
+# Ray's processes, any other process of the machines' robint-venv, the workers' watcher (`ray stop`).
+RAYPROC='raylet|gcs_server|dashboard|monitor.py|ray::|ray_process_reaper|default_worker|robint-venv|ray (start|stop)'
+for i in $(seq 150); do pgrep -f "$RAYPROC" >/dev/null || break; sleep 1; done
+echo "== Ray processes after ray down: $(pgrep -fc "$RAYPROC" || true), after $(( $(date +%s) - start )) s"
+pgrep -fa "$RAYPROC" | cut -c1-200 || true
+"""
+
+
+def test_ray_up_over_ssh_two_machines_job_and_ray_down():
+    tmp = Path(tempfile.mkdtemp(prefix="rup", dir="/tmp"))
+    keep = os.environ.get("ROBINT_KEEP_RAY_UP_LOGS")  # a folder to copy the logs to (debugging)
+    try:
+        (tmp / "shared").mkdir()
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")], check=True)
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "hostkey")], check=True)
+        (tmp / "cluster.yaml").write_text(yaml.safe_dump(local_config(tmp), sort_keys=False))
+        (tmp / "machine.sh").write_text(MACHINE)
+        (tmp / "script.sh").write_text(SCRIPT)  # run from a file: `pgrep -f` must not find Ray's names in a command line
+        env = {**os.environ, "T": str(tmp), "ROOT": str(ROOT), "VENV": str(VENV), "SITE": str(SITE),
+               "BASE_PYTHON": sys.executable, "SSHD": SSHD, "IP_head": MACHINES["robint-head"], "IP_worker": MACHINES["robint-worker"],
+               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+        env.pop("RAY_ADDRESS", None)
+        env.pop("PYTHONPATH", None)
+        proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", str(tmp / "script.sh")],
+                              capture_output=True, text=True, timeout=900, env=env)
+        out = proc.stdout + proc.stderr
+        if keep:
+            shutil.copytree(tmp, Path(keep) / tmp.name, symlinks=True, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "runtime_resources", "sockets"))
+            (Path(keep) / tmp.name / "test_output.txt").write_text(out)
+        assert proc.returncode == 0, out[-5000:]
+        up = re.sub(r"\x1b\[[0-9;]*m", "", (tmp / "ray_up.log").read_text())
+        # ray up ran the config's setup commands over SSH on the head (the project's editable install)
+        head = MACHINES["robint-head"]
+        assert any(line.startswith("ssh ") and f"root@{head} " in line and
+                   "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in line
+                   for line in up.split("Full command is `")), up[-3000:]
+        # and the head's autoscaler ran them on the worker: on both machines (each its own home
+        # folder), the synced project, its editable install and the login shell's PATH
+        for name in MACHINES:
+            home = tmp / name / "home"
+            assert (home / "robint-ray" / "pyproject.toml").is_file(), name
+            assert list(home.glob("robint-venv/lib/python3*/site-packages/__editable__*robint_ray*")), name
+            assert "robint-venv/bin" in (home / ".bashrc").read_text(), name
+        assert "alive nodes: 2" in out, out[-3000:]
+        assert "2 alive node(s):" in out and "verdict: ready" in out, out[-3000:]  # robint doctor on the head
+        assert "epochs 1, best epoch 1" in out, out[-3000:]  # robint train's summary, in the job's log
+        status = (tmp / "status.log").read_text()
+        assert "raysubmit_" in status and "succeeded" in status, status
+        assert f"ip={MACHINES['robint-worker']})" in out  # the training worker ran on the worker machine
+        # the machines run the project's copy that ray up synced to them (not this checkout, nor the
+        # test environment's editable install that their venvs can see)
+        synced = "/home/researcher/robint-ray/robint_ray/__init__.py"
+        for machine in MACHINES:
+            assert f"robint_ray on {machine}: {synced}" in out, out[-3000:]
+        assert (tmp / "shared" / "run" / "best").is_dir()
+        assert "== Ray processes after ray down: 0," in out, out[-3000:]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
