@@ -38,10 +38,15 @@ MACHINES = {"robint-head": "10.0.0.2", "robint-worker": "10.0.0.3"}  # the lapto
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
 MISSING += [] if os.access(SSHD, os.X_OK) else ["sshd"]
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(
-    os.geteuid() != 0 or bool(MISSING),
-    reason=f"needs root and OpenSSH's server and client, rsync, unshare, ip and pgrep "
-           f"(Debian: apt-get install openssh-server rsync); {'missing: ' + ', '.join(MISSING) if MISSING else 'not root'}")]
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or bool(MISSING),
+        reason=f"needs root and OpenSSH's server and client, rsync, unshare, ip and pgrep "
+        "(Debian: apt-get install openssh-server rsync); "
+        f"{'missing: ' + ', '.join(MISSING) if MISSING else 'not root'}",
+    ),
+]
 
 
 def local_config(tmp: Path) -> dict:
@@ -76,7 +81,8 @@ touch .bashrc .profile
 # Pre-provisioned: a virtual environment that sees the dependencies, a pip that uses no index.
 $BASE_PYTHON -m venv --without-pip robint-venv
 echo "$SITE" > $(ls -d robint-venv/lib/python3*/site-packages)/_provisioned_deps.pth
-sed "1s|.*|#!/home/researcher/robint-venv/bin/python|" $VENV/bin/ray > robint-venv/bin/ray && chmod +x robint-venv/bin/ray
+sed "1s|.*|#!/home/researcher/robint-venv/bin/python|" $VENV/bin/ray > robint-venv/bin/ray
+chmod +x robint-venv/bin/ray
 mkdir -p .config/pip && printf '[global]\nno-index = true\nno-build-isolation = false\n' > .config/pip/pip.conf
 cat > $m/sshd_config <<EOF
 ListenAddress $ip
@@ -104,15 +110,19 @@ mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray   # the laptop's /tmp/ray (th
 mkdir -p /run/sshd
 for name in robint-head robint-worker; do
   mkdir -p $T/$name/home
-  unshare -n -p -f --mount-proc -m -u bash $T/machine.sh $name $(eval echo \$IP_${name#robint-}) > $T/$name/machine.log 2>&1 &
+  unshare -n -p -f --mount-proc -m -u bash $T/machine.sh $name $(eval echo \$IP_${name#robint-}) \
+    > $T/$name/machine.log 2>&1 &
   pid=$!   # unshare itself, in the machine's network namespace once it has made it
-  for i in $(seq 100); do [ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/$$/ns/net)" ] && break; sleep 0.05; done
+  for i in $(seq 100); do
+    [ "$(readlink /proc/$pid/ns/net)" != "$(readlink /proc/$$/ns/net)" ] && break; sleep 0.05
+  done
   ip link add name v-$name type veth peer name eth0 netns $pid
   ip link set v-$name master br0 up
 done
 for ip in $IP_head $IP_worker; do
-  for i in $(seq 150); do ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true 2>/dev/null && break; sleep 0.2; done
-  ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes root@$ip true || { tail $T/*/machine.log; exit 2; }
+  SSH="ssh -i $T/key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes"
+  for i in $(seq 150); do $SSH root@$ip true 2>/dev/null && break; sleep 0.2; done
+  $SSH root@$ip true || { tail $T/*/machine.log; exit 2; }
 done
 cd $ROOT
 # The README's walkthrough, as a user types it, from a laptop whose home folder is $T/laptop.
@@ -126,7 +136,10 @@ ray up -y --no-config-cache $T/cluster.yaml > $T/ray_up.log 2>&1 || { tail -50 $
 echo "== ray dashboard"
 ray dashboard $T/cluster.yaml > $T/dashboard.log 2>&1 &
 tunnel=$!
-for i in $(seq 100); do python -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8265", timeout=2)' 2>/dev/null && break; sleep 0.3; done
+for i in $(seq 100); do
+  python -c 'import urllib.request; urllib.request.urlopen("http://127.0.0.1:8265", timeout=2)' 2>/dev/null && break
+  sleep 0.3
+done
 export RAY_ADDRESS=http://127.0.0.1:8265
 RT='{"excludes": [".venv", ".git", "runs", "demo_out", "**/__pycache__"]}'
 echo "== wait for 2 nodes"
@@ -174,26 +187,51 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "hostkey")], check=True)
         (tmp / "cluster.yaml").write_text(yaml.safe_dump(local_config(tmp), sort_keys=False))
         (tmp / "machine.sh").write_text(MACHINE)
-        (tmp / "script.sh").write_text(SCRIPT)  # run from a file: `pgrep -f` must not find Ray's names in a command line
-        env = {**os.environ, "T": str(tmp), "ROOT": str(ROOT), "VENV": str(VENV), "SITE": str(SITE),
-               "BASE_PYTHON": sys.executable, "SSHD": SSHD, "IP_head": MACHINES["robint-head"], "IP_worker": MACHINES["robint-worker"],
-               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}"}
+        (tmp / "script.sh").write_text(
+            SCRIPT
+        )  # run from a file: `pgrep -f` must not find Ray's names in a command line
+        env = {
+            **os.environ,
+            "T": str(tmp),
+            "ROOT": str(ROOT),
+            "VENV": str(VENV),
+            "SITE": str(SITE),
+            "BASE_PYTHON": sys.executable,
+            "SSHD": SSHD,
+            "IP_head": MACHINES["robint-head"],
+            "IP_worker": MACHINES["robint-worker"],
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            "PATH": f"{VENV / 'bin'}:{os.environ['PATH']}",
+        }
         env.pop("RAY_ADDRESS", None)
         env.pop("PYTHONPATH", None)
-        proc = subprocess.run(["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", str(tmp / "script.sh")],
-                              capture_output=True, text=True, timeout=900, env=env)
+        proc = subprocess.run(
+            ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", str(tmp / "script.sh")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
         out = proc.stdout + proc.stderr
         if keep:
-            shutil.copytree(tmp, Path(keep) / tmp.name, symlinks=True, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "runtime_resources", "sockets"))
+            shutil.copytree(
+                tmp,
+                Path(keep) / tmp.name,
+                symlinks=True,
+                dirs_exist_ok=True,
+                ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "runtime_resources", "sockets"),
+            )
             (Path(keep) / tmp.name / "test_output.txt").write_text(out)
         assert proc.returncode == 0, out[-5000:]
         up = re.sub(r"\x1b\[[0-9;]*m", "", (tmp / "ray_up.log").read_text())
         # ray up ran the config's setup commands over SSH on the head (the project's editable install)
         head = MACHINES["robint-head"]
-        assert any(line.startswith("ssh ") and f"root@{head} " in line and
-                   "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in line
-                   for line in up.split("Full command is `")), up[-3000:]
+        assert any(
+            line.startswith("ssh ")
+            and f"root@{head} " in line
+            and "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in line
+            for line in up.split("Full command is `")
+        ), up[-3000:]
         # and the head's autoscaler ran them on the worker: on both machines (each its own home
         # folder), the synced project, its editable install and the login shell's PATH
         for name in MACHINES:
