@@ -1,7 +1,7 @@
 """The paper end to end as one job: train, evaluate, explain, generate + FID, invert, visualise, report.
 
-    python experiments/paper.py experiments/paper/cifar10.yaml --out runs/paper-cifar10
-    ray job submit --working-dir . -- python experiments/paper.py experiments/paper/cifar10.yaml --out s3://bucket/paper
+    robint study experiments/paper/cifar10.yaml --out runs/paper-cifar10
+    ray job submit --working-dir . -- robint study experiments/paper/cifar10.yaml --out s3://bucket/paper
 
 OUT is a local path or a storage URI (storage.Location); on a cluster every node must be able to write
 and read it (an s3:// URI or a shared mount), which storage.preflight checks before any work. Stages

@@ -15,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, add_resource_arguments, load_model, resolve_device, task_resources_of
+from .common import add_model_arguments, add_resource_arguments, load_model, resolve_device, task_resources_of
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

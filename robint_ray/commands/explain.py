@@ -21,8 +21,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli import add_model_arguments, add_resource_arguments, load_model
 from ..storage import Location
+from .common import add_model_arguments, add_resource_arguments, load_model
 
 log = logging.getLogger(__name__)
 

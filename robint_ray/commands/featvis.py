@@ -20,8 +20,8 @@ import contextlib
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 from ..storage import Location
+from .common import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 from .generate import add_pgd_arguments, pgd_settings
 
 

