@@ -1,5 +1,5 @@
 """Shared fixtures: paths to ../shared (skipped with a reason where absent), the pretrained
-ResNet-20, tiny models, and one local Ray instance for the whole test session."""
+ResNet-20, the tiny model, and one local Ray instance for the whole test session."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ def device(request):
         yield torch.device("cuda")
     finally:
         cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32):
+    """The tests' tiny model: a CIFAR ResNet-8 with the random weights of torch.manual_seed(seed), in
+    eval mode (tests with expected numbers depend on this very model: same architecture, same seed)."""
+    from robint_ray.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("cifar_resnet8").to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny_model() once per test module (tests that change it, e.g. its training mode, put it back)."""
+    return tiny_model()
 
 
 def _need(path: Path) -> Path:
