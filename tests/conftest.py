@@ -1,5 +1,5 @@
 """Shared fixtures: paths to ../shared (skipped with a reason where absent), the pretrained
-ResNet-20, tiny models, and one local Ray instance for the whole test session."""
+ResNet-20, the tiny model, a command-line runner, and one local Ray instance for the whole test session."""
 
 from __future__ import annotations
 
@@ -45,6 +45,38 @@ def device(request):
         yield torch.device("cuda")
     finally:
         cudnn.allow_tf32, matmul.allow_tf32, cudnn.deterministic, cudnn.benchmark = saved
+
+
+def tiny_model(seed: int = 0, dtype=torch.float32):
+    """The tests' tiny model: a CIFAR ResNet-8 with the random weights of torch.manual_seed(seed), in
+    eval mode (tests with expected numbers depend on this very model: same architecture, same seed)."""
+    from robint_ray.models import build_model
+
+    torch.manual_seed(seed)
+    return build_model("cifar_resnet8").to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """tiny_model() once per test module (tests that change it, e.g. its training mode, put it back)."""
+    return tiny_model()
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Runs `robint ARGV...` in this process, as robint_ray.cli.main(argv); returns (exit status,
+    stdout, stderr), the output being all that was printed since the test's last capsys.readouterr()."""
+    from robint_ray.cli import main
+
+    def run(argv) -> tuple[int, str, str]:
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as stop:  # argparse
+            code = stop.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 def _need(path: Path) -> Path:
@@ -95,6 +127,31 @@ def token_auth_env(folder: Path) -> dict[str, str]:
     path.write_text(secrets.token_hex(32))
     path.chmod(0o600)
     return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def run_in_namespaces(shell: str, folder: Path, **env: str):
+    """Runs `bash -c SHELL` in private network, PID and mount namespaces (every process it starts ends
+    with them) with token authentication (the token in folder), this Python's folder first on PATH, no
+    RAY_ADDRESS and env's extra variables; asserts that it exits 0 and returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    env = {
+        **os.environ,
+        **token_auth_env(folder),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **env,
+    }
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -5,15 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model
 
 from robint_ray.attacks import Threat, misclassified_then_ce, per_example_ce, pgd
 from robint_ray.errors import InputError
-from robint_ray.models import Representation, build_model
-
-
-def tiny_model(seed: int = 0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return build_model("cifar_resnet8").to(dtype).eval()
+from robint_ray.models import Representation
 
 
 def batch(n: int = 16, seed: int = 1, dtype=torch.float32):

@@ -15,12 +15,6 @@ from robint_ray.models import build_model
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("cifar_resnet8").eval()
-
-
-@pytest.fixture(scope="module")
 def images(sample_test):
     x, y = sample_test
     return x[:4], y[:4]

@@ -10,17 +10,7 @@ import numpy as np
 import pytest
 
 from robint_ray.checkpoint import save_checkpoint
-from robint_ray.cli import main
 from robint_ray.models import build_model
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as stop:  # argparse
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def eval_args(weights, data, *extra):
@@ -38,11 +28,10 @@ def eval_args(weights, data, *extra):
     ]
 
 
-def test_eval_writes_json(resnet20_path, tmp_path, capsys):
+def test_eval_writes_json(resnet20_path, tmp_path, run_cli):
     out_json = tmp_path / "r" / "out.json"
     code, out, _ = run_cli(
-        eval_args(resnet20_path, "sample", "--n", "64", "--eps", "0.1", "--step-size", "0.02", "--json", str(out_json)),
-        capsys,
+        eval_args(resnet20_path, "sample", "--n", "64", "--eps", "0.1", "--step-size", "0.02", "--json", str(out_json))
     )
     assert code == 0 and "clean accuracy" in out
     result = json.loads(out_json.read_text())
@@ -60,7 +49,7 @@ def test_eval_writes_json(resnet20_path, tmp_path, capsys):
     }
 
 
-def test_eval_is_independent_of_batch_size(resnet20_path, tmp_path, capsys):
+def test_eval_is_independent_of_batch_size(resnet20_path, tmp_path, run_cli):
     figures = []
     for batch in (7, 64):
         run_cli(
@@ -79,15 +68,14 @@ def test_eval_is_independent_of_batch_size(resnet20_path, tmp_path, capsys):
                 str(batch),
                 "--json",
                 str(tmp_path / f"{batch}.json"),
-            ),
-            capsys,
+            )
         )
         figures.append(json.loads((tmp_path / f"{batch}.json").read_text())["adversarial_correct"])
     assert figures[0] == figures[1]
 
 
 @pytest.mark.ray
-def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet20_path, tmp_path, capsys):
+def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet20_path, tmp_path, run_cli):
     """--workers 2: Ray tasks of whole batches, on their own device (--gpus-per-task 0 here)."""
     figures = []
     for extra in ([], ["--workers", "2", "--gpus-per-task", "0", "--cpus-per-task", "1"]):
@@ -109,8 +97,7 @@ def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet2
                 "--json",
                 str(path),
                 *extra,
-            ),
-            capsys,
+            )
         )
         assert code == 0
         result = json.loads(path.read_text())
@@ -118,10 +105,10 @@ def test_eval_on_ray_workers_gives_the_figures_of_one_process(ray_local, resnet2
     assert figures[0] == figures[1]
 
 
-def test_eval_our_checkpoint(tmp_path, capsys):
+def test_eval_our_checkpoint(tmp_path, run_cli):
     save_checkpoint(tmp_path / "ck", build_model("cifar_resnet8"))
     code, out, _ = run_cli(
-        ["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "sample", "--n", "8", "--attack", "none"], capsys
+        ["eval", "--checkpoint", str(tmp_path / "ck"), "--data", "sample", "--n", "8", "--attack", "none"]
     )
     assert code == 0 and out.split()[:2] == ["images", "8"]
 
@@ -137,12 +124,12 @@ def test_eval_our_checkpoint(tmp_path, capsys):
         (["--split", "validation"], "unknown split"),
     ],
 )
-def test_bad_settings_exit_2_with_one_line(resnet20_path, capsys, extra, message):
-    code, out, err = run_cli(eval_args(resnet20_path, "sample", "--n", "4", *extra), capsys)
+def test_bad_settings_exit_2_with_one_line(resnet20_path, run_cli, extra, message):
+    code, out, err = run_cli(eval_args(resnet20_path, "sample", "--n", "4", *extra))
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_bad_models_and_data_exit_2(resnet20_path, tmp_path, capsys):
+def test_bad_models_and_data_exit_2(resnet20_path, tmp_path, run_cli):
     save_checkpoint(tmp_path / "c8", build_model("cifar_resnet8", 100))
     x = np.zeros((2, 32, 32, 3), np.uint8)
     np.savez(
@@ -167,7 +154,7 @@ def test_bad_models_and_data_exit_2(resnet20_path, tmp_path, capsys):
         (["eval", "--data", "sample"], "a model is needed"),
     ]
     for argv, message in cases:
-        code, out, err = run_cli(argv, capsys)
+        code, out, err = run_cli(argv)
         assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
         assert message is None or message in err, err
 
@@ -200,7 +187,7 @@ def test_the_console_script_exits_2_without_traceback(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [32, 128, 1017])
-def test_paper_pgd_small_eps_figure(resnet20_path, cifar_exact, tmp_path, capsys, batch):
+def test_paper_pgd_small_eps_figure(resnet20_path, cifar_exact, tmp_path, run_cli, batch):
     code, _, _ = run_cli(
         eval_args(
             resnet20_path,
@@ -213,8 +200,7 @@ def test_paper_pgd_small_eps_figure(resnet20_path, cifar_exact, tmp_path, capsys
             str(batch),
             "--json",
             str(tmp_path / "o.json"),
-        ),
-        capsys,
+        )
     )
     result = json.loads((tmp_path / "o.json").read_text())
     assert code == 0 and result["n"] == 1017
@@ -223,16 +209,16 @@ def test_paper_pgd_small_eps_figure(resnet20_path, cifar_exact, tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_paper_pgd_figure_and_best_iterate(resnet20_path, cifar_exact, tmp_path, capsys):
+def test_paper_pgd_figure_and_best_iterate(resnet20_path, cifar_exact, tmp_path, run_cli):
     figures = {}
     for keep in ("last", "best"):
-        run_cli(eval_args(resnet20_path, cifar_exact, "--keep", keep, "--json", str(tmp_path / f"{keep}.json")), capsys)
+        run_cli(eval_args(resnet20_path, cifar_exact, "--keep", keep, "--json", str(tmp_path / f"{keep}.json")))
         figures[keep] = json.loads((tmp_path / f"{keep}.json").read_text())["adversarial_accuracy"]
     assert figures["last"] <= 0.002 and figures["best"] <= figures["last"]
 
 
 @pytest.mark.slow
-def test_autoattack_figure(resnet20_path, cifar_exact, tmp_path, capsys):
+def test_autoattack_figure(resnet20_path, cifar_exact, tmp_path, run_cli):
     code, _, _ = run_cli(
         eval_args(
             resnet20_path,
@@ -243,8 +229,7 @@ def test_autoattack_figure(resnet20_path, cifar_exact, tmp_path, capsys):
             "256",
             "--json",
             str(tmp_path / "aa.json"),
-        ),
-        capsys,
+        )
     )
     result = json.loads((tmp_path / "aa.json").read_text())
     assert code == 0 and result["n"] == 1017 and result["adversarial_accuracy"] <= 0.005

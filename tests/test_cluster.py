@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import token_auth_env
+from conftest import run_in_namespaces
 
 from robint_ray.cluster import Node, WorkerRequest, check_fits, fit_verdict, largest, node_types
 from robint_ray.config import TrainConfig
@@ -66,11 +64,10 @@ def test_node_types_of_a_cluster_config():
 
 
 @pytest.mark.ray
-def test_a_worker_larger_than_every_node_fails_before_training(ray_local, tmp_path, monkeypatch, capsys):
+def test_a_worker_larger_than_every_node_fails_before_training(ray_local, tmp_path, monkeypatch, run_cli):
     """Under $RAY_ADDRESS (a cluster whose autoscaler might add nodes) a short cluster is only a
     warning, and Ray Train would wait for the worker group forever; a worker larger than every node
     (and every node type) must fail at once, naming the request and the largest node."""
-    from robint_ray.cli import main
     from robint_ray.train import run
 
     monkeypatch.setenv("RAY_ADDRESS", "auto")  # ray is initialised already: only run()'s checks read it
@@ -86,8 +83,9 @@ def test_a_worker_larger_than_every_node_fails_before_training(ray_local, tmp_pa
     # The same through the CLI: one line on stderr, exit status 2. A GPU on a CPU-only cluster.
     config = tmp_path / "tiny.yaml"
     config.write_text("arch: cifar_resnet8\nepochs: 1\nbatch_size: 64\ndata: {path: sample, val_fraction: 0.2}\n")
-    assert main(["train", str(config), "--out", str(tmp_path / "cli"), "--gpus-per-worker", "1"]) == 2
-    err_lines = capsys.readouterr().err.strip().splitlines()
+    code, _, err = run_cli(["train", config, "--out", tmp_path / "cli", "--gpus-per-worker", "1"])
+    assert code == 2
+    err_lines = err.strip().splitlines()
     assert len(err_lines) == 1 and "needs 1 CPU + 1 GPU, which fits no node" in err_lines[0], err_lines
 
     # With a cluster config whose GPU node type is large enough, the autoscaler can start one: no error
@@ -129,21 +127,7 @@ def test_doctor_on_a_two_node_cluster(tmp_path):
     """`robint doctor` on a simulated two-node cluster (private network, PID and mount namespaces: every
     Ray process ends with them): every node, a verdict per shipped config, the 6-CPU workers fitting no
     node until cluster.yaml's node types are known, CUDA failing on the node that claims a GPU."""
-    env = {
-        **os.environ,
-        **token_auth_env(tmp_path),
-        "ROOT": str(ROOT),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", DOCTOR],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = run_in_namespaces(DOCTOR, tmp_path, ROOT=str(ROOT))
     plain, types = proc.stdout.split("====\n")
     for text in (plain, types):
         assert "2 alive node(s):" in text

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from conftest import token_auth_env
+from conftest import run_in_namespaces
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA = Path(__import__("ray.autoscaler", fromlist=["x"]).__file__).parent / "ray-schema.json"
@@ -162,23 +162,9 @@ def test_the_autoscaler_starts_a_gpu_worker_of_cluster_yaml_for_a_gpu_task(tmp_p
         f"set -e; ip link set lo up; mkdir -p /tmp/ray && mount -t tmpfs tmpfs /tmp/ray; cd {tmp_path}; "
         f"exec {sys.executable} {script} {ROOT / 'cluster.yaml'}"
     )
-    env = {
-        **os.environ,
-        **token_auth_env(tmp_path),
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
-        "RAY_FAKE_CLUSTER": "1",
-        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", "-c", shell],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        env=env,
+    proc = run_in_namespaces(
+        shell, tmp_path, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1"
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the script's one JSON line; Ray's driver may print autoscaler events after it
     result = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"gpus_before"')))
     assert result["gpus_before"] == 0

@@ -11,18 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
 from robint_ray import explain as ex
 from robint_ray.errors import InputError
 from robint_ray.models import build_model
 
 pytestmark = pytest.mark.ray
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("cifar_resnet8").eval()
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +119,14 @@ def test_config_round_trip_and_unknown_keys():
         ex.IGConfig(baseline="black", num_baselines=10)
 
 
-def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
+def test_cli_explain_writes_files(ray_local, tmp_path, run_cli):
     from robint_ray.checkpoint import save_checkpoint
-    from robint_ray.cli import main
 
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "a", build_model("cifar_resnet8"))
     save_checkpoint(tmp_path / "b", build_model("cifar_resnet8"))
     out = tmp_path / "out"
-    code = main(
+    code, stdout, err = run_cli(
         [
             "explain",
             "--method",
@@ -159,7 +153,7 @@ def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
             "4",
         ]
     )
-    assert code == 0
+    assert code == 0, err
     with np.load(out / "attributions.npz") as f:
         assert f["attributions"].shape == (5, 3, 32, 32)
         assert f["robust_attributions"].shape == (5, 3, 32, 32)
@@ -170,68 +164,35 @@ def test_cli_explain_writes_files(ray_local, tmp_path, capsys):
     assert "mean" in metrics["difference"]["gini"]
     for png in ("grid.png", "overlay.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "standard:" in capsys.readouterr().out
+    assert "standard:" in stdout
 
 
-def test_cli_explain_rejects_bad_input(tmp_path, capsys):
-    from robint_ray.cli import main
+def test_cli_explain_rejects_bad_input(tmp_path, run_cli):
+    def explain(n):
+        weights, out = tmp_path / "none.th", tmp_path / "o"
+        return run_cli(
+            ["explain", "--method", "ig", "--arch", "cifar_resnet8", "--weights", weights]
+            + ["--data", "sample", "--n", n, "--out", out, "--workers", "0"]
+        )
 
-    code = main(
-        [
-            "explain",
-            "--method",
-            "ig",
-            "--arch",
-            "cifar_resnet8",
-            "--weights",
-            str(tmp_path / "none.th"),
-            "--data",
-            "sample",
-            "--n",
-            "2",
-            "--out",
-            str(tmp_path / "o"),
-            "--workers",
-            "0",
-        ]
-    )
+    code, _, err = explain(2)  # no such weights file
     assert code == 2
-    assert "error" in capsys.readouterr().err
-    code = main(
-        [
-            "explain",
-            "--method",
-            "ig",
-            "--arch",
-            "cifar_resnet8",
-            "--weights",
-            str(tmp_path / "none.th"),
-            "--data",
-            "sample",
-            "--n",
-            "0",
-            "--out",
-            str(tmp_path / "o"),
-            "--workers",
-            "0",
-        ]
-    )
+    assert "error" in err
+    code, _, _ = explain(0)
     assert code == 2
 
 
 @pytest.mark.parametrize("target", ["predicted", "label"])
-def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target):
+def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target, run_cli):
     """`--target predicted` (the default, the authors') explains the model's own argmax; `--target label`
     the true label; the kind and the classes explained are in attributions.npz and metrics.json."""
     from robint_ray.checkpoint import save_checkpoint
-    from robint_ray.cli import main
     from robint_ray.data import load_split, stack, take
 
-    torch.manual_seed(2)
-    model = build_model("cifar_resnet8").eval()
+    model = tiny_model(2)
     save_checkpoint(tmp_path / "m", model)
     out = tmp_path / "out"
-    code = main(
+    code, _, err = run_cli(
         [
             "explain",
             "--method",
@@ -256,7 +217,7 @@ def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target):
             target,
         ]
     )
-    assert code == 0
+    assert code == 0, err
     x, y = stack(take(load_split("sample", "test"), 4))
     expected = ex.predict(model, x) if target == "predicted" else y
     assert target == "label" or not torch.equal(expected, y)  # the two kinds differ on these images

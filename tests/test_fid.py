@@ -323,51 +323,35 @@ def test_ray_fid_from_4_shards_equals_single_process(fid_model, two_sources, ray
     assert rel_err(fid_ray, fid_single) < 1e-9
 
 
-def test_cli_writes_json_and_explains_bad_sources(fid_model, fid_cache, two_sources, tmp_path, monkeypatch, capsys):
-    from robint_ray.cli import main
-
+def test_cli_writes_json_and_explains_bad_sources(fid_model, fid_cache, two_sources, tmp_path, monkeypatch, run_cli):
     monkeypatch.setenv("ROBINT_CACHE", str(fid_cache))
     array_file, folder = two_sources
     out = tmp_path / "fid.json"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert main(["fid", str(array_file), str(folder), "--dims", "64", "--workers", "0", "--json", str(out)]) == 0
+        code, stdout, err = run_cli(["fid", array_file, folder, "--dims", "64", "--workers", "0", "--json", out])
+    assert code == 0, err
     result = json.loads(out.read_text())
     assert {"fid", "n_a", "n_b", "dims", "resize", "weights_hash"} <= set(result)
     assert (result["n_a"], result["n_b"], result["dims"], result["preprocessing"]) == (2, 2, 64, "robint")
     assert RESIZE in result["resize"]
     assert result["weights_hash"] == fid_model.weights_info["sha256"] and result["fid"] > 0
-    assert f"FID {result['fid']:.4f}" in capsys.readouterr().out
+    assert f"FID {result['fid']:.4f}" in stdout
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        assert (
-            main(
-                [
-                    "fid",
-                    str(array_file),
-                    str(folder),
-                    "--dims",
-                    "64",
-                    "--workers",
-                    "0",
-                    "--preprocess",
-                    "author",
-                    "--json",
-                    str(out),
-                ]
-            )
-            == 0
+        code, _, err = run_cli(
+            ["fid", array_file, folder, "--dims", "64", "--workers", "0", "--preprocess", "author", "--json", out]
         )
+    assert code == 0, err
     author = json.loads(out.read_text())
     assert author["preprocessing"] == "author" and "truncation" in author["resize"]
     assert author["fid"] != pytest.approx(result["fid"], rel=1e-6)
-    capsys.readouterr()
 
     dataset = tmp_path / "dataset.npz"
     x = np.zeros((2, 32, 32, 3), np.uint8)
     np.savez(dataset, x_train=x, y_train=np.zeros(2, int), x_test=x, y_test=np.zeros(2, int))
-    assert main(["fid", str(dataset), str(folder), "--workers", "0"]) == 2  # a dataset without --split
-    assert "add --split train or --split test" in capsys.readouterr().err
+    code, _, err = run_cli(["fid", dataset, folder, "--workers", "0"])  # a dataset without --split
+    assert code == 2 and "add --split train or --split test" in err
     assert open_source(dataset, "test").count == 2 and open_source(dataset, "test").describe().endswith("--split test")
 
 

@@ -13,7 +13,6 @@ import torch
 from robint_ray.data import load_split
 from robint_ray.errors import InputError
 from robint_ray.generate import GenerationConfig, fit_seeds, generate, generate_shard, plan_shards
-from robint_ray.models import build_model
 from robint_ray.visualize import PGDSettings
 
 pytestmark = pytest.mark.ray
@@ -30,12 +29,6 @@ CONFIG = GenerationConfig(
     batch_size=4,
     settings=PGDSettings(eps=EPS, step_size=1.0, steps=3),
 )
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return build_model("cifar_resnet8").eval()
 
 
 @pytest.fixture(scope="module")
@@ -138,97 +131,58 @@ def test_a_killed_worker_still_yields_every_shard(reference, tiny, seeds, tmp_pa
     assert _shard_bytes(out) == _shard_bytes(out2)
 
 
-def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path):
+def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path, run_cli):
     from robint_ray.checkpoint import save_checkpoint
-    from robint_ray.cli import main
 
     ckpt = save_checkpoint(tmp_path / "ckpt", tiny)
     gen = tmp_path / "gen"
-    assert (
-        main(
-            [
-                "generate",
-                "--checkpoint",
-                str(ckpt),
-                "--data",
-                "sample",
-                "--per-class",
-                "2",
-                "--out",
-                str(gen),
-                "--workers",
-                "2",
-                "--seed",
-                "3",
-                "--steps",
-                "2",
-                "--shard-size",
-                "5",
-            ]
-        )
-        == 0
+    code, _, err = run_cli(
+        ["generate", "--checkpoint", ckpt, "--data", "sample", "--per-class", "2", "--out", gen]
+        + ["--workers", "2", "--seed", "3", "--steps", "2", "--shard-size", "5"]
     )
+    assert code == 0, err
     with np.load(gen / "generated.npz", allow_pickle=False) as f:
         assert f["images"].shape == (20, 32, 32, 3) and f["labels"].tolist() == [c for c in range(10) for _ in range(2)]
     assert (gen / "classes.png").stat().st_size > 0 and (gen / "seeds.png").stat().st_size > 0
 
     inv = tmp_path / "inv"
-    assert (
-        main(
-            [
-                "invert",
-                "--checkpoint",
-                str(ckpt),
-                "--data",
-                "sample",
-                "--n",
-                "3",
-                "--out",
-                str(inv),
-                "--steps",
-                "20",
-                "--workers",
-                "2",
-            ]
-        )
-        == 0
+    code, _, err = run_cli(
+        [
+            "invert",
+            "--checkpoint",
+            ckpt,
+            "--data",
+            "sample",
+            "--n",
+            "3",
+            "--out",
+            inv,
+            "--steps",
+            "20",
+            "--workers",
+            "2",
+        ]
     )
+    assert code == 0, err
     with np.load(inv / "inversions.npz", allow_pickle=False) as f:
         assert f["images"].shape == (6, 32, 32, 3) and list(f["source_kind"]) == ["image"] * 3 + ["noise"] * 3
         assert (f["distance_after"] < f["distance_before"]).all()
     assert (inv / "inversions-image.png").exists() and (inv / "inversions-noise.png").exists()
 
     fv = tmp_path / "fv"
-    assert (
-        main(
-            [
-                "featvis",
-                "--checkpoint",
-                str(ckpt),
-                "--data",
-                "sample",
-                "--features",
-                "5",
-                "1,2",
-                "--starts",
-                "2",
-                "--top",
-                "4",
-                "--out",
-                str(fv),
-                "--steps",
-                "10",
-            ]
-        )
-        == 0
+    code, _, err = run_cli(
+        ["featvis", "--checkpoint", ckpt, "--data", "sample", "--features", "5", "1,2"]
+        + ["--starts", "2", "--top", "4", "--out", fv, "--steps", "10"]
     )
+    assert code == 0, err
     with np.load(fv / "featvis.npz", allow_pickle=False) as f:
         assert f["images"].shape == (4, 32, 32, 3) and f["features"].tolist() == [[5, -1], [1, 2]]
         assert f["top"].shape == (2, 4) and (f["top_values"][:, 0] >= f["bottom_values"][:, 0]).all()
         assert (f["after"] > f["before"]).all()
     assert (fv / "featvis.png").exists()
 
-    assert main(["featvis", "--checkpoint", str(ckpt), "--data", "sample", "--features", "99", "--out", str(fv)]) == 2
+    code, _, _ = run_cli(["featvis", "--checkpoint", ckpt, "--data", "sample", "--features", "99", "--out", fv])
+    assert code == 2
 
 
 @pytest.fixture(scope="module")
@@ -268,32 +222,27 @@ def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(
     ]
     real = open_source("sample", "test")
     real_stats = FeatureStats.of(inception_features(stand_in, read_images(real, 0, 200), dims=16))
-    fused = generate(
-        tiny,
-        seeds,
-        config=CONFIG,
-        out_dir=tmp_path,
-        workers=2,
-        progress=False,
-        merge=False,
-        fid=FIDFeatures(stand_in, dims=16, batch_size=8),
-    )
+
+    def generate_and_measure():
+        return generate(
+            tiny,
+            seeds,
+            config=CONFIG,
+            out_dir=tmp_path,
+            workers=2,
+            progress=False,
+            merge=False,
+            fid=FIDFeatures(stand_in, dims=16, batch_size=8),
+        )
+
+    fused = generate_and_measure()
     assert fused["path"] is None and not (tmp_path / "generated.npz").exists()
     assert _shard_bytes(tmp_path) == _shard_bytes(out2)  # the same images
     assert fused["stats"].n == separate.n == 30
     expected = fid_from_stats(separate, real_stats)
     assert fid_from_stats(fused["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
     (tmp_path / "shards" / "shard-00001.npz").unlink()
-    again = generate(
-        tiny,
-        seeds,
-        config=CONFIG,
-        out_dir=tmp_path,
-        workers=2,
-        progress=False,
-        merge=False,
-        fid=FIDFeatures(stand_in, dims=16, batch_size=8),
-    )
+    again = generate_and_measure()
     assert again["computed"] == 1 and _shard_bytes(tmp_path) == _shard_bytes(out2)
     assert fid_from_stats(again["stats"], real_stats) == pytest.approx(expected, rel=1e-6)
 

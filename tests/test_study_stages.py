@@ -9,20 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 
 from robint_ray import explain as ex
 from robint_ray.data import load_split, stack, take
 from robint_ray.generate import grey_noise, inversion_run_images, per_class_sample, plan_inversion_run
-from robint_ray.models import build_model
 from robint_ray.study import AttributionStage, GenerationStage, InversionStage, ModelSource, Study, StudyConfig
 
 
 def tiny_models():
-    torch.manual_seed(0)
-    standard = build_model("cifar_resnet8").eval()
-    torch.manual_seed(1)
-    robust = build_model("cifar_resnet8").eval()
-    return {"standard": standard, "robust": robust}
+    return {"standard": tiny_model(0), "robust": tiny_model(1)}
 
 
 def study(tmp_path, **stages) -> Study:

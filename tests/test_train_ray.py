@@ -155,29 +155,18 @@ def test_a_finished_run_hands_ctrl_c_back_and_leaves_no_controller(standard_run)
         time.sleep(0.5)
 
 
-def test_best_checkpoint_works_with_robint_eval(standard_run, capsys):
-    from robint_ray.cli import main
-
-    run_dir, _, _ = standard_run
-    assert (
-        main(
-            [
-                "eval",
-                "--checkpoint",
-                str(run_dir / "best"),
-                "--data",
-                "sample",
-                "--split",
-                "test",
-                "--n",
-                "50",
-                "--attack",
-                "none",
-            ]
-        )
-        == 0
+def evaluates(run_cli, checkpoint) -> bool:
+    """Whether `robint eval --checkpoint CHECKPOINT` (clean accuracy on 50 sample test images) succeeds."""
+    code, out, err = run_cli(
+        ["eval", "--checkpoint", checkpoint, "--data", "sample", "--split", "test", "--n", "50", "--attack", "none"]
     )
-    assert "clean accuracy" in capsys.readouterr().out
+    assert code == 0, err
+    return "clean accuracy" in out
+
+
+def test_best_checkpoint_works_with_robint_eval(standard_run, run_cli):
+    run_dir, _, _ = standard_run
+    assert evaluates(run_cli, run_dir / "best")
 
 
 def test_adversarial_training_is_more_robust_at_equal_epochs(standard_run, faulty_robust_run):
@@ -203,11 +192,9 @@ def test_killed_worker_resumes_from_the_last_checkpoint(faulty_robust_run):
     assert survivor["attempt"] == 2 and survivor["pid"] != killed["pid"]
 
 
-def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_local, tmp_path, capsys):
+def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_local, tmp_path, run_cli):
     """Ctrl-C the driver of a run after its first epoch, then `robint train --resume RUN_DIR`: epoch,
     optimiser, scheduler, random state and best-so-far survive, so the metrics equal standard_run's."""
-    from robint_ray.cli import main
-
     reference_dir, cfg, _ = standard_run
     config = tmp_path / "tiny.yaml"
     config.write_text(dump_config(cfg))
@@ -232,9 +219,10 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_loca
     stopped_after = len(read_metrics(run_dir))
     assert 1 <= stopped_after < 3, "the run was not stopped mid-run"
     # Never silently restarted or continued over: --out refuses a folder that holds a run.
-    assert main(["train", str(config), "--out", str(run_dir), "--workers", "2"]) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run_dir), "--workers", "2"]) == 0
+    code, _, err = run_cli(["train", config, "--out", run_dir, "--workers", "2"])
+    assert code == 2 and "--resume" in err
+    code, _, err = run_cli(["train", "--resume", run_dir, "--workers", "2"])
+    assert code == 0, err
 
     rows, reference = read_metrics(run_dir), read_metrics(reference_dir)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -253,14 +241,12 @@ def test_stop_and_resume_reproduces_the_uninterrupted_run(standard_run, ray_loca
     assert json.loads((run_dir / "test.json").read_text())["test_epoch"] == reference[-1]["best_epoch"]
 
 
-def test_resume_refuses_a_changed_config(tmp_path, capsys):
-    from robint_ray.cli import main
-
+def test_resume_refuses_a_changed_config(tmp_path, run_cli):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(tiny()))
-    assert main(["train", "--resume", str(run_dir), "--set", "optim.lr=0.5"]) == 2
-    assert "optim.lr (0.05 -> 0.5)" in capsys.readouterr().err
+    code, _, err = run_cli(["train", "--resume", run_dir, "--set", "optim.lr=0.5"])
+    assert code == 2 and "optim.lr (0.05 -> 0.5)" in err
 
 
 def test_attack_runs_on_the_unwrapped_module_and_ddp_forwards_once_per_batch(tmp_path):
@@ -365,12 +351,11 @@ def test_deterministic_setting_reaches_cudnn(deterministic):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
 
 
-def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp_path, capsys):
+def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp_path, run_cli):
     """`robint train --out s3://...`, then `--resume s3://...` for one more epoch, then `robint eval
     --checkpoint s3://.../best`: every file of the run is in the bucket and nothing else is written. The
     drivers are subprocesses with their own local Ray, whose workers inherit the S3 endpoint."""
     from robint_ray.checkpoint import read_meta
-    from robint_ray.cli import main
     from robint_ray.storage import Location
 
     config = tmp_path / "tiny.yaml"
@@ -397,22 +382,4 @@ def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp
     test = (run / "test.json").read_json()
     assert read_meta(run / "best")["metrics"]["epoch"] == test["test_epoch"] == rows[-1]["best_epoch"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # nothing written locally
-    assert (
-        main(
-            [
-                "eval",
-                "--checkpoint",
-                (run / "best").uri,
-                "--data",
-                "sample",
-                "--split",
-                "test",
-                "--n",
-                "50",
-                "--attack",
-                "none",
-            ]
-        )
-        == 0
-    )
-    assert "clean accuracy" in capsys.readouterr().out
+    assert evaluates(run_cli, (run / "best").uri)

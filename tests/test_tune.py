@@ -89,13 +89,11 @@ def test_bad_sweep_files_name_the_problem(change, message):
         parse_sweep(smoke_data(**change))
 
 
-def test_bad_sweep_fails_on_the_command_line_before_any_trial(tmp_path, capsys):
-    from robint_ray.cli import main
-
+def test_bad_sweep_fails_on_the_command_line_before_any_trial(tmp_path, run_cli):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(smoke_data(space={"pgd.eps": [0.5, -0.25]})))
-    assert main(["tune", str(bad), "--out", str(tmp_path / "sweep")]) == 2
-    assert "space.pgd.eps must be > 0, got -0.25" in capsys.readouterr().err
+    code, _, err = run_cli(["tune", bad, "--out", tmp_path / "sweep"])
+    assert code == 2 and "space.pgd.eps must be > 0, got -0.25" in err
     assert not (tmp_path / "sweep").exists()
 
 
@@ -205,9 +203,7 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(smoke_sweep, r
 
 
 @pytest.mark.ray
-def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys):
-    from robint_ray.cli import main
-
+def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys, run_cli):
     sweep_dir, _ = smoke_sweep
     rows = read_table(sweep_dir / "results.csv")
     completed = [r for r in rows if r["status"] == "completed"]
@@ -218,26 +214,12 @@ def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys):
     assert cfg.pgd.step_size == pytest.approx(2.5 * cfg.pgd.eps / cfg.pgd.steps)
     assert cfg.epochs == base.epochs and cfg.val_pgd is None and cfg.test == base.test  # the base's, not the sweep's
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "train",
-                str(sweep_dir / "best.yaml"),
-                "--out",
-                str(tmp_path / "run"),
-                "--set",
-                "epochs=1",
-                "--set",
-                "data.train_n=128",
-                "--set",
-                "data.val_n=64",
-                "--set",
-                "data.test_n=64",
-            ]
-        )
-        == 0
+    code, out, err = run_cli(
+        ["train", sweep_dir / "best.yaml", "--out", tmp_path / "run"]
+        + ["--set", "epochs=1", "--set", "data.train_n=128", "--set", "data.val_n=64", "--set", "data.test_n=64"]
     )
-    assert "test (best epoch 1)" in capsys.readouterr().out
+    assert code == 0, err
+    assert "test (best epoch 1)" in out
 
 
 # --- interruption and --resume ---------------------------------------------------------------------
