@@ -50,6 +50,7 @@ from torch import nn
 
 from .errors import check
 from .models import in_mode
+from .seeds import seeded_generator
 
 Output = Literal["probability", "logit"]
 OUTPUTS = ("probability", "logit")
@@ -102,11 +103,10 @@ def _passes(n_images: int, points_per_image: int, batch_size: int) -> Iterator[t
                 yield i, i + 1, p, min(p + batch_size, points_per_image)
 
 
-def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+def image_generator(seed: int, index: int) -> torch.Generator:
     """A torch generator for one image, seeded by (seed, the image's index in its dataset): random
     baselines and draws do not depend on how the images are batched or sharded."""
-    state = np.random.SeedSequence([seed, int(index)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, index, layout="w0w1")
 
 
 def estimate_batch_size(
