@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError, check
+from .models import in_mode
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (output, target) -> (N,)
 
@@ -109,22 +110,6 @@ class Threat:
         return (x + delta).clamp(0, 1)
 
 
-class _ModelMode:
-    """Put every submodule in train or eval mode for a block, then restore each one's own mode."""
-
-    def __init__(self, model: nn.Module, mode: Literal["eval", "train"]):
-        check(mode in ("eval", "train"), f"model_mode must be 'eval' or 'train', got {mode!r}")
-        self.model, self.mode = model, mode
-
-    def __enter__(self):
-        self.saved = [(m, m.training) for m in self.model.modules()]
-        self.model.train(self.mode == "train")
-
-    def __exit__(self, *exc):
-        for module, training in self.saved:
-            module.training = training
-
-
 def check_images(x: torch.Tensor) -> None:
     check(x.dim() >= 2 and x.shape[0] > 0, f"expected a batch of images (N, C, H, W), got shape {tuple(x.shape)}")
     check(x.is_floating_point(), f"images must be floating point in [0, 1], got dtype {x.dtype}")
@@ -185,7 +170,7 @@ def pgd(
         return sign * score_fn(out.detach(), y).to(torch.float64)
 
     best_x, best_score = x.clone(), torch.full((x.shape[0],), -math.inf, dtype=torch.float64, device=x.device)
-    with _ModelMode(model, model_mode), torch.enable_grad():
+    with in_mode(model, model_mode), torch.enable_grad():
         for restart in range(restarts):
             x_adv = threat.init(x, generator) if (random_start or restart > 0) else x.clone()
             run_best, run_score = x_adv.clone(), torch.full_like(best_score, -math.inf)

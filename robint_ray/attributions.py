@@ -40,7 +40,6 @@ image does not depend on which other images it was computed with (see `images_pe
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -50,6 +49,8 @@ import torch
 from torch import nn
 
 from .errors import check
+from .models import in_mode
+from .seeds import seeded_generator
 
 Output = Literal["probability", "logit"]
 OUTPUTS = ("probability", "logit")
@@ -57,17 +58,6 @@ BASELINES = ("black", "uniform")
 
 
 # --- shared pieces ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode (batch norm with running statistics) for the block; restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def target_output(logits: torch.Tensor, target: torch.Tensor, output: Output) -> torch.Tensor:
@@ -113,11 +103,10 @@ def _passes(n_images: int, points_per_image: int, batch_size: int) -> Iterator[t
                 yield i, i + 1, p, min(p + batch_size, points_per_image)
 
 
-def image_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+def image_generator(seed: int, index: int) -> torch.Generator:
     """A torch generator for one image, seeded by (seed, the image's index in its dataset): random
     baselines and draws do not depend on how the images are batched or sharded."""
-    state = np.random.SeedSequence([seed, int(index)]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, index, layout="w0w1")
 
 
 def estimate_batch_size(
@@ -134,7 +123,7 @@ def estimate_batch_size(
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), in_mode(model):
             model(torch.zeros((1, *image_shape), device=device))
     finally:
         for h in handles:
@@ -228,7 +217,7 @@ def integrated_gradients(
     points_per_image = k * (steps + 1)
     sums = torch.zeros((n, k, *x.shape[1:]), dtype=torch.float64, device=x.device)  # sum_j w_j grad_j
     ends = torch.zeros((n, k, 2), dtype=torch.float64, device=x.device)  # F(x'_k), F(x) per baseline
-    with _eval_mode(model):
+    with in_mode(model):
         for i0, i1, p0, p1 in _passes(n, points_per_image, batch_size):
             p = torch.arange(p0, p1, device=x.device)
             which, j = p // (steps + 1), p % (steps + 1)  # baseline and step of each point
@@ -340,7 +329,7 @@ def expected_gradients(
     # a and 1 - a each rounded from double, as shap's Python-float arithmetic does
     weight_x, weight_base = alpha.to(x.dtype), (1 - alpha).to(x.dtype)
     sums = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
-    with _eval_mode(model):
+    with in_mode(model):
         for i0, i1, s0, s1 in _passes(len(x), nsamples, batch_size):
             xs = x[i0:i1, None]  # (n, 1, C, H, W)
             if local_smoothing > 0:
@@ -418,7 +407,7 @@ def deletion_insertion(
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=x.device).expand(n, -1))
     counts = torch.round(torch.linspace(0, h * w, steps + 1, device=x.device)).long()  # pixels moved at step i
     curves = torch.zeros((2, n, steps + 1), dtype=torch.float64, device=x.device)
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), in_mode(model):
         for i0, i1, _, _ in _passes(n, 2 * (steps + 1), batch_size):
             moved = (rank[i0:i1, None, :] < counts[None, :, None]).view(i1 - i0, steps + 1, 1, h, w).to(x.dtype)
             xs, refs = x[i0:i1, None], reference[i0:i1, None]

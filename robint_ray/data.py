@@ -37,7 +37,8 @@ from torch.utils.data import Dataset
 from .errors import InputError, check
 
 SPLITS = ("train", "test", "fit", "val")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm")
+# the image files of an ImageFolder class folder and of fid.py's folder sources: one list for both
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 FOLDER_SIZE = 128  # the paper's Small ImageNet 150 resolution
 

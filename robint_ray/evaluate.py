@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .attacks import Threat, misclassified_then_ce, pgd
 from .errors import check
+from .models import in_mode
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +95,9 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
         attacks=list(attack.autoattack_attacks) or None,
     )
     adversary.verbose = False
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model):
         x_adv, _ = adversary.run_standard_evaluation(x, y, batch_size=len(x))  # (images, their predictions)
         return x_adv
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
@@ -150,8 +147,6 @@ def correctness(
             progress=progress,
         )
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     clean, robust = [], []
     n = hits = hits_adv = 0
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -160,23 +155,23 @@ def correctness(
         from tqdm import tqdm
 
         bar = tqdm(total=len(dataset), desc=f"eval ({attack.kind})", unit="img")
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            ok = _correct(model, x, y)
-            ok_adv = ok & _correct(model, attack_batch(model, x, y, attack), y) if attack.kind != "none" else ok
-            clean.append(ok.cpu())
-            robust.append(ok_adv.cpu())
-            n, hits, hits_adv = n + len(y), hits + int(ok.sum()), hits_adv + int(ok_adv.sum())
-            if on_batch is not None:
-                on_batch(len(y))
+    with in_mode(model):
+        try:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                ok = _correct(model, x, y)
+                ok_adv = ok & _correct(model, attack_batch(model, x, y, attack), y) if attack.kind != "none" else ok
+                clean.append(ok.cpu())
+                robust.append(ok_adv.cpu())
+                n, hits, hits_adv = n + len(y), hits + int(ok.sum()), hits_adv + int(ok_adv.sum())
+                if on_batch is not None:
+                    on_batch(len(y))
+                if bar is not None:
+                    bar.update(len(y))
+                    bar.set_postfix(clean=f"{hits / n:.4f}", adv=f"{hits_adv / n:.4f}")
+        finally:
             if bar is not None:
-                bar.update(len(y))
-                bar.set_postfix(clean=f"{hits / n:.4f}", adv=f"{hits_adv / n:.4f}")
-    finally:
-        if bar is not None:
-            bar.close()
-        model.train(was_training)
+                bar.close()
     return torch.cat(clean), torch.cat(robust)
 
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import attributions as attr
 from .errors import check
+from .models import in_mode
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +193,8 @@ def resolve_batch_size(model: nn.Module, image_shape: tuple[int, ...], config: E
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """Predicted classes (N,) of images (N, C, H, W), in eval mode (model.training restored)."""
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model):
         out = [model(images[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(images), batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 

@@ -237,12 +237,9 @@ class ImageSource:
         return replace(self, indices=indices, count=len(indices))
 
 
-FOLDER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".tif", ".tiff")
-
-
 def open_source(path: str | Path, split: str | None = None) -> ImageSource:
     """An ImageSource for `path` (see the module docstring); `split` names a dataset split."""
-    from .data import load_split
+    from .data import IMAGE_EXTENSIONS, load_split
 
     if split is not None:  # a dataset (load_split checks the path); `sample`: the bundled one
         from .data import sample_path
@@ -256,8 +253,8 @@ def open_source(path: str | Path, split: str | None = None) -> ImageSource:
             not (path / "train").is_dir(),
             f"{path} is a dataset (it has train/); add --split train or --split test after it",
         )
-        files = tuple(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in FOLDER_EXTENSIONS and p.is_file())
-        check(files, f"{path}: no image files ({', '.join(FOLDER_EXTENSIONS)}) in it or below it")
+        files = tuple(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        check(files, f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
         return ImageSource("folder", str(path), len(files), files=files)
     check(path.suffix == ".npz", f"{path}: not a .npz array file or a folder of images")
     images = _array_images(str(path), path.stat().st_mtime_ns)

@@ -39,6 +39,7 @@ import torch
 
 from .errors import InputError, check
 from .models import Classifier
+from .seeds import seeded_generator
 from .storage import Location
 from .visualize import (
     FEATURE_VIS,
@@ -216,8 +217,7 @@ def shard_classes(config: GenerationConfig, shard: Shard) -> torch.Tensor:
 
 def shard_generator(seed: int, index: int) -> torch.Generator:
     """A generator that depends on (seed, shard index) alone (numpy's SeedSequence mixes the pair)."""
-    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator().manual_seed(state)
+    return seeded_generator(seed, index, layout="w1w0>>1")
 
 
 @dataclass(frozen=True)

@@ -15,20 +15,36 @@ Architectures (`ARCHS`):
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError
+from .errors import InputError, check
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@contextlib.contextmanager
+def in_mode(model: nn.Module, mode: Literal["eval", "train"] = "eval") -> Iterator[nn.Module]:
+    """Every submodule of `model` in eval (batch norm with running statistics) or train mode for the
+    block; on exit, also after an exception, each submodule gets back its own mode (a model with some
+    submodules in train mode and others in eval mode comes back exactly as it was)."""
+    check(mode in ("eval", "train"), f"model_mode must be 'eval' or 'train', got {mode!r}")
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield model
+    finally:
+        for module, training in saved:
+            module.training = training
 
 
 class Normalize(nn.Module):

@@ -58,6 +58,7 @@ from torch import nn
 from .attacks import Threat, pgd
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .errors import InputError, check
+from .seeds import derived_seed
 from .storage import Location
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ class TrainState:
 
 def _seed_epoch(seed: int, epoch: int, rank: int) -> int:
     """Seed torch, numpy and random from (seed, epoch, rank); returns the seed used."""
-    value = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    value = derived_seed(seed, epoch, rank, layout="w0")
     torch.manual_seed(value)
     np.random.seed(value)
     random.seed(value)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from .attacks import Threat, check_images, pgd
 from .errors import check
-from .models import Classifier, Representation
+from .models import Classifier, Representation, in_mode
 
 log = logging.getLogger(__name__)
 
@@ -170,23 +170,15 @@ def visualize_features(
 @torch.no_grad()
 def representation(model: Classifier, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """R(x) in eval mode, (N, k), batched; restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model):
         return torch.cat([model.representation(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 @torch.no_grad()
 def logits(model: Classifier, x: torch.Tensor, *, batch_size: int = 256) -> torch.Tensor:
     """model(x) in eval mode, (N, classes), batched; restores the model's mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with in_mode(model):
         return torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
-    finally:
-        model.train(was_training)
 
 
 def feature_activations(

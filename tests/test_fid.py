@@ -360,3 +360,16 @@ def test_the_bundled_sample_is_a_dataset_source():
 
     source = open_source("sample", "test")
     assert source.count == 500 and read_images(source, 0, 3).shape == (3, 3, 32, 32)
+
+
+def test_a_folder_source_takes_exactly_the_image_files_a_dataset_takes(tmp_path):
+    from robint_ray.data import IMAGE_EXTENSIONS, _folder_samples
+
+    folder = tmp_path / "train" / "a"
+    folder.mkdir(parents=True)
+    for i, ext in enumerate(IMAGE_EXTENSIONS + (".txt", ".gif", ".npy", ".json")):
+        (folder / f"{i}{ext.upper() if i % 2 else ext}").write_bytes(b"")  # listed only, never decoded
+    images = sorted(str(p) for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    assert len(images) == len(IMAGE_EXTENSIONS)
+    assert list(open_source(folder).files) == images
+    assert [str(path) for path, _ in _folder_samples(tmp_path / "train")[0]] == images

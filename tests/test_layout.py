@@ -27,6 +27,7 @@ PURE = [
     "sweep",
     "files",
     "errors",
+    "seeds",
 ]
 MIXED = ["fid", "evaluate"]
 

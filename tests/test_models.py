@@ -9,7 +9,7 @@ import torch
 
 from robint_ray.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from robint_ray.errors import InputError
-from robint_ray.models import Representation, build_model
+from robint_ray.models import Representation, build_model, in_mode
 
 
 @pytest.mark.parametrize(
@@ -134,3 +134,45 @@ def test_one_file_hasher_for_checkpoints_and_the_fid_weights_cache(tmp_path):
     assert file_hash(path) == hashlib.sha256(path.read_bytes()).hexdigest()
     assert file_hash(path, "sha1") == hashlib.sha1(path.read_bytes()).hexdigest()
     assert checkpoint.file_hash is file_hash and inception.file_hash is file_hash
+
+
+def _mixed_modes(model):
+    """train / eval per submodule, for comparing before and after."""
+    return [(name, m.training) for name, m in model.named_modules()]
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_in_mode_restores_each_submodules_own_mode_also_after_an_exception(mode):
+    model = build_model("cifar_resnet8", 10).train()
+    model.body.layer1.eval()  # one submodule in eval mode, the rest in train mode
+    before = _mixed_modes(model)
+    with in_mode(model, mode):
+        assert all(m.training == (mode == "train") for m in model.modules())
+    assert _mixed_modes(model) == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with in_mode(model, mode):
+            raise RuntimeError("inside the block")
+    assert _mixed_modes(model) == before
+    with pytest.raises(InputError, match="model_mode"):
+        with in_mode(model, "test"):
+            pass
+    assert _mixed_modes(model) == before
+
+
+def test_every_eval_mode_helper_keeps_a_mixed_model_as_it_was():
+    from torch.utils.data import TensorDataset
+
+    from robint_ray import attributions, evaluate, explain, visualize
+
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet8", 10).train()
+    model.body.layer1.eval()
+    before = _mixed_modes(model)
+    x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
+    visualize.representation(model, x)
+    visualize.logits(model, x)
+    explain.predict(model, x)
+    attributions.integrated_gradients(model, x, y, torch.zeros(2, 1, 3, 32, 32), steps=2)
+    attributions.deletion_insertion(model, x, y, torch.rand(2, 3, 32, 32), steps=2)
+    evaluate.correctness(model, TensorDataset(x, y))
+    assert _mixed_modes(model) == before
