@@ -111,19 +111,11 @@ class ExplainConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ExplainConfig":
-        """The inverse of to_dict; an unknown key is an error that names it."""
-        nested = {"ig": IGConfig, "shap": ShapConfig}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        check(not unknown, f"unknown explain setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        kwargs = dict(values)
-        for name, kind in nested.items():
-            if name in kwargs and isinstance(kwargs[name], Mapping):
-                sub_known = {f.name for f in dataclasses.fields(kind)}
-                bad = set(kwargs[name]) - sub_known
-                check(not bad, f"unknown {name} setting(s) {sorted(bad)}; known: {sorted(sub_known)}")
-                kwargs[name] = kind(**kwargs[name])
-        return cls(**kwargs)
+        """The inverse of to_dict; an unknown key or a wrong type is an error that names it (the one
+        config loader, `config.build_dataclass`)."""
+        from .config import build_dataclass
+
+        return build_dataclass(cls, values)
 
 
 @dataclass
