@@ -12,7 +12,6 @@ format), read with `torch.load(..., weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -39,7 +38,7 @@ def save_checkpoint(
 ) -> Path | Location:
     """Write model.safetensors and meta.json into `directory`, a local folder or a storage URI
     (created; each file replaced atomically, the weights before the metadata that names their hash)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     target = Location(directory)
     if not target.is_local:
@@ -53,9 +52,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, directory / WEIGHTS)
+    Location(directory / WEIGHTS).write_bytes(save(state))  # atomically: a reader never sees half a file
     meta = {
         "format": FORMAT,
         "arch": model.arch,
@@ -68,9 +65,7 @@ def save_checkpoint(
         "metrics": metrics or {},
         "sha256": file_hash(directory / WEIGHTS),
     }
-    tmp = directory / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, directory / META)
+    Location(directory / META).write_json(meta)
     return directory
 
 

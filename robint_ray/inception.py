@@ -446,7 +446,9 @@ def load_fid_inception(
     made from the first file `find_weight_file` finds on the first call. `model.weights_info` holds
     the source and the sha256 of the weights (`state_hash`)."""
     from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
+
+    from .storage import Location
 
     folder = Path(cache) if cache is not None else cache_dir()
     path = Path(weights) if weights is not None else find_weight_file()
@@ -478,9 +480,8 @@ def load_fid_inception(
     state, source = _convert_known(path)
     digest = state_hash(state)
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"source": source, "sha256": digest})
-    os.replace(tmp, cached)
+    tensors = {k: v.contiguous() for k, v in state.items()}
+    Location(cached).write_bytes(save(tensors, metadata={"source": source, "sha256": digest}))  # atomically
     log.info("converted the FID Inception weights from %s into %s", path, cached)
     model.load_state_dict(state)
     model.weights_info = {"source": source, "sha256": digest, "file": str(cached)}
