@@ -197,7 +197,10 @@ def report_progress(count: int) -> None:
     before the task ends. Outside a task: nothing."""
     actor = _TASK["progress"]
     if actor is not None and count:
-        actor.add.remote(_TASK["index"], int(count))
+        try:
+            actor.add.remote(_TASK["index"], int(count))
+        except Exception:  # noqa: BLE001 (progress is best effort: a lost counter must not fail the task)
+            _TASK["progress"] = None
 
 
 class _ProgressCounter:
@@ -213,6 +216,28 @@ class _ProgressCounter:
         """Units reported per task since the last call."""
         out, self.done = self.done, {}
         return out
+
+
+def _progress_counter():
+    """A _ProgressCounter actor on the driver's own node (no CPU: it fits a head with none for tasks),
+    so that losing a worker node loses tasks, which are retried, and never the progress bar."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0)(_ProgressCounter).options(scheduling_strategy=here).remote()
+
+
+def _taken(counter) -> dict[int, int] | None:
+    """The units the tasks reported since the last call, or None where the counter is lost (progress
+    inside tasks is best effort: a fan-out never fails for it)."""
+    import ray
+
+    try:
+        return ray.get(counter.take.remote(), timeout=30)
+    except (ray.exceptions.RayError, TimeoutError) as err:
+        log.warning("progress counter lost (%s): the bar moves per finished task from here", type(err).__name__)
+        return None
 
 
 def _move(value: Any, device) -> Any:
@@ -335,7 +360,7 @@ def fan_out_iter(
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
     window = default_window() if max_in_flight is None else max_in_flight
     sizes = list(sizes) if sizes is not None else [1] * len(shards)
-    counter = ray.remote(num_cpus=0)(_ProgressCounter).remote() if progress and shards else None
+    counter = _progress_counter() if progress and shards else None
     bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
     reported: dict[int, int] = {}  # units the running tasks reported so far
     pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than `window`
@@ -350,12 +375,14 @@ def fan_out_iter(
                 reported[next_shard] = 0
                 next_shard += 1
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if counter is not None else None)
-            if counter is not None:
-                for i, count in ray.get(counter.take.remote()).items():
-                    if i in reported:  # not finished yet (a late report of a finished task is dropped)
-                        step = min(count, sizes[i] - reported[i])
-                        reported[i] += step
-                        bar.update(step)
+            taken = _taken(counter) if counter is not None else {}
+            if taken is None:
+                counter, taken = None, {}
+            for i, count in taken.items():
+                if i in reported:  # not finished yet (a late report of a finished task is dropped)
+                    step = min(count, sizes[i] - reported[i])
+                    reported[i] += step
+                    bar.update(step)
             for ref in done:
                 i = pending.pop(ref)
                 result, node, device = ray.get(ref)

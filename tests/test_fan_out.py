@@ -55,3 +55,25 @@ def test_asking_for_a_gpu_on_a_cluster_without_one_fails_at_once(ray_local, span
 
     with pytest.raises(InputError, match="no GPU"):
         fan_out(spans, [0], shared={"pause": 0.0}, num_gpus=0.5, progress=False)
+
+
+def test_a_lost_progress_counter_never_fails_the_fan_out(ray_local, spans, monkeypatch, caplog):
+    """Progress from inside tasks is best effort: with its counter actor killed (as when a node dies),
+    every shard still comes back, in order. The counter lives on the driver's node (here, the only one)."""
+    import ray
+
+    from robint_ray import distributed
+
+    made = []
+
+    def killed_counter():
+        counter = made_counter()
+        made.append(counter)
+        ray.kill(counter)
+        return counter
+
+    made_counter = distributed._progress_counter
+    monkeypatch.setattr(distributed, "_progress_counter", killed_counter)
+    results = fan_out(spans, list(range(4)), shared={"pause": 0.2}, max_in_flight=2, sizes=[2] * 4, progress=True)
+    assert [r[0] for r in results] == list(range(4)) and len(made) == 1
+    assert "progress counter lost" in caplog.text
