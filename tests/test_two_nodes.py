@@ -257,4 +257,8 @@ def test_killing_the_worker_node_in_generation_still_finishes_with_the_same_resu
     assert rc == 0, (cluster_run / "kill.log").read_text()[-3000:]
     result = json.loads((cluster_run / "kill.json").read_text())
     assert all(all(same) and len(same) > 1 for same in result["same_shards"].values()), result
-    assert result["fid"]["kill"] == result["fid"]["run"]
+    # The driver adds the shards' float64 statistics in the order their tasks end (memory stays O(d^2)),
+    # so a run whose tasks ended in another order agrees to rounding, not bit for bit.
+    assert result["fid"]["kill"].keys() == result["fid"]["run"].keys()
+    for name, fid in result["fid"]["run"].items():
+        assert result["fid"]["kill"][name] == pytest.approx(fid, rel=1e-12), name
