@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_ball
 from .errors import InputError, check
 from .models import in_mode
 
@@ -64,12 +65,7 @@ class Threat:
     step_size: float
 
     def __post_init__(self):
-        check(self.norm in ("l2", "linf"), f"unknown norm {self.norm!r}; use 'l2' or 'linf'")
-        check(math.isfinite(self.eps) and self.eps >= 0, f"eps must be >= 0, got {self.eps}")
-        check(
-            math.isfinite(self.step_size) and self.step_size > 0,
-            f"step size must be > 0, got {self.step_size}",
-        )
+        check_ball(self.norm, self.eps, self.step_size)
 
     def init(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """A random point of the ball around x, clipped to [0, 1]. The draws are made on the

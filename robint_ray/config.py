@@ -23,19 +23,61 @@ from typing import Any, Iterable, Literal, Mapping
 from .errors import InputError, check
 
 
+def check_ball(norm: str, eps: float, step_size: float) -> None:
+    """An Lp ball of radius eps with steps of step_size: norm "l2" or "linf", eps >= 0, step_size > 0."""
+    check(norm in ("l2", "linf"), f"unknown norm {norm!r}; use 'l2' or 'linf'")
+    check(math.isfinite(eps) and eps >= 0, f"eps must be >= 0, got {eps}")
+    check(math.isfinite(step_size) and step_size > 0, f"step size must be > 0, got {step_size}")
+
+
 @dataclass(frozen=True)
-class PGDConfig:
+class PGDSettings:
+    """A PGD budget: `steps` ascent steps of length step_size inside the `norm` ball of radius eps, in
+    pixel units of [0, 1] images. The one settings type of the package's attacks: training
+    (`PGDConfig`), evaluation (`evaluate.AttackConfig`), the global methods (`visualize`) and the
+    study's stages build on it and add their own fields."""
+
+    eps: float
+    step_size: float
+    steps: int
+    norm: Literal["l2", "linf"] = "l2"
+
+    def __post_init__(self):
+        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
+        check_ball(self.norm, self.eps, self.step_size)
+
+    @property
+    def threat(self):
+        """The ball as the PGD engine takes it (`attacks.Threat`)."""
+        from .attacks import Threat  # attacks imports torch; configs stay light to load
+
+        return Threat(self.norm, self.eps, self.step_size)
+
+    def budget(self) -> PGDSettings:
+        """These settings alone, without what a subclass adds (`**asdict(s.budget())` builds another)."""
+        return PGDSettings(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm)
+
+    def given(self, **values: Any) -> PGDSettings:
+        """These settings with each of `values` that is not None put in: a default and a user's choices."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
+
+    def describe(self) -> str:
+        """As the report prints a budget: "L2 eps 0.5, step 0.1, 20 steps"."""
+        return f"{self.norm.upper()} eps {self.eps:g}, step {self.step_size:g}, {self.steps} steps"
+
+
+@dataclass(frozen=True)
+class PGDConfig(PGDSettings):
     """The PGD attack of adversarial training (Algorithm 1) and of the validation PGD accuracy.
 
-    eps and step_size are in pixel units of [0, 1] images under `norm`. bn_mode is the batch-norm mode
-    during the *training* attack: "train" (batch statistics; the author's trainer) or "eval" (running
-    statistics). Validation always attacks the model in eval mode.
+    bn_mode is the batch-norm mode during the *training* attack: "train" (batch statistics; the
+    author's trainer) or "eval" (running statistics). Validation always attacks the model in eval mode.
     """
 
-    norm: Literal["l2", "linf"] = "l2"
     eps: float = 0.5
     step_size: float = 0.1
     steps: int = 20
+    norm: Literal["l2", "linf"] = "l2"
     random_start: bool = False  # the trainer used for the paper started from x
     bn_mode: Literal["train", "eval"] = "train"
 
@@ -43,6 +85,7 @@ class PGDConfig:
         check(self.eps > 0 and math.isfinite(self.eps), f"pgd.eps must be > 0, got {self.eps}")
         check(self.step_size > 0 and math.isfinite(self.step_size), f"pgd.step_size must be > 0, got {self.step_size}")
         check(self.steps >= 1, f"pgd.steps must be >= 1, got {self.steps}")
+        super().__post_init__()
 
 
 @dataclass(frozen=True)

@@ -16,29 +16,25 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .attacks import Threat, misclassified_then_ce, pgd
+from .attacks import misclassified_then_ce, pgd
+from .config import PGDSettings
 from .errors import check
 from .models import in_mode
 
 log = logging.getLogger(__name__)
 
-PAPER_PGD = {  # the paper's evaluation attacks (Tables 1 and 4)
-    "cifar": dict(norm="l2", eps=0.5, step_size=0.1, steps=20),
-    "folder128": dict(norm="l2", eps=1.5, step_size=2.5 * 1.5 / 20, steps=20),
-}
-
 
 @dataclass(frozen=True)
-class AttackConfig:
-    """kind: "pgd", "autoattack" or "none". For PGD, keep="last" is the paper's (and torchattacks')
-    convention; keep="best" returns per example the first iterate that fools the model (else the one of
-    highest loss), which is never weaker."""
+class AttackConfig(PGDSettings):
+    """kind: "pgd", "autoattack" or "none" (AutoAttack takes the norm and eps alone). For PGD, keep="last"
+    is the paper's (and torchattacks') convention; keep="best" returns per example the first iterate
+    that fools the model (else the one of highest loss), which is never weaker."""
 
-    kind: Literal["pgd", "autoattack", "none"] = "pgd"
-    norm: Literal["l2", "linf"] = "l2"
     eps: float = 0.5
     step_size: float = 0.1
     steps: int = 20
+    norm: Literal["l2", "linf"] = "l2"
+    kind: Literal["pgd", "autoattack", "none"] = "pgd"
     random_start: bool = False
     restarts: int = 1
     keep: Literal["last", "best"] = "last"
@@ -48,8 +44,7 @@ class AttackConfig:
 
     def __post_init__(self):
         check(self.kind in ("pgd", "autoattack", "none"), f"unknown attack {self.kind!r}; use pgd, autoattack or none")
-        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
-        Threat(self.norm, self.eps, self.step_size)  # validates norm, eps, step size
+        super().__post_init__()  # norm, eps, step size, steps
         check(
             (self.autoattack_version == "custom") == bool(self.autoattack_attacks),
             "AutoAttack: give the attacks (e.g. apgd-ce,apgd-t) exactly when the version is custom",
@@ -59,10 +54,6 @@ class AttackConfig:
             set(self.autoattack_attacks) <= known,
             f"unknown AutoAttack attack(s) {sorted(set(self.autoattack_attacks) - known)}; known: {sorted(known)}",
         )
-
-    @property
-    def threat(self) -> Threat:
-        return Threat(self.norm, self.eps, self.step_size)
 
 
 def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:

@@ -35,6 +35,11 @@ class Section:
     figures: list[tuple[str, Path]] = field(default_factory=list)  # (caption, PNG path)
 
 
+def difference(ours: float | None, paper: float | None) -> float | None:
+    """ours - paper, the report's column beside the paper's figures (None where either is missing)."""
+    return None if ours is None or paper is None else ours - paper
+
+
 def code_version(root: Path | None = None) -> dict[str, str]:
     """The package version and, inside a git checkout, the commit (with '+dirty' for local changes)."""
     from . import __version__

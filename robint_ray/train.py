@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import Threat, pgd
+from .attacks import pgd
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .errors import InputError, check
 from .seeds import derived_seed
@@ -108,7 +108,7 @@ def adversarial_batch(
         module,
         x,
         y,
-        threat=Threat(cfg.norm, cfg.eps, cfg.step_size),
+        threat=cfg.threat,
         steps=cfg.steps,
         random_start=cfg.random_start,
         model_mode=cfg.bn_mode,
@@ -250,14 +250,7 @@ def evaluate_sharded(
     workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
     from .evaluate import AttackConfig, evaluate
 
-    attack = AttackConfig(
-        kind="pgd",
-        norm=pgd_cfg.norm,
-        eps=pgd_cfg.eps,
-        step_size=pgd_cfg.step_size,
-        steps=pgd_cfg.steps,
-        random_start=pgd_cfg.random_start,
-    )
+    attack = AttackConfig(kind="pgd", random_start=pgd_cfg.random_start, **asdict(pgd_cfg.budget()))
     positions = np.arange(rank, len(dataset), world)
     counts = [0.0, 0.0, 0.0]
     if len(positions):

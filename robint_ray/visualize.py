@@ -30,34 +30,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .attacks import Threat, check_images, pgd
+from .attacks import check_images, pgd
+from .config import PGDSettings
 from .errors import check
 from .models import Classifier, Representation, in_mode
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PGDSettings:
-    """An L2 (or Linf) ball of radius eps around the start, `steps` steps of length step_size."""
-
-    eps: float
-    step_size: float
-    steps: int
-    norm: Literal["l2", "linf"] = "l2"
-
-    def __post_init__(self):
-        check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
-        Threat(self.norm, self.eps, self.step_size)  # validates
-
-    @property
-    def threat(self) -> Threat:
-        return Threat(self.norm, self.eps, self.step_size)
 
 
 INVERSION = PGDSettings(eps=1000.0, step_size=1.0, steps=10_000)  # Figs. 4, 8, 11, 18

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
 
 SCRIPT = r'''
-import json, sys, time
+import functools, json, sys, time
 import robint_ray  # noqa: F401  (first: a loopback-only local Ray instance)
 import torch
 from torch import nn
@@ -57,7 +57,7 @@ from ray.util.state import list_tasks
 from robint_ray import inception
 from robint_ray.distributed import init_ray
 from robint_ray.models import build_model
-from robint_ray.study import (AttributionStage, EvalStage, FeatureStage, GenerationStage, InversionStage,
+from robint_ray.study import (STAGES, AttributionStage, EvalStage, FeatureStage, GenerationStage, InversionStage,
                               ModelSource, Study, StudyConfig)
 
 
@@ -91,9 +91,7 @@ config = StudyConfig(
 study = Study(config, sys.argv[1])
 torch.manual_seed(0)
 study.models = {name: build_model("cifar_resnet8").eval() for name in ("standard", "robust")}
-results = {name: study.stage(name, getattr(study, method)) for name, method in
-           (("evaluation", "evaluate"), ("attributions", "attributions"), ("generation", "generation"),
-            ("inversion", "inversion"), ("features", "features"))}
+results = {s.NAME: study.stage(s.NAME, functools.partial(s.run, study)) for s in STAGES[1:]}  # all but training
 time.sleep(3)  # the state API learns of tasks from events the workers send about every second
 tasks = [{"name": t.name, "state": t.state, "required_resources": t.required_resources}
          for t in list_tasks(address=ray.get_runtime_context().gcs_address, filters=[("type", "=", "NORMAL_TASK")],

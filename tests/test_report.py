@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from robint_ray.models import build_model
-from robint_ray.study import PAPER, ModelSource, Study, StudyConfig, build_report
+from robint_ray.study import PAPER, ModelSource, Study, StudyConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke"
@@ -107,7 +107,7 @@ def report(tmp_path: Path):
     study.models = {name: build_model("cifar_resnet8") for name in MODELS}
     figures = tmp_path / "figures"
     figures.mkdir()
-    page = build_report(study, recorded_results(figures), nodes=["node-a"])
+    page = study.report(recorded_results(figures), nodes=["node-a"])
     return page.local_path.read_text(), json.loads((tmp_path / "out" / "report.json").read_text())
 
 
@@ -197,7 +197,7 @@ def test_report_models_from_checkpoints_name_their_source(tmp_path):
     results = recorded_results(figures)
     for name in MODELS:
         results["train"][name] = {"checkpoint": f"/runs/{name}/best"}  # no history: no curves
-    html = build_report(study, results, nodes=[]).local_path.read_text()
+    html = study.report(results, nodes=[]).local_path.read_text()
     rows = {row[0]: row[1:] for row in table(html, "Settings")[1:]}
     assert rows["epochs"][1] == "standard: checkpoint (/runs/std/best); robust: checkpoint (/runs/rob/best)"
     assert rows["robust training PGD"][1] == "checkpoint (/runs/rob/best)"

@@ -14,7 +14,17 @@ from conftest import tiny_model
 from robint_ray import explain as ex
 from robint_ray.data import load_split, stack, take
 from robint_ray.generate import grey_noise, inversion_run_images, per_class_sample, plan_inversion_run
-from robint_ray.study import AttributionStage, GenerationStage, InversionStage, ModelSource, Study, StudyConfig
+from robint_ray.study import (
+    AttributionStage,
+    GenerationStage,
+    InversionStage,
+    ModelSource,
+    Study,
+    StudyConfig,
+    attributions,
+    generation,
+    inversion,
+)
 
 
 def tiny_models():
@@ -44,7 +54,7 @@ def test_attributions_explain_each_models_prediction_or_the_label(ray_local, tmp
         ),
     )
     folder = tmp_path / "attributions"
-    out = s.attributions(folder)
+    out = attributions.run(s, folder)
     x, y = stack(take(load_split("sample", "test"), 6))
     for method in ("ig", "shap"):
         assert out[method]["target"] == target and out[method]["labels"] == y.tolist()
@@ -96,7 +106,7 @@ def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch):
     monkeypatch.setattr(inception, "load_fid_inception", lambda *a, **k: None)
     monkeypatch.setattr(fid, "inception_distance", distance)
     s = study(tmp_path, inversion=InversionStage(steps=3, step_size=0.5))
-    out = s.inversion(tmp_path / "inversion")
+    out = inversion.run(s, tmp_path / "inversion")
     test = load_split("sample", "test")
     assert len(calls) == 4  # 2 runs x 2 models
     for r in (1, 2):
@@ -121,7 +131,7 @@ def test_real_data_fid_takes_a_per_class_sample(tmp_path):
     from robint_ray.fid import make_shards, read_images
 
     s = study(tmp_path, generation=GenerationStage(real_per_class=20))
-    source = s.real_images(tmp_path)
+    source = generation.real_images(s)
     train = load_split("sample", "train")
     picks = per_class_sample(train.labels, 20, seed=0)
     assert source.kind == "split" and source.count == len(picks) and list(source.indices) == picks.tolist()

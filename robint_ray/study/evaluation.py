@@ -1,0 +1,84 @@
+"""Stage 2, Tables 1 and 4: clean and PGD accuracy of both models on the test split, and AutoAttack on
+its first images (the honest robust figure, not in the paper)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..data import take
+from ..evaluate import AttackConfig, evaluate
+from ..report import Section, Table, difference
+
+if TYPE_CHECKING:
+    from .core import Study
+
+NAME = "evaluation"
+MODELS = ("standard", "robust")
+
+
+def run(study: Study, folder: Path) -> dict[str, Any]:
+    """Per model: {"pgd": evaluate's result, "autoattack": the same on the first autoattack_n images}."""
+    c, workers = study.config.evaluation, study.config.workers
+    pgd = AttackConfig(kind="pgd", **asdict(c.budget()))
+    autoattack = c.autoattack_n and AttackConfig(
+        kind="autoattack",
+        seed=study.config.seed,
+        autoattack_version=c.autoattack_version,
+        autoattack_attacks=c.autoattack_attacks,
+        **asdict(c.budget()),  # AutoAttack takes the norm and eps
+    )
+    out = {}
+    for name in MODELS:
+        model, test = study.model(name), study.test_split()
+        out[name] = {
+            "pgd": evaluate(model, take(test, c.n), attack=pgd, batch_size=c.batch_size, workers=workers, progress=True)
+        }
+        if autoattack:
+            out[name]["autoattack"] = evaluate(
+                model,
+                take(test, c.autoattack_n),
+                attack=autoattack,
+                batch_size=c.batch_size,
+                workers=workers,
+                shard_batches=1,
+                progress=True,
+            )
+    return out
+
+
+def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> list[Section]:
+    """The accuracy table beside the paper's, with ours - paper."""
+    rows = []
+    for name in MODELS:
+        pgd, aa = results[NAME][name]["pgd"], results[NAME][name].get("autoattack")
+        clean, robust = 100 * pgd["clean_accuracy"], 100 * pgd["adversarial_accuracy"]
+        paper_clean, paper_pgd = paper["accuracy"][name]
+        rows.append(
+            [
+                name,
+                pgd["n"],
+                clean,
+                paper_clean,
+                difference(clean, paper_clean),
+                robust,
+                paper_pgd,
+                difference(robust, paper_pgd),
+                None if aa is None else 100 * aa["adversarial_accuracy"],
+                None if aa is None else aa["n"],
+            ]
+        )
+    header = ["model", "n", "clean (ours)", "clean (paper)", "ours - paper", "PGD (ours)", "PGD (paper)"]
+    header += ["ours - paper", "AutoAttack (ours)", "AutoAttack n"]
+    c, e = study.config, study.config.evaluation
+    attacks = f": {', '.join(e.autoattack_attacks)}" if e.autoattack_attacks else ""
+    return [
+        Section(
+            f"Accuracy ({paper['numbers']['accuracy']})",
+            f"Test split of {c.data}. PGD: {e.norm.upper()}, eps {e.eps}, step {e.step_size}, {e.steps} steps, "
+            f"no random start, last iterate (the paper's). AutoAttack ({e.autoattack_version}{attacks}) on the "
+            "first images, the honest robust figure (not in the paper).",
+            [Table("Accuracy (%)", header, rows)],
+        )
+    ]

@@ -1,0 +1,127 @@
+"""The study's report: how the run differs from the paper, each stage's sections (beside the stage, in
+its own module), and the run's time, code and hardware. OUT/report.html and OUT/report.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import torch
+
+from ..config import PGDSettings
+from ..data import load_split
+from ..report import Section, Table, code_version, hardware, write_report
+from ..storage import Location
+from .config import PAPER
+
+if TYPE_CHECKING:
+    from .core import Study
+
+MODELS = ("standard", "robust")
+
+
+def build_report(study: Study, results: dict[str, Any], nodes: list[str], stages: Sequence[ModuleType]) -> Location:
+    """The report of a study whose `stages` (modules with NAME and sections(), in order) returned
+    `results` (by stage name); Ray ran on `nodes`."""
+    c, paper = study.config, PAPER[study.config.paper]
+    settings = run_settings(study, results)
+    data = {
+        "config": asdict(c),
+        "code_version": code_version(),
+        "hardware": hardware(),
+        "timings_s": dict(study.timings),
+        "nodes_used": nodes,
+        "paper": paper,
+        "run_settings": settings,
+        "results": results,
+    }
+    sections = [run_section(study, data), settings_section(settings, paper["settings"])]
+    for stage in stages:
+        sections += stage.sections(study, results, paper)
+    return write_report(
+        study.out,
+        title=f"robint_ray: {c.name}",
+        sections=sections,
+        data=json.loads(json.dumps(data, default=jsonable)),
+    )
+
+
+def run_section(study: Study, data: dict[str, Any]) -> Section:
+    """The run: data, workers, nodes, each stage's time, the code's version and the hardware."""
+    c, timings = study.config, data["timings_s"]
+    about = {**data["code_version"], **data["hardware"]}
+    return Section(
+        "Run",
+        f"{c.name}: data {c.data}, {c.workers} workers. Ray tasks ran on {len(data['nodes_used'])} node(s).",
+        [
+            Table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in timings.items()]),
+            Table("Code and hardware", ["what", "value"], [[k, v] for k, v in about.items()]),
+        ],
+    )
+
+
+def settings_section(ours: dict[str, Any], paper: dict[str, Any]) -> Section:
+    """Every setting of the paper beside the run's, "same" or "differs"."""
+    rows = [
+        [key, paper[key], value, "same" if str(value) == str(paper[key]) else "differs"] for key, value in ours.items()
+    ]
+    return Section(
+        "How this run differs from the paper",
+        "Every setting of the paper's experiment (its section 3 and its author's code) beside this run's, as "
+        "configured and as the stages recorded them. Where they differ, the figures below are not the paper's "
+        "experiment and compare the two models with each other, not with the paper's numbers.",
+        [Table("Settings", ["setting", "paper", "this run", ""], rows)],
+    )
+
+
+def run_settings(study: Study, results: dict[str, Any]) -> dict[str, Any]:
+    """This run's values of the settings in PAPER[...]["settings"] (same keys), from the study config,
+    the models' training configs and what the stages recorded."""
+    c, g = study.config, results["generation"]
+    trained = {name: study.train_config(name) for name in MODELS if getattr(c, name).train is not None}
+
+    def per_model(read) -> str:  # "x" where both models agree, else "standard: x; robust: y"
+        values = {name: read(name) for name in MODELS}
+        if values["standard"] == values["robust"]:
+            return str(values["standard"])
+        return "; ".join(f"{k}: {v}" for k, v in values.items())
+
+    def train_value(name: str, read) -> Any:
+        return read(trained[name]) if name in trained else f"checkpoint ({getattr(c, name).checkpoint})"
+
+    robust = trained.get("robust")
+    a, evaluation = c.attributions, results["evaluation"]["robust"]
+    return {
+        "architecture": per_model(lambda name: study.model(name).arch),
+        "training images": len(load_split(c.data, "train")),
+        "epochs": per_model(lambda name: train_value(name, lambda cfg: cfg.epochs)),
+        "batch size": per_model(lambda name: train_value(name, lambda cfg: cfg.batch_size)),
+        "robust training PGD": robust.pgd.describe() if robust else f"checkpoint ({c.robust.checkpoint})",
+        "test images (clean, PGD)": evaluation["pgd"]["n"],
+        "evaluation PGD": c.evaluation.describe(),
+        "AutoAttack images": (evaluation.get("autoattack") or {}).get("n", 0),
+        "explained images": a.n,
+        "explained class": a.target,
+        "IG baselines x steps": f"{a.ig_baselines} x {a.ig_steps}",
+        "SHAP samples, background": f"{a.shap_nsamples}, {a.shap_background}",
+        "generated images a class": c.generation.per_class,
+        "generation PGD": PGDSettings(**g["robust"]["settings"]).describe(),
+        "class seeds pooled by": g["robust"]["seed_pool"],
+        "real-data FID images (train vs test)": f"{g['n']['train']} vs {g['n']['test']}",
+        "generated-image FID images (generated vs test)": f"{g['n']['robust']} vs {g['n']['test']}",
+        "inversion PGD": c.inversion.describe(),
+        "inversion runs": c.inversion.runs,
+        "feature visualisation PGD": c.features.describe(),
+    }
+
+
+def jsonable(value: Any) -> Any:
+    """json.dumps' default: numpy and torch values as plain numbers and lists, anything else as text."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return value.tolist()
+    return str(value)
