@@ -10,11 +10,29 @@ from typing import Literal
 from ..config import PGDSettings, build_dataclass, read_yaml
 from ..errors import check
 from ..inception import PREPROCESSING
-from ..visualize import FEATURE_VIS, INVERSION
+from ..visualize import FEATURE_VIS, GENERATION, INVERSION
+
+# The paper's settings (section 3 and the authors' code) that both of its datasets share; each
+# dataset's own follow in PAPER.
+COMMON_SETTINGS = {
+    "epochs": 100,
+    "AutoAttack images": 0,
+    "explained images": 24,
+    "explained class": "predicted",
+    "IG baselines x steps": "10 x 50",
+    "SHAP samples, background": "200, 176",
+    "class seeds pooled by": 4,
+    "inversion PGD": INVERSION.describe(),
+    "inversion runs": 2,
+    "feature visualisation PGD": FEATURE_VIS.describe(),
+}
+# CIFAR-10's adversarial training and evaluation PGD, and Small ImageNet's (Tables 1 and 4).
+CIFAR_PGD = PGDSettings(eps=0.5, step_size=0.1, steps=20).describe()
+FOLDER128_PGD = PGDSettings(eps=1.5, step_size=2.5 * 1.5 / 20, steps=20).describe()
 
 # The paper's figures, shown beside ours in the report (Tables 1-6); where each of its tables and figures
-# lands in our report (`numbers`); and its settings (`settings`, section 3 and the authors' code), which
-# the report compares with the run's own ("How this run differs from the paper").
+# lands in our report (`numbers`); and its settings (`settings`), which the report compares with the
+# run's own ("How this run differs from the paper").
 PAPER = {
     "cifar10": {
         "accuracy": {"standard": (93.2, 0.36), "robust": (85.0, 64.6)},  # clean, PGD-20 L2 eps 0.5 (%)
@@ -35,26 +53,17 @@ PAPER = {
             "features": "Figs. 5 / 12",
         },
         "settings": {
+            **COMMON_SETTINGS,
             "architecture": "cifar_resnet18",
             "training images": 50_000,
-            "epochs": 100,
             "batch size": 128,
-            "robust training PGD": PGDSettings(0.5, 0.1, 20).describe(),
+            "robust training PGD": CIFAR_PGD,
             "test images (clean, PGD)": 10_000,
-            "evaluation PGD": PGDSettings(0.5, 0.1, 20).describe(),
-            "AutoAttack images": 0,
-            "explained images": 24,
-            "explained class": "predicted",
-            "IG baselines x steps": "10 x 50",
-            "SHAP samples, background": "200, 176",
+            "evaluation PGD": CIFAR_PGD,
             "generated images a class": 1000,
-            "generation PGD": PGDSettings(30, 0.5, 60).describe(),
-            "class seeds pooled by": 4,
+            "generation PGD": GENERATION[32].describe(),
             "real-data FID images (train vs test)": "10000 vs 10000",
             "generated-image FID images (generated vs test)": "10000 vs 10000",
-            "inversion PGD": PGDSettings(1000, 1, 10_000).describe(),
-            "inversion runs": 2,
-            "feature visualisation PGD": PGDSettings(1000, 1, 400).describe(),
         },
     },
     "folder128": {
@@ -76,26 +85,17 @@ PAPER = {
             "features": "Figs. 9 / 15",
         },
         "settings": {
+            **COMMON_SETTINGS,
             "architecture": "resnet50",
             "training images": 90_000,
-            "epochs": 100,
             "batch size": 200,
-            "robust training PGD": PGDSettings(1.5, 2.5 * 1.5 / 20, 20).describe(),
+            "robust training PGD": FOLDER128_PGD,
             "test images (clean, PGD)": "7500 (val) and ImageNetV2",
-            "evaluation PGD": PGDSettings(1.5, 2.5 * 1.5 / 20, 20).describe(),
-            "AutoAttack images": 0,
-            "explained images": 24,
-            "explained class": "predicted",
-            "IG baselines x steps": "10 x 50",
-            "SHAP samples, background": "200, 176",
+            "evaluation PGD": FOLDER128_PGD,
             "generated images a class": 60,
-            "generation PGD": PGDSettings(40, 1, 60).describe(),
-            "class seeds pooled by": 4,
+            "generation PGD": GENERATION[128].describe(),
             "real-data FID images (train vs test)": "9000 vs 9000",
             "generated-image FID images (generated vs test)": "9000 vs 9000",
-            "inversion PGD": PGDSettings(1000, 1, 10_000).describe(),
-            "inversion runs": 2,
-            "feature visualisation PGD": PGDSettings(1000, 1, 400).describe(),
         },
     },
 }
