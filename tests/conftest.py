@@ -154,6 +154,17 @@ def run_in_namespaces(shell: str, folder: Path, **env: str):
     return proc
 
 
+def live_actors(classes: tuple[str, ...]) -> dict[str, str]:
+    """Actor id -> class name of the actors of these classes not (yet) dead in the connected Ray
+    instance. From the GCS actor table through Ray's private `ray._private.state.actors`: the public
+    reader, ray.util.state.list_actors, needs the dashboard, which the tests' Ray instance runs without."""
+    from ray._private.state import actors
+
+    return {
+        i: a["ActorClassName"] for i, a in actors().items() if a["State"] != "DEAD" and a["ActorClassName"] in classes
+    }
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One private local Ray instance (2 CPUs, loopback only) for every Ray test of the session."""

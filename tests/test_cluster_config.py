@@ -22,6 +22,7 @@ SCHEMA = Path(__import__("ray.autoscaler", fromlist=["x"]).__file__).parent / "r
 
 def validate(config: dict) -> None:
     """What `ray up` does first: fill in the provider's defaults, then check against ray-schema.json."""
+    # Ray's private helpers, the ones `ray up` itself calls: no public API checks a cluster config.
     from ray.autoscaler._private.util import prepare_config, validate_config
 
     jsonschema.validate(config, json.loads(SCHEMA.read_text()))  # the file as written, before defaults

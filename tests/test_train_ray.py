@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import live_actors
 
 from robint_ray.config import TrainConfig, dump_config
 
@@ -141,16 +142,10 @@ def test_a_finished_run_hands_ctrl_c_back_and_leaves_no_controller(standard_run)
     """Ray Train's fit() leaves a SIGINT handler installed that holds its controller actor's handle:
     the controller would outlive the run, and a later Ctrl-C would only ask it to abort. run() puts
     the caller's handler back, and the run's Train actors exit."""
-    from ray._private.state import actors
-
     handler = signal.getsignal(signal.SIGINT)
     assert not (getattr(handler, "__module__", None) or "").startswith("ray"), handler
     deadline = time.monotonic() + 30
-    while alive := sorted(
-        a["ActorClassName"]
-        for a in actors().values()
-        if a["State"] != "DEAD" and a["ActorClassName"] in ("TrainController", "DatasetManager")
-    ):
+    while alive := sorted(live_actors(("TrainController", "DatasetManager")).values()):
         assert time.monotonic() < deadline, f"still alive 30 s after the run: {alive}"
         time.sleep(0.5)
 

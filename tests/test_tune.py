@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import live_actors
 
 from robint_ray.config import TrainConfig, load_config
 from robint_ray.errors import InputError
@@ -138,18 +139,6 @@ def test_ray_version_of_the_private_imports():
 TRAIN_ACTORS = ("RayTrainWorker", "TrainController", "ImplicitFunc")
 
 
-def live_train_actors() -> dict[str, str]:
-    """Actor id -> class name of the Train and Tune actors not (yet) dead, from the GCS actor table
-    (ray.util.state would need the dashboard)."""
-    from ray._private.state import actors
-
-    return {
-        actor_id: a["ActorClassName"]
-        for actor_id, a in actors().items()
-        if a["State"] != "DEAD" and a["ActorClassName"] in TRAIN_ACTORS
-    }
-
-
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_local, tmp_path_factory):
     """(sweep folder, seconds)."""
@@ -193,7 +182,7 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(smoke_sweep, r
 
     deadline = time.monotonic() + 90  # Ray's cleanup is asynchronous, and slow on a loaded machine
     while True:
-        alive = sorted(live_train_actors().values())  # this sweep's, and any other test's run before it
+        alive = sorted(live_actors(TRAIN_ACTORS).values())  # this sweep's, and any other test's run before it
         groups = [g for g in placement_group_table().values() if g["state"] != "REMOVED"]
         if not alive and not groups:
             break
