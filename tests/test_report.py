@@ -202,3 +202,26 @@ def test_report_models_from_checkpoints_name_their_source(tmp_path):
     assert rows["epochs"][1] == "standard: checkpoint (/runs/std/best); robust: checkpoint (/runs/rob/best)"
     assert rows["robust training PGD"][1] == "checkpoint (/runs/rob/best)"
     assert not (tmp_path / "out" / "report_training_curves.png").exists()
+
+
+def test_compare_reports_finds_a_moved_number_and_ignores_times(tmp_path):
+    """experiments/compare_reports.py, the refactor check: a number beyond rtol is listed, a stage time
+    or a path is not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_reports", ROOT / "experiments" / "compare_reports.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    before = {"results": {"generation": {"fid": {"robust": 309.86}, "_seconds": 10.0}}, "run_settings": {"epochs": 3}}
+    after = json.loads(json.dumps(before))
+    after["results"]["generation"]["_seconds"] = 11.0
+    paths = [tmp_path / name for name in ("a.json", "b.json")]
+    for path, report in zip(paths, (before, after)):
+        path.write_text(json.dumps(report))
+    assert compare.main([str(p) for p in paths]) == 0
+    after["results"]["generation"]["fid"]["robust"] = 309.86 * (1 + 1e-6)
+    paths[1].write_text(json.dumps(after))
+    assert compare.main([str(p) for p in paths]) == 1
+    assert list(compare.differences(before, after, 1e-8)) == [
+        f"/results/generation/fid/robust: 309.86 != {309.86 * (1 + 1e-6)!r}"
+    ]
