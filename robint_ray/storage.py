@@ -27,9 +27,9 @@ import os
 import tempfile
 import uuid
 from contextlib import contextmanager
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import InputError
 
@@ -360,7 +360,6 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
     node and the fix (a local folder the nodes do not share, a bucket without credentials on some node).
     On a single node the check runs in this process (milliseconds). Starts or joins Ray (init_ray)."""
     import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from .distributed import init_ray
 
@@ -369,37 +368,9 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
     folder = location / PREFLIGHT / uuid.uuid4().hex
     nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
     if len(nodes) <= 1:
-        created = _first_missing(location)
-        error = _node_write(folder, "driver")
-        missing, why = _node_read(folder, ["driver"]) if error is None else ([], None)
-        if error is None:
-            _node_clean(folder, "driver", created)
-            _remove_remote(location / PREFLIGHT)
-        if error or missing:
-            raise InputError(
-                f"{location}: cannot write and read there ({error or why or 'the file written is not there'})"
-            )
+        _preflight_here(location, folder)
         return
-
-    def on_each(fn, args_of):
-        calls = [
-            ray.remote(fn)
-            .options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-            .remote(*args_of(node))
-            for node in nodes
-        ]
-        try:
-            return dict(zip(nodes, ray.get(calls, timeout=timeout_s)))
-        except ray.exceptions.GetTimeoutError as err:
-            ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
-            late = [nodes[n] for n, c in zip(nodes, calls) if c not in ready]
-            for call in calls:
-                ray.cancel(call, force=True)
-            raise InputError(
-                f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
-                f"{timeout_s:g} s (busy or unreachable)"
-            ) from err
-
+    on_each = partial(_on_each_node, nodes, location=location, timeout_s=timeout_s)
     created = on_each(_first_missing, lambda node: (location,))
     try:
         written = on_each(_node_write, lambda node: (folder, node))
@@ -421,6 +392,50 @@ def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) 
     finally:
         on_each(_node_clean, lambda node: (folder, node, created[node]))
         _remove_remote(location / PREFLIGHT)
+
+
+def _preflight_here(location: Location, folder: Location) -> None:
+    """preflight on a single node: write, read back and remove a marker from this process."""
+    created = _first_missing(location)
+    error = _node_write(folder, "driver")
+    missing, why = _node_read(folder, ["driver"]) if error is None else ([], None)
+    if error is None:
+        _node_clean(folder, "driver", created)
+        _remove_remote(location / PREFLIGHT)
+    if error or missing:
+        raise InputError(f"{location}: cannot write and read there ({error or why or 'the file written is not there'})")
+
+
+def _on_each_node(
+    nodes: dict[str, str],
+    fn: Callable[..., Any],
+    args_of: Callable[[str], tuple],
+    *,
+    location: Location,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """{node: fn(*args_of(node))}, run as a 0-CPU task pinned to each node; a node that does not answer
+    within timeout_s is an InputError naming it (its task is cancelled)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    calls = [
+        ray.remote(fn)
+        .options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(*args_of(node))
+        for node in nodes
+    ]
+    try:
+        return dict(zip(nodes, ray.get(calls, timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError as err:
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+        late = [nodes[n] for n, c in zip(nodes, calls) if c not in ready]
+        for call in calls:
+            ray.cancel(call, force=True)
+        raise InputError(
+            f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
+            f"{timeout_s:g} s (busy or unreachable)"
+        ) from err
 
 
 def _remove_remote(folder: Location) -> None:
