@@ -75,3 +75,27 @@ def test_the_commands_do_not_import_the_cli():
     for path in sorted((PACKAGE / "commands").glob("*.py")):
         names = imported_modules(path)
         assert not {n for n in names if n.startswith("robint_ray.cli")}, (path.name, names)
+
+
+def function_level_imports(path: Path) -> list[str]:
+    """'line: module' for every import statement inside a function or class of the file."""
+    found = []
+    for scope in ast.walk(ast.parse(path.read_text())):
+        if isinstance(scope, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for node in ast.walk(scope):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    found.append(f"{node.lineno}: {getattr(node, 'module', None) or node.names[0].name}")
+    return found
+
+
+def test_the_study_names_its_dependencies_at_the_top():
+    """The study's modules import what they use at module level (none inside a function), so each
+    file's head lists its dependencies."""
+    for path in sorted((PACKAGE / "study").glob("*.py")):
+        assert not function_level_imports(path), (path.name, function_level_imports(path))
+
+
+def test_the_function_level_import_check_can_fail(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text("import os\n\ndef f():\n    from .fid import open_source\n")
+    assert function_level_imports(module) == ["4: fid"]
