@@ -418,10 +418,3 @@ def fan_out(fn: Callable[..., Any], shards: Sequence[Any], **options: Any) -> li
     for i, result in fan_out_iter(fn, shards, **options):
         results[i] = result
     return results
-
-
-def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
-    """[(start, stop), ...] covering range(n) in consecutive pieces of at most shard_size."""
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]

@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 from .attacks import misclassified_then_ce, pgd
 from .config import PGDSettings
 from .errors import check
-from .models import in_mode
+from .models import in_mode, on_cpu
+from .shards import Shard, consecutive_shards
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +168,16 @@ def correctness(
 
 
 def _evaluate_shard(
-    bounds: tuple[int, int], *, model: nn.Module, dataset: Dataset, attack: AttackConfig, batch_size: int
+    shard: Shard, *, model: nn.Module, dataset: Dataset, attack: AttackConfig, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Ray task: correctness of dataset[start:stop] on the task's device, reporting per batch."""
+    """One Ray task: correctness of the shard's items on the task's device, reporting per batch."""
     from torch.utils.data import Subset
 
     from .distributed import report_progress, task_device
 
-    start, stop = bounds
     return correctness(
         model,
-        Subset(dataset, range(start, stop)),
+        Subset(dataset, range(shard.start, shard.stop)),
         attack=attack,
         batch_size=batch_size,
         device=task_device(),
@@ -197,20 +197,16 @@ def _sharded_correctness(
     num_cpus: float | None,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    import copy
+    from .distributed import fan_out
 
-    from .distributed import fan_out, shard_ranges
-
-    shards = shard_ranges(len(dataset), shard_batches * batch_size)  # whole batches: the same as in process
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    shipped = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays where it is
+    shards = consecutive_shards(len(dataset), shard_batches * batch_size)  # whole batches: as in process
     parts = fan_out(
         _evaluate_shard,
         shards,
-        shared=dict(model=shipped, dataset=dataset, attack=attack, batch_size=batch_size),
+        shared=dict(model=on_cpu(model), dataset=dataset, attack=attack, batch_size=batch_size),
         num_cpus=num_cpus,
         num_gpus=num_gpus,
-        sizes=[stop - start for start, stop in shards],
+        sizes=[s.size for s in shards],
         desc=f"eval ({attack.kind})",
         progress=progress,
         max_in_flight=workers,

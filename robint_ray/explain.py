@@ -15,7 +15,6 @@ images as in a single-process run: the fan-out returns exactly the single-proces
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -30,7 +29,8 @@ from torch import nn
 
 from . import attributions as attr
 from .errors import check
-from .models import in_mode
+from .models import in_mode, on_cpu
+from .shards import Shard, consecutive_shards
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ def explain_images(
 
 
 def explain_shard(
-    bounds: tuple[int, int],
+    shard: Shard,
     *,
     model: nn.Module,
     images: torch.Tensor,
@@ -260,28 +260,26 @@ def explain_shard(
     batch_size: int,
     background: torch.Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """One Ray task: explain_images on images[start:stop], on the model's device (fan_out moved it to the
+    """One Ray task: explain_images on the shard's images, on the model's device (fan_out moved it to the
     task's: a GPU where the task was given one)."""
-    start, stop = bounds
+    part = slice(shard.start, shard.stop)
     return explain_images(
         model,
-        images[start:stop],
-        targets[start:stop],
-        indices[start:stop],
+        images[part],
+        targets[part],
+        indices[part],
         config=config,
         batch_size=batch_size,
         background=background,
     )
 
 
-def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[tuple[int, int]]:
-    """(start, stop) shards: about workers x shards_per_worker of them, each a multiple of alignment."""
-    from .distributed import shard_ranges
-
+def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[Shard]:
+    """About workers x shards_per_worker shards, each a multiple of alignment."""
     unit = alignment(config, batch_size)
     wanted = max(1, config.workers * config.shards_per_worker)
     size = max(unit, math.ceil(math.ceil(n / wanted) / unit) * unit)
-    return shard_ranges(n, size)
+    return consecutive_shards(n, size)
 
 
 def explain(
@@ -319,13 +317,11 @@ def explain(
 
         init_ray(num_cpus=max(1, int(math.ceil(config.workers * config.num_cpus))))
         shards = plan_shards(len(images), config, batch_size)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        cpu_model = model if on_cpu else copy.deepcopy(model).cpu()  # the caller's model stays put
         parts = fan_out(
             task,
             shards,
             shared=dict(
-                model=cpu_model,
+                model=on_cpu(model),
                 images=images.cpu(),
                 targets=targets.cpu(),
                 indices=indices,
@@ -336,7 +332,7 @@ def explain(
             num_cpus=config.num_cpus,
             num_gpus=config.num_gpus,
             max_retries=config.max_retries,
-            sizes=[stop - start for start, stop in shards],
+            sizes=[s.size for s in shards],
             desc=config.method,
             progress=progress,
             max_in_flight=config.workers,

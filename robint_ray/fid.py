@@ -23,7 +23,6 @@ holds one sum per source whatever the number of images.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import warnings
@@ -37,6 +36,8 @@ import torch
 
 from .errors import InputError, check
 from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
+from .models import on_cpu
+from .shards import Shard, consecutive_shards
 
 log = logging.getLogger(__name__)
 
@@ -350,21 +351,15 @@ def read_images(source: ImageSource, start: int, stop: int) -> torch.Tensor | li
 # ----------------------------------------------------------------------------------------- Ray fan-out
 
 
-@dataclass(frozen=True)
-class Shard:
-    source: int  # position of its source in the list given to source_stats
-    image_source: ImageSource
-    start: int
-    stop: int
-
-
 def shard_stats(
-    shard: Shard, *, model: FIDInception, dims: int, batch_size: int, preprocessing: str = "robint"
+    piece: tuple[ImageSource, Shard], *, model: FIDInception, dims: int, batch_size: int, preprocessing: str = "robint"
 ) -> FeatureStats:
-    """Statistics of one shard's images, on the model's device (in a Ray task: the task's device)."""
+    """Statistics of one piece's images (a shard of an image source), on the model's device (in a Ray
+    task: the task's device)."""
     from .distributed import report_progress
 
-    images = read_images(shard.image_source, shard.start, shard.stop)
+    source, shard = piece
+    images = read_images(source, shard.start, shard.stop)
     parts = []
     for i in range(0, len(images), batch_size):  # batch by batch, so that the driver's progress bar moves
         parts.append(
@@ -377,22 +372,21 @@ def shard_stats(
     return FeatureStats.of(features.to(next(model.parameters()).device))  # the n d^2 sums there too
 
 
-def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[Shard]:
-    """Consecutive pieces of shard_size images of each source; a folder's piece carries only its own
-    file names, a selection of a split only its own indices (a million names are not shipped to every
-    task)."""
-    check(shard_size >= 1, f"shard_size must be >= 1, got {shard_size}")
-    shards = []
+def make_shards(sources: Sequence[ImageSource], *, shard_size: int) -> list[tuple[int, ImageSource, Shard]]:
+    """(position of the source, an image source, the shard of it to read): consecutive pieces of
+    shard_size images of each source. A folder's piece carries only its own file names and a selection
+    of a split only its own indices (read from 0), so a million names are not shipped to every task."""
+    pieces = []
     for i, s in enumerate(sources):
-        for start in range(0, s.count, shard_size):
-            stop = min(start + shard_size, s.count)
+        for shard in consecutive_shards(s.count, shard_size):
+            part, size = slice(shard.start, shard.stop), shard.size
             if s.kind == "folder":
-                shards.append(Shard(i, replace(s, files=s.files[start:stop], count=stop - start), 0, stop - start))
+                pieces.append((i, replace(s, files=s.files[part], count=size), Shard(shard.index, 0, size)))
             elif s.indices:
-                shards.append(Shard(i, replace(s, indices=s.indices[start:stop], count=stop - start), 0, stop - start))
+                pieces.append((i, replace(s, indices=s.indices[part], count=size), Shard(shard.index, 0, size)))
             else:
-                shards.append(Shard(i, s, start, stop))
-    return shards
+                pieces.append((i, s, shard))
+    return pieces
 
 
 MAX_SHARD = 2048  # images per FID task at most: a lost task costs little, and progress moves
@@ -433,30 +427,31 @@ def source_stats(
         preprocessing in PREPROCESSING,
         f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}",
     )
-    shards = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
+    pieces = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
     options = {"dims": dims, "batch_size": batch_size, "preprocessing": preprocessing}
     totals: list[FeatureStats | None] = [None] * len(sources)
 
-    def add(shard: Shard, stats: FeatureStats) -> None:
-        totals[shard.source] = stats if totals[shard.source] is None else totals[shard.source].merge(stats)
+    def add(i: int, stats: FeatureStats) -> None:  # the statistics of piece i, to its source's
+        owner = pieces[i][0]
+        totals[owner] = stats if totals[owner] is None else totals[owner].merge(stats)
 
+    work = [(source, shard) for _, source, shard in pieces]
     if workers == 0:
-        for s in shards:
-            add(s, shard_stats(s, model=model, **options))
+        for i, piece in enumerate(work):
+            add(i, shard_stats(piece, model=model, **options))
     else:
-        shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
         for i, stats in fan_out_iter(
             shard_stats,
-            shards,
-            shared={"model": shipped, **options},
+            work,
+            shared={"model": on_cpu(model), **options},
             num_cpus=num_cpus,
             num_gpus=num_gpus,
-            sizes=[s.stop - s.start for s in shards],
+            sizes=[shard.size for _, shard in work],
             desc=f"Inception-{dims} features",
             progress=progress,
             max_in_flight=workers,
         ):
-            add(shards[i], stats)
+            add(i, stats)
     return totals
 
 

@@ -25,7 +25,6 @@ multi-node cluster the output folder must be on storage every node sees.
 
 from __future__ import annotations
 
-import copy
 import io
 import json
 import logging
@@ -38,8 +37,9 @@ import numpy as np
 import torch
 
 from .errors import InputError, check
-from .models import Classifier
+from .models import Classifier, on_cpu
 from .seeds import seeded_generator
+from .shards import Shard, consecutive_shards
 from .storage import Location
 from .visualize import (
     FEATURE_VIS,
@@ -187,26 +187,9 @@ class GenerationConfig:
         return d
 
 
-@dataclass(frozen=True)
-class Shard:
-    index: int
-    start: int  # first global image number
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def name(self) -> str:
-        return f"shard-{self.index:05d}.npz"
-
-
 def plan_shards(config: GenerationConfig) -> list[Shard]:
-    return [
-        Shard(i, start, min(start + config.shard_size, config.total))
-        for i, start in enumerate(range(0, config.total, config.shard_size))
-    ]
+    """The run's shards: shard_size consecutive images each (start, stop: global image numbers)."""
+    return consecutive_shards(config.total, config.shard_size)
 
 
 def shard_classes(config: GenerationConfig, shard: Shard) -> torch.Tensor:
@@ -364,12 +347,9 @@ def generate(
     )
     total = None
     if todo:
-        # Shipped from the CPU (the caller's model stays where it is); each task moves it to its own device.
-        shipped = model if next(model.parameters()).device.type == "cpu" else copy.deepcopy(model).cpu()
-        shared = dict(model=shipped, seeds=seeds, config=config, out_dir=out_dir)
+        shared = dict(model=on_cpu(model), seeds=seeds, config=config, out_dir=out_dir)
         if fid is not None:
-            on_cpu = next(fid.model.parameters()).device.type == "cpu"
-            shared["fid"] = fid if on_cpu else replace(fid, model=copy.deepcopy(fid.model).cpu())
+            shared["fid"] = replace(fid, model=on_cpu(fid.model))
         for _, result in fan_out_iter(
             shard_fn,
             todo,
@@ -441,8 +421,7 @@ def _map_chunks(
 ) -> torch.Tensor:
     """fn(*[t[i:i+chunk] for t in tensors], **shared) over chunks, concatenated; in process when
     workers is None or 1, else as Ray tasks (at most `workers` at a time, one thread each)."""
-    n = len(tensors[0])
-    pieces = [tuple(t[i : i + chunk] for t in tensors) for i in range(0, n, chunk)]
+    pieces = [tuple(t[s.start : s.stop] for t in tensors) for s in consecutive_shards(len(tensors[0]), chunk)]
     if not workers or workers <= 1:
         return torch.cat([fn(piece, **shared) for piece in pieces])
     from .distributed import fan_out

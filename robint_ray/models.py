@@ -16,6 +16,7 @@ Architectures (`ARCHS`):
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
@@ -45,6 +46,14 @@ def in_mode(model: nn.Module, mode: Literal["eval", "train"] = "eval") -> Iterat
     finally:
         for module, training in saved:
             module.training = training
+
+
+def on_cpu(model: nn.Module) -> nn.Module:
+    """The model as it travels to Ray tasks: itself where its parameters are on the CPU, else a CPU copy
+    (the caller's model stays where it is; each task moves its copy to its own device)."""
+    if next(model.parameters()).device.type == "cpu":
+        return model
+    return copy.deepcopy(model).cpu()
 
 
 class Normalize(nn.Module):

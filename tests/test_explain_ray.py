@@ -52,9 +52,9 @@ def test_shards_are_aligned_to_whole_passes():
     cfg = config()  # 2 x 9 = 18 points per image: 2 images per pass of 40; metrics 2 x 9 = 18 -> 2
     assert ex.alignment(cfg, 40) == 2
     shards = ex.plan_shards(7, cfg, 40)
-    assert shards[0][0] == 0 and shards[-1][1] == 7
-    assert all(start % 2 == 0 for start, _ in shards)
-    assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
+    assert shards[0].start == 0 and shards[-1].stop == 7
+    assert all(s.start % 2 == 0 for s in shards)
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
 
 
 def test_metric_passes_do_not_widen_the_shards():
@@ -71,7 +71,7 @@ def test_metric_passes_do_not_widen_the_shards():
     )
     assert ex.alignment(cfg, 204) == 4
     assert ex.metric_batch_size(cfg, 204) == 4 * 4  # 4 images of 2 x 2 points: a divisor of 4 images
-    assert ex.plan_shards(16, cfg, 204) == [(0, 8), (8, 16)]
+    assert [(s.start, s.stop) for s in ex.plan_shards(16, cfg, 204)] == [(0, 8), (8, 16)]
     # Metric points beyond the batch: one image per pass, whatever the alignment.
     assert ex.metric_batch_size(dataclasses.replace(cfg, metric_steps=200), 204) == 204
 
@@ -95,12 +95,12 @@ def test_a_task_whose_worker_dies_is_retried(ray_local, tiny, few, tmp_path):
     x, y, indices = few
     marker = str(tmp_path / "killed-once")
 
-    def die_once(bounds, **shared):
+    def die_once(shard, **shared):
         # the first attempt of the shard starting at image 2 kills its worker process outright
-        if bounds[0] == 2 and not os.path.exists(marker):
+        if shard.start == 2 and not os.path.exists(marker):
             Path(marker).touch()
             os._exit(1)
-        return ex.explain_shard(bounds, **shared)
+        return ex.explain_shard(shard, **shared)
 
     local = ex.explain(tiny, x, y, config=config(workers=0), indices=indices)
     fanned = ex.explain(tiny, x, y, config=config(workers=2), indices=indices, progress=False, task=die_once)

@@ -28,6 +28,7 @@ PURE = [
     "files",
     "errors",
     "seeds",
+    "shards",
 ]
 MIXED = ["fid", "evaluate"]
 

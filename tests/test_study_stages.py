@@ -141,8 +141,8 @@ def test_real_data_fid_takes_a_per_class_sample(tmp_path):
     assert np.array_equal(images.permute(0, 2, 3, 1).numpy(), train.images[picks])
     # FID shards carry only their own indices, and read the same images.
     shards = make_shards([source], shard_size=64)
-    assert sum(len(sh.image_source.indices) for sh in shards) == source.count
-    pieces = [read_images(sh.image_source, sh.start, sh.stop) for sh in shards]
+    assert sum(len(piece.indices) for _, piece, _ in shards) == source.count
+    pieces = [read_images(piece, shard.start, shard.stop) for _, piece, shard in shards]
     assert np.array_equal(np.concatenate([p.numpy() for p in pieces]), images.numpy())
 
 

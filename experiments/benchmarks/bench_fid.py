@@ -67,8 +67,8 @@ def throughput(n_images: int, shard: int) -> dict:
         torch.set_num_threads(1)
         start = time.perf_counter()
         plain = [
-            FeatureStats.of(inception_features(model, read_images(source, s.start, s.stop), batch_size=shard))
-            for s in shards
+            FeatureStats.of(inception_features(model, read_images(piece, s.start, s.stop), batch_size=shard))
+            for _, piece, s in shards
         ]
         out["plain_forward_s"] = time.perf_counter() - start
         torch.set_num_threads(threads)
@@ -81,7 +81,7 @@ def throughput(n_images: int, shard: int) -> dict:
         for workers in (1, 2):
             ray.shutdown()
             init_ray(num_cpus=workers)
-            warm = make_shards([source], shard_size=1)[:workers]  # start the workers, import torch there
+            warm = [(p, s) for _, p, s in make_shards([source], shard_size=1)[:workers]]  # start the workers
             fan_out(shard_stats, warm, shared={"model": model, "dims": 64, "batch_size": 1}, progress=False)
             start = time.perf_counter()
             stats[workers] = source_stats(
