@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import nn
@@ -214,38 +214,16 @@ def _sharded_correctness(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def evaluate(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    attack: AttackConfig | None = None,
-    batch_size: int = 128,
-    device: str | torch.device | None = None,
-    progress: bool = False,
-    workers: int = 0,
-    shard_batches: int = 4,
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
-) -> dict:
+def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, **options: Any) -> dict:
     """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`, in this process
-    (workers = 0) or as Ray tasks (see `correctness`: the same figures either way).
+    (workers = 0) or as Ray tasks: options are correctness' (batch_size, device, workers, shard_batches,
+    num_gpus, num_cpus, progress; the same figures either way).
 
     Returns {"n", "clean_accuracy", "adversarial_accuracy", "clean_correct", "adversarial_correct",
     "attack": {...}}. The model is put in eval mode for the evaluation and its mode is restored.
     """
     attack = attack or AttackConfig(kind="none")
-    ok, ok_adv = correctness(
-        model,
-        dataset,
-        attack=attack,
-        batch_size=batch_size,
-        device=device,
-        workers=workers,
-        shard_batches=shard_batches,
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
-        progress=progress,
-    )
+    ok, ok_adv = correctness(model, dataset, attack=attack, **options)
     n, clean, robust = len(ok), int(ok.sum()), int(ok_adv.sum())
     return {
         "n": n,

@@ -250,28 +250,12 @@ def explain_images(
 
 
 def explain_shard(
-    shard: Shard,
-    *,
-    model: nn.Module,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    indices: np.ndarray,
-    config: ExplainConfig,
-    batch_size: int,
-    background: torch.Tensor | None = None,
+    shard: Shard, *, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, **options: Any
 ) -> dict[str, np.ndarray]:
-    """One Ray task: explain_images on the shard's images, on the model's device (fan_out moved it to the
-    task's: a GPU where the task was given one)."""
+    """One Ray task: explain_images (options: its config, batch_size, background) on the shard's images,
+    on the model's device (fan_out moved it to the task's: a GPU where the task was given one)."""
     part = slice(shard.start, shard.stop)
-    return explain_images(
-        model,
-        images[part],
-        targets[part],
-        indices[part],
-        config=config,
-        batch_size=batch_size,
-        background=background,
-    )
+    return explain_images(model, images[part], targets[part], indices[part], **options)
 
 
 def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[Shard]:

@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -461,28 +461,13 @@ def fid(
     model: FIDInception,
     *,
     dims: int = 2048,
-    workers: int = 2,
-    batch_size: int = 32,
-    shard_size: int | None = None,
-    progress: bool = True,
     preprocessing: str = "robint",
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
+    **options: Any,
 ) -> dict:
     """The FID between two image sources, with what is needed to read the figure: n_a, n_b, dims,
-    the preprocessing (its name, and in `resize` what it does), the weights' source and hash."""
-    stats_a, stats_b = source_stats(
-        [source_a, source_b],
-        model,
-        dims=dims,
-        workers=workers,
-        batch_size=batch_size,
-        shard_size=shard_size,
-        progress=progress,
-        preprocessing=preprocessing,
-        num_gpus=num_gpus,
-        num_cpus=num_cpus,
-    )
+    the preprocessing (its name, and in `resize` what it does), the weights' source and hash.
+    options: source_stats' (workers, batch_size, shard_size, progress, num_gpus, num_cpus)."""
+    stats_a, stats_b = source_stats([source_a, source_b], model, dims=dims, preprocessing=preprocessing, **options)
     return {
         "fid": fid_from_stats(stats_a, stats_b),
         "n_a": stats_a.n,
