@@ -332,37 +332,18 @@ def fan_out_iter(
     with the number of shards.
     """
     import ray
-    from tqdm import tqdm
 
     init_ray()
-    num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
-    num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
-    if num_gpus > 0 and not cluster_has_gpus(unknown=True):  # Ray would wait for a GPU forever
-        raise InputError(
-            f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
-            "with one: use --gpus-per-task 0 (or --device cpu)"
-        )
-    names = tuple((shared or {}).keys())
-    # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
-    refs = [ray.put(value) for value in (shared or {}).values()]
-    # SPREAD: shards go to every node of a cluster, not first to fill the driver's node. The task's name
-    # is fn's, so that Ray's dashboard and state API tell the stages apart.
-    remote = ray.remote(_run_shard).options(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        max_retries=max_retries,
-        retry_exceptions=False,
-        scheduling_strategy="SPREAD",
-        name=getattr(fn, "__name__", "fan_out"),
-    )
-    threads = max(1, int(num_cpus))
+    num_cpus, num_gpus = _resources_per_task(num_cpus, num_gpus)
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
     window = default_window() if max_in_flight is None else max_in_flight
-    sizes = list(sizes) if sizes is not None else [1] * len(shards)
-    counter = _progress_counter() if progress and shards else None
-    bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not progress)
-    reported: dict[int, int] = {}  # units the running tasks reported so far
+    names = tuple((shared or {}).keys())
+    # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
+    refs = [ray.put(value) for value in (shared or {}).values()]
+    remote = _remote_shard(fn, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
+    threads = max(1, int(num_cpus))
+    bar = _Progress(list(sizes) if sizes is not None else [1] * len(shards), desc=desc, unit=unit, shown=progress)
     pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than `window`
     devices: dict[str, int] = {}
     nodes: set[str] = set()
@@ -370,45 +351,112 @@ def fan_out_iter(
     try:
         while next_shard < len(shards) or pending:
             while next_shard < len(shards) and len(pending) < window:
-                ref = remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, counter)
-                pending[ref] = next_shard
-                reported[next_shard] = 0
+                pending[remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, bar.counter)] = (
+                    next_shard
+                )
+                bar.started(next_shard)
                 next_shard += 1
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if counter is not None else None)
-            taken = _taken(counter) if counter is not None else {}
-            if taken is None:
-                counter, taken = None, {}
-            for i, count in taken.items():
-                if i in reported:  # not finished yet (a late report of a finished task is dropped)
-                    step = min(count, sizes[i] - reported[i])
-                    reported[i] += step
-                    bar.update(step)
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if bar.counter is not None else None)
+            bar.poll()
             for ref in done:
                 i = pending.pop(ref)
                 result, node, device = ray.get(ref)
                 del ref
                 nodes.add(node)
                 devices[device] = devices.get(device, 0) + 1
-                bar.update(sizes[i] - reported.pop(i, 0))
+                bar.finished(i)
                 yield i, result
                 del result
     finally:
         bar.close()
         _NODES_USED.update(nodes)
         _DEVICES_USED.update(devices)
-        if counter is not None:
-            ray.kill(counter)
-        if nodes:
-            log.info(
-                "%s: %d task(s) on %d node(s) %s, devices %s, %s CPU and %s GPU per task",
-                desc or fn.__name__,
-                sum(devices.values()),
-                len(nodes),
-                ", ".join(n[:8] for n in sorted(nodes)),
-                ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())),
-                num_cpus,
-                num_gpus,
-            )
+        _log_placement(desc or fn.__name__, nodes, devices, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def _resources_per_task(num_cpus: float | None, num_gpus: float | None) -> tuple[float, float]:
+    """(CPUs, GPUs) per task: those given, else the enclosing task_resources block's. Asking for GPUs
+    on a cluster with none is an InputError (Ray would wait for a GPU forever)."""
+    num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
+    num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
+    if num_gpus > 0 and not cluster_has_gpus(unknown=True):
+        raise InputError(
+            f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
+            "with one: use --gpus-per-task 0 (or --device cpu)"
+        )
+    return num_cpus, num_gpus
+
+
+def _remote_shard(fn: Callable[..., Any], *, num_cpus: float, num_gpus: float, max_retries: int):
+    """_run_shard as a Ray task with these resources. SPREAD: shards go to every node of a cluster, not
+    first to fill the driver's node. The task's name is fn's, so that Ray's dashboard and state API tell
+    the stages apart. A task lost with its worker is retried; an exception fn raises is not."""
+    import ray
+
+    return ray.remote(_run_shard).options(
+        num_cpus=num_cpus,
+        num_gpus=num_gpus,
+        max_retries=max_retries,
+        retry_exceptions=False,
+        scheduling_strategy="SPREAD",
+        name=getattr(fn, "__name__", "fan_out"),
+    )
+
+
+class _Progress:
+    """The driver's progress bar of one fan-out: `sizes[i]` units for shard i, moved while tasks run by
+    what they report (through a _ProgressCounter actor, `counter`, None when not shown or lost) and,
+    for the rest, when each task ends."""
+
+    def __init__(self, sizes: list[int], *, desc: str, unit: str, shown: bool):
+        from tqdm import tqdm
+
+        self.sizes = sizes
+        self.counter = _progress_counter() if shown and sizes else None
+        self.bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not shown)
+        self.reported: dict[int, int] = {}  # units the running tasks reported so far
+
+    def started(self, i: int) -> None:
+        self.reported[i] = 0
+
+    def poll(self) -> None:
+        """Move the bar by what the running tasks reported since the last call."""
+        if self.counter is None:
+            return
+        taken = _taken(self.counter)
+        if taken is None:
+            self.counter = None
+            return
+        for i, count in taken.items():
+            if i in self.reported:  # not finished yet (a late report of a finished task is dropped)
+                step = min(count, self.sizes[i] - self.reported[i])
+                self.reported[i] += step
+                self.bar.update(step)
+
+    def finished(self, i: int) -> None:
+        self.bar.update(self.sizes[i] - self.reported.pop(i, 0))
+
+    def close(self) -> None:
+        import ray
+
+        self.bar.close()
+        if self.counter is not None:
+            ray.kill(self.counter)
+
+
+def _log_placement(what: str, nodes: set[str], devices: dict[str, int], *, num_cpus: float, num_gpus: float) -> None:
+    """One log line: how many tasks ran on which nodes and devices, with their resources."""
+    if nodes:
+        log.info(
+            "%s: %d task(s) on %d node(s) %s, devices %s, %s CPU and %s GPU per task",
+            what,
+            sum(devices.values()),
+            len(nodes),
+            ", ".join(n[:8] for n in sorted(nodes)),
+            ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())),
+            num_cpus,
+            num_gpus,
+        )
 
 
 def fan_out(fn: Callable[..., Any], shards: Sequence[Any], **options: Any) -> list[Any]:
