@@ -100,3 +100,15 @@ def test_the_function_level_import_check_can_fail(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("import os\n\ndef f():\n    from .fid import open_source\n")
     assert function_level_imports(module) == ["4: fid"]
+
+
+def test_the_cli_parser_loads_no_torch():
+    """`robint --help` builds every command's parser: the commands import torch, Ray and the package's
+    math inside their run(), so the parser alone loads none of them (it answers in a tenth of a second)."""
+    code = (
+        "import sys, robint_ray.cli as cli; cli.build_parser(); "
+        "heavy = sorted(m for m in ('torch', 'ray', 'numpy', 'matplotlib') if m in sys.modules); "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

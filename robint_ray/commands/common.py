@@ -1,12 +1,17 @@
 """What several `robint` commands share: the model arguments and how they load a model, the Ray task
-resources arguments. The commands import this module, never robint_ray.cli (which imports them)."""
+resources arguments and the block their fan-outs run in, the output folder and the --json file. The
+commands import this module, never robint_ray.cli (which imports them)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 from pathlib import Path
+from typing import Callable, Iterator
 
 from ..errors import InputError
+from ..storage import Location
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,3 +76,48 @@ def load_model(args: argparse.Namespace):
         raise InputError("a model is needed: --checkpoint DIR, or --arch A with --weights W")
     model = load_weights(args.arch, args.weights, device=device)
     return model, {"arch": args.arch, "weights": str(args.weights), "classes": None}
+
+
+def load_driver_model(args: argparse.Namespace, *, fanned: bool, prefix: str = ""):
+    """(model, its description, the --device asked for): the model named by the --{prefix}checkpoint or
+    --{prefix}arch / --{prefix}weights arguments. Where the command fans out to Ray tasks (`fanned`) it
+    is loaded on the CPU (the driver may sit on a CPU-only head; each task moves its copy to its own
+    device), else on --device."""
+    names = argparse.Namespace(
+        checkpoint=getattr(args, f"{prefix}checkpoint"),
+        arch=getattr(args, f"{prefix}arch"),
+        weights=getattr(args, f"{prefix}weights"),
+        device="cpu" if fanned else args.device,
+    )
+    model, source = load_model(names)
+    return model, source, args.device
+
+
+@contextlib.contextmanager
+def ray_tasks(args: argparse.Namespace, workers: int | None, *, device: str | None = None) -> Iterator[None]:
+    """The block a command's fan-outs run in: with workers, Ray (the running cluster, else a local
+    instance of `workers` CPUs) and the tasks' resources from --gpus-per-task / --cpus-per-task
+    (`task_resources_of`, with the --device asked for); without, nothing (the work stays in process)."""
+    if not workers:
+        yield
+        return
+    from ..distributed import init_ray
+
+    init_ray(num_cpus=workers)
+    with task_resources_of(args, device=device):
+        yield
+
+
+def in_output_folder(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path, Location], int]) -> int:
+    """run(args, a local folder, --out as a Location): the files written into the folder end up at --out
+    (a local path, or a storage URI: uploaded when run has returned)."""
+    where = Location(args.out)
+    with where.local_dir() as out:
+        return run(args, out, where)
+
+
+def write_json(path: Path | None, result: dict) -> None:
+    """--json: the command's result as JSON at `path` (nothing where the option was not given)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))

@@ -12,10 +12,16 @@ first iterate that fools the model, which is never weaker.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .common import add_model_arguments, add_resource_arguments, load_model, resolve_device, task_resources_of
+from .common import (
+    add_model_arguments,
+    add_resource_arguments,
+    load_driver_model,
+    ray_tasks,
+    resolve_device,
+    write_json,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -69,27 +75,15 @@ def run(args: argparse.Namespace) -> int:
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     dataset = take(load_split(args.data, args.split), args.n)
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
-    # With Ray the driver's copy stays on the CPU (it may sit on a CPU-only head); each task moves it to
-    # its own device.
-    wish, args.device = args.device, ("cpu" if args.workers else args.device)
-    model, source = load_model(args)
+    model, source, wish = load_driver_model(args, fanned=args.workers > 0)
     check(
         len(dataset.classes) == model.num_classes,
         f"the data has {len(dataset.classes)} classes, the model {model.num_classes}",
     )
     torch.manual_seed(args.seed)
-    if args.workers == 0:
-        result = evaluate(
-            model, dataset, attack=attack, batch_size=args.batch_size, device=resolve_device(args.device), progress=True
-        )
-    else:
-        from ..distributed import init_ray
-
-        init_ray(num_cpus=args.workers)
-        with task_resources_of(args, device=wish):
-            result = evaluate(
-                model, dataset, attack=attack, batch_size=args.batch_size, workers=args.workers, progress=True
-            )
+    where = {"workers": args.workers} if args.workers else {"device": resolve_device(wish)}
+    with ray_tasks(args, args.workers, device=wish):
+        result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, progress=True, **where)
     result.update(model=source, data=str(args.data), split=args.split, batch_size=args.batch_size)
 
     adv = result["adversarial_accuracy"]
@@ -102,7 +96,5 @@ def run(args: argparse.Namespace) -> int:
             f"  [{args.norm} eps {args.eps}"
             + (f", step {args.step_size}, {args.steps} steps, keep {args.keep}]" if args.attack == "pgd" else "]")
         )
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0

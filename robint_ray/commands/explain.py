@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, load_model
+from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +79,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_resource_arguments(parser)
 
 
-def _model_args(args: argparse.Namespace, prefix: str) -> argparse.Namespace:
-    # With Ray the models stay on the CPU here: each task moves its copy to a GPU when it has one.
-    return argparse.Namespace(
-        checkpoint=getattr(args, f"{prefix}checkpoint"),
-        arch=getattr(args, f"{prefix}arch"),
-        weights=getattr(args, f"{prefix}weights"),
-        device="cpu" if args.workers > 0 else args.device,
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
-    when the command has finished)."""
-    with Location(args.out).local_dir() as out:
-        return _run(args, out, Location(args.out))
+    return in_output_folder(args, _run)
 
 
 def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
@@ -110,34 +98,72 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         len(names) == 1 + compare and len(set(names)) == len(names) and all(names),
         f"--names needs {1 + compare} distinct names, got {args.names!r}",
     )
-
-    models = [load_model(_model_args(args, ""))]
-    if compare:
-        models.append(load_model(_model_args(args, "compare_")))
     dataset = take(load_split(args.data, args.split), args.n)
     images, labels = stack(dataset)
-    indices = np.asarray(dataset.indices)
+    # With Ray the models stay on the CPU here: each task moves its copy to a GPU when it has one.
+    models = [load_driver_model(args, fanned=args.workers > 0, prefix=p)[:2] for p in ("", "compare_")[: 1 + compare]]
     for model, source in models:
-        check(
-            int(labels.max()) < model.num_classes,
-            f"the data has labels up to {int(labels.max())}, {source.get('arch')} only {model.num_classes} classes",
-        )
-        check(
-            tuple(images.shape[2:]) == (model.input_size, model.input_size),
-            f"images are {tuple(images.shape[2:])}, {source.get('arch')} takes {model.input_size} px",
-        )
+        _check_fits(model, source, images, labels)
+    config = _explain_config(args)
+    background = None
+    if args.method == "shap":
+        background = ex.choose_background(load_split(args.data, args.background_split), args.background, seed=args.seed)
+    results, timing, indices = {}, {}, np.asarray(dataset.indices)
+    for name, (model, _source) in zip(names, models):
+        start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
+        results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
+        timing[name] = time.perf_counter() - start
+        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], len(images) / timing[name])
+
+    classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
+    extra = {
+        "sources": {name: source for name, (_m, source) in zip(names, models)},
+        "data": str(args.data),
+        "split": args.split,
+        "classes": classes,
+        "labels": labels.tolist(),
+        "seconds": timing,
+    }
+    metrics = ex.save(out, results, labels=labels.numpy(), extra=extra)
+    _figures(out, images, labels, results, classes, f"{METHODS[args.method]} ({config.ig.output})")
+    _print_metrics(args, metrics, names, config)
+    print(
+        f"wrote {where / 'attributions.npz'}, {where / 'metrics.json'}, {where / 'grid.png'}, {where / 'overlay.png'}"
+    )
+    return 0
+
+
+METHODS = {"ig": "Integrated Gradients", "shap": "SHAP expected gradients"}
+
+
+def _check_fits(model, source: dict, images, labels) -> None:
+    """The images' labels and size suit the model: one line naming the mismatch otherwise."""
+    from ..errors import check
+
+    check(
+        int(labels.max()) < model.num_classes,
+        f"the data has labels up to {int(labels.max())}, {source.get('arch')} only {model.num_classes} classes",
+    )
+    check(
+        tuple(images.shape[2:]) == (model.input_size, model.input_size),
+        f"images are {tuple(images.shape[2:])}, {source.get('arch')} takes {model.input_size} px",
+    )
+
+
+def _explain_config(args: argparse.Namespace):
+    """The ExplainConfig of the command line; with Ray, the tasks' CPUs and GPUs (the default GPUs come
+    from the cluster's resources, not this process's CUDA)."""
+    from .. import explain as ex
 
     output = args.output or ("probability" if args.method == "ig" else "logit")
     cpus, gpus = args.cpus_per_task or 1.0, 0.0
-    if args.workers > 0:  # the default GPUs per task come from the cluster's resources, not this process
-        import math
-
+    if args.workers > 0:
         from ..distributed import default_gpus_per_task, init_ray
 
         init_ray(num_cpus=max(1, int(math.ceil(args.workers * cpus))))
         gpus = default_gpus_per_task(args.gpus_per_task)
     k = args.baselines if args.baselines is not None else (10 if args.baseline == "uniform" else 1)
-    config = ex.ExplainConfig(
+    return ex.ExplainConfig(
         method=args.method,
         target=args.target,
         batch_size=args.batch_size,
@@ -155,47 +181,27 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
             seed=args.seed,
         ),
     )
-    background = None
-    if args.method == "shap":
-        background = ex.choose_background(load_split(args.data, args.background_split), args.background, seed=args.seed)
 
-    results, timing = {}, {}
-    for name, (model, _source) in zip(names, models):
-        start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
-        results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
-        timing[name] = time.perf_counter() - start
-        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], len(images) / timing[name])
 
-    classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
-    first = results[names[0]]
-    metrics = ex.save(
-        out,
-        results,
-        labels=labels.numpy(),
-        extra={
-            "sources": {name: source for name, (_m, source) in zip(names, models)},
-            "data": str(args.data),
-            "split": args.split,
-            "classes": classes,
-            "labels": labels.tolist(),
-            "seconds": timing,
-        },
-    )
+def _figures(out: Path, images, labels, results: dict, classes: list[str], title: str) -> None:
+    """grid.png (the first 24 images) and overlay.png (the first 3), captioned with each label and, where
+    the first model explained another class, that class."""
+    from .. import explain as ex
+
+    first = next(iter(results.values()))
     captions = [
         f"{classes[int(y)]}" + ("" if int(t) == int(y) else f" (as {classes[int(t)]})")
         for y, t in zip(labels, first.targets)
     ]
     maps = {name: r.attributions for name, r in results.items()}
-    method = {"ig": "Integrated Gradients", "shap": "SHAP expected gradients"}[args.method]
     ex.plot_grid(
-        images[:24],
-        {k: v[:24] for k, v in maps.items()},
-        out / "grid.png",
-        captions=captions[:24],
-        title=f"{method} ({output})",
+        images[:24], {k: v[:24] for k, v in maps.items()}, out / "grid.png", captions=captions[:24], title=title
     )
     ex.plot_overlays(images[:3], {k: v[:3] for k, v in maps.items()}, out / "overlay.png", captions=captions[:3])
 
+
+def _print_metrics(args: argparse.Namespace, metrics: dict, names: list[str], config) -> None:
+    """Per model: the mean metrics with their 95 % intervals, and for IG the completeness gap."""
     for name in names:
         mean = metrics["models"][name]["mean"]
         line = "  ".join(
@@ -204,12 +210,8 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         )
         print(f"{name}: {line}")
         if args.method == "ig":
-            gap = mean["relative_completeness_gap"]
+            ig, gap = config.ig, mean["relative_completeness_gap"]
             print(
                 f"{name}: mean relative completeness gap {gap['mean']:.4f} "
-                f"(m = {args.steps}, {output}, {args.baseline} x {k})"
+                f"(m = {ig.steps}, {ig.output}, {ig.baseline} x {ig.num_baselines})"
             )
-    print(
-        f"wrote {where / 'attributions.npz'}, {where / 'metrics.json'}, {where / 'grid.png'}, {where / 'overlay.png'}"
-    )
-    return 0

@@ -16,12 +16,12 @@ and OUT/featvis.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, load_model, task_resources_of
+from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
 from .generate import add_pgd_arguments, pgd_settings
 
 
@@ -73,66 +73,41 @@ def parse_features(items: list[str] | None, k: int, n_random: int, seed: int) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
-    when the command has finished)."""
-    with Location(args.out).local_dir() as out:
-        return _run(args, out, Location(args.out))
+    return in_output_folder(args, _run)
 
 
 def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
-    import numpy as np
     import torch
 
     from ..data import load_split
-    from ..distributed import init_ray
     from ..errors import check
-    from ..generate import dataset_representation, feature_visualisations, save_featvis_figure, to_uint8, write_npz
+    from ..generate import dataset_representation, feature_visualisations, save_featvis_figure
     from ..visualize import FEATURE_VIS
 
     check(args.starts >= 1 and args.top >= 1, "--starts and --top must be >= 1")
     settings = pgd_settings(args, FEATURE_VIS)
     fanned = bool(args.workers and args.workers > 1)
-    # Fanned out, the driver's copy stays on the CPU and each Ray task moves it to its own device.
-    wish, args.device = args.device, ("cpu" if fanned else args.device)
-    model, source = load_model(args)
+    model, source, wish = load_driver_model(args, fanned=fanned)
     model = model.cpu()
     groups = parse_features(args.features, model.representation_dim, args.random_features, args.seed)
     dataset = load_split(args.data, args.split)
     test_rep = dataset_representation(model, dataset)  # (N, k)
-    shape = dataset[0][0].shape
     if args.start == "noise":
+        shape = dataset[0][0].shape
         starts = torch.rand((args.starts, *shape), generator=torch.Generator().manual_seed(args.seed))
     else:
         starts = torch.stack([dataset[i][0] for i in range(min(args.starts, len(dataset)))])
-    if fanned:
-        init_ray(num_cpus=args.workers)
-    with task_resources_of(args, device=wish) if fanned else contextlib.nullcontext():
+    with ray_tasks(args, args.workers if fanned else None, device=wish):
         result = feature_visualisations(
             model, starts, groups, test_rep, settings=settings, top=args.top, workers=args.workers
         )
-    shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
-    test_images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
-    test_images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))
     figure = save_featvis_figure(
         out / "featvis.png",
         result,
-        test_images,
+        _shown_images(dataset, result),
         title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})",
     )
-    path = write_npz(
-        out / "featvis.npz",
-        images=to_uint8(result["images"]),
-        labels=result["group"].numpy(),
-        features=result["features"].numpy(),
-        starts=to_uint8(starts),
-        top=result["top"].numpy(),
-        bottom=result["bottom"].numpy(),
-        top_values=result["top_values"].numpy(),
-        bottom_values=result["bottom_values"].numpy(),
-        top_labels=dataset.labels[result["top"].numpy()],
-        before=result["before"].numpy(),
-        after=result["after"].numpy(),
-    )
+    path = _write_arrays(out / "featvis.npz", result, starts, dataset.labels)
     for g, z in enumerate(groups):
         mask = result["group"] == g
         top_labels = dataset.labels[result["top"][g].numpy()].tolist()
@@ -144,7 +119,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         model=source,
         data=str(args.data),
         split=args.split,
-        settings=settings.__dict__,
+        settings=asdict(settings),
         features=groups,
         path=str(where / path.name),
         figure=str(where / figure.name),
@@ -152,3 +127,37 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"-> {summary['path']}; figure: {summary['figure']}")
     return 0
+
+
+def _shown_images(dataset, result: dict):
+    """The split as uint8 (N, H, W, C) for the figure, holding only the images it shows (others black)."""
+    import numpy as np
+    import torch
+
+    from ..generate import to_uint8
+
+    shape = dataset[0][0].shape
+    shown = sorted(set(result["top"].flatten().tolist()) | set(result["bottom"].flatten().tolist()))
+    images = np.zeros((len(dataset), shape[1], shape[2], shape[0]), dtype=np.uint8)
+    images[shown] = to_uint8(torch.stack([dataset[i][0] for i in shown]))
+    return images
+
+
+def _write_arrays(path: Path, result: dict, starts, labels) -> Path:
+    """featvis.npz: the visualisations, their starts, the most and least activating test images."""
+    from ..generate import to_uint8, write_npz
+
+    return write_npz(
+        path,
+        images=to_uint8(result["images"]),
+        labels=result["group"].numpy(),
+        features=result["features"].numpy(),
+        starts=to_uint8(starts),
+        top=result["top"].numpy(),
+        bottom=result["bottom"].numpy(),
+        top_values=result["top_values"].numpy(),
+        bottom_values=result["bottom_values"].numpy(),
+        top_labels=labels[result["top"].numpy()],
+        before=result["before"].numpy(),
+        after=result["after"].numpy(),
+    )

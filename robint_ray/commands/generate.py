@@ -26,13 +26,8 @@ def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def pgd_settings(args: argparse.Namespace, default):
-    from ..visualize import PGDSettings
-
-    return PGDSettings(
-        eps=default.eps if args.eps is None else args.eps,
-        step_size=default.step_size if args.step_size is None else args.step_size,
-        steps=default.steps if args.steps is None else args.steps,
-    )
+    """The default PGD budget with --eps / --step-size / --steps where given."""
+    return default.given(eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -13,12 +13,12 @@ OUT/inversions.npz (`images` uint8 (N, H, W, C), `labels` = target classes, `tar
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, load_model, task_resources_of
+from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
 from .generate import add_pgd_arguments, pgd_settings
 
 
@@ -56,10 +56,7 @@ def per_class_positions(labels, n: int, num_classes: int, offset: int = 0) -> li
 
 
 def run(args: argparse.Namespace) -> int:
-    """Writes into a local folder whose files end up at --out (a local path, or a storage URI: uploaded
-    when the command has finished)."""
-    with Location(args.out).local_dir() as out:
-        return _run(args, out, Location(args.out))
+    return in_output_folder(args, _run)
 
 
 def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
@@ -67,85 +64,78 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     import torch
 
     from ..data import load_split
-    from ..distributed import init_ray
     from ..errors import check
-    from ..generate import inversions, save_inversion_figure, to_uint8, write_npz
+    from ..generate import inversions, write_npz
     from ..visualize import INVERSION
 
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
     settings = pgd_settings(args, INVERSION)
     fanned = bool(args.workers and args.workers > 1)
-    # Fanned out, the driver's copy stays on the CPU and each Ray task moves it to its own device.
-    wish, args.device = args.device, ("cpu" if fanned else args.device)
-    model, source = load_model(args)
+    model, source, wish = load_driver_model(args, fanned=fanned)
     model = model.cpu()
     dataset = load_split(args.data, args.split)
     targets_at = per_class_positions(dataset.labels, args.n, model.num_classes)
     sources_at = per_class_positions(dataset.labels, args.n, model.num_classes, offset=1)
     check(len(targets_at) == args.n and len(sources_at) == args.n, "the split lacks images of some classes")
     targets = torch.stack([dataset[i][0] for i in targets_at])  # (n, C, H, W)
-    kinds = ["image", "noise"] if args.source == "both" else [args.source]
-    if fanned:
-        init_ray(num_cpus=args.workers)
-    arrays: dict[str, list] = {
-        k: []
-        for k in (
-            "images",
-            "labels",
-            "targets",
-            "sources",
-            "source_kind",
-            "target_index",
-            "distance_before",
-            "distance_after",
-        )
-    }
-    figures = []
-    for kind in kinds:
-        if kind == "image":
-            sources = torch.stack([dataset[i][0] for i in sources_at])
-        else:
-            sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
-        with task_resources_of(args, device=wish) if fanned else contextlib.nullcontext():
+    runs, figures = [], []
+    with ray_tasks(args, args.workers if fanned else None, device=wish):
+        for kind in ["image", "noise"] if args.source == "both" else [args.source]:
+            if kind == "image":
+                sources = torch.stack([dataset[i][0] for i in sources_at])
+            else:
+                sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
             result = inversions(model, sources, targets, settings=settings, workers=args.workers)
-        images, t8, s8 = to_uint8(result["images"]), to_uint8(targets), to_uint8(sources)
-        for key, value in (
-            ("images", images),
-            ("targets", t8),
-            ("sources", s8),
-            ("labels", dataset.labels[targets_at]),
-            ("target_index", np.array(targets_at)),
-            ("source_kind", np.array([kind] * args.n)),
-            ("distance_before", result["distance_before"].numpy()),
-            ("distance_after", result["distance_after"].numpy()),
-        ):
-            arrays[key].append(value)
-        figures.append(
-            save_inversion_figure(
-                out / f"inversions-{kind}.png",
-                t8,
-                s8,
-                images,
-                distance_after=result["distance_after"].tolist(),
-                title=f"representation inversion from {kind} ({settings.steps} steps, "
-                f"L2 eps {settings.eps:g}, step {settings.step_size:g})",
-            )
-        )
-        print(
-            f"source {kind:>5}: normalised distance {result['distance_before'].mean():.4f} -> "
-            f"{result['distance_after'].mean():.4f} (mean over {args.n})"
-        )
-    path = write_npz(out / "inversions.npz", **{k: np.concatenate(v) for k, v in arrays.items()})
+            runs.append(_arrays(kind, result, targets, sources, dataset.labels, targets_at))
+            figures.append(_figure(out / f"inversions-{kind}.png", runs[-1], kind, settings))
+    arrays = {key: np.concatenate([run[key] for run in runs]) for key in runs[0]}
+    path = write_npz(out / "inversions.npz", **arrays)
     summary = dict(
         model=source,
         data=str(args.data),
         split=args.split,
-        settings=settings.__dict__,
+        settings=asdict(settings),
         path=str(where / path.name),
         figures=[str(where / f.name) for f in figures],
-        distance_before=np.concatenate(arrays["distance_before"]).tolist(),
-        distance_after=np.concatenate(arrays["distance_after"]).tolist(),
+        distance_before=arrays["distance_before"].tolist(),
+        distance_after=arrays["distance_after"].tolist(),
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"-> {summary['path']}; figures: {', '.join(summary['figures'])}")
     return 0
+
+
+def _arrays(kind: str, result: dict, targets, sources, labels, targets_at: list[int]) -> dict:
+    """One source kind's inversions as the arrays of inversions.npz (uint8 images (n, H, W, C))."""
+    import numpy as np
+
+    from ..generate import to_uint8
+
+    n = len(targets_at)
+    return {
+        "images": to_uint8(result["images"]),
+        "labels": labels[targets_at],
+        "targets": to_uint8(targets),
+        "sources": to_uint8(sources),
+        "source_kind": np.array([kind] * n),
+        "target_index": np.array(targets_at),
+        "distance_before": result["distance_before"].numpy(),
+        "distance_after": result["distance_after"].numpy(),
+    }
+
+
+def _figure(path: Path, arrays: dict, kind: str, settings) -> Path:
+    """targets | sources | inversions, and the mean normalised distance before and after, printed."""
+    from ..generate import save_inversion_figure
+
+    before, after = arrays["distance_before"], arrays["distance_after"]
+    print(f"source {kind:>5}: normalised distance {before.mean():.4f} -> {after.mean():.4f} (mean over {len(after)})")
+    return save_inversion_figure(
+        path,
+        arrays["targets"],
+        arrays["sources"],
+        arrays["images"],
+        distance_after=after.tolist(),
+        title=f"representation inversion from {kind} ({settings.steps} steps, "
+        f"L2 eps {settings.eps:g}, step {settings.step_size:g})",
+    )
