@@ -155,7 +155,7 @@ print("robint_ray on %s: %s" % where())
 print("robint_ray on %s: %s" % ray.get(ray.remote(num_cpus=1)(where).remote()))' | tee $T/wait.log
 grep -q "alive nodes: 2" $T/wait.log || exit 3
 echo "== robint doctor"
-timeout 120 ray exec $T/cluster.yaml 'robint doctor'
+timeout 300 ray exec $T/cluster.yaml 'robint doctor' 2>&1 || echo "robint doctor: exit status $?"  # slow when loaded
 echo "== ray job submit --no-wait"
 ray job submit --no-wait --working-dir . --runtime-env-json "$RT" -- \
   robint train experiments/smoke/cifar10_standard.yaml --set epochs=1 --out $T/shared/run | tee $T/submit.log
@@ -240,7 +240,8 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
             assert list(home.glob("robint-venv/lib/python3*/site-packages/__editable__*robint_ray*")), name
             assert "robint-venv/bin" in (home / ".bashrc").read_text(), name
         assert "alive nodes: 2" in out, out[-3000:]
-        assert "2 alive node(s):" in out and "verdict: ready" in out, out[-3000:]  # robint doctor on the head
+        doctor = proc.stdout[proc.stdout.find("== robint doctor") : proc.stdout.find("== ray job submit --no-wait")]
+        assert "2 alive node(s):" in doctor and "verdict: ready" in doctor, doctor[-3000:]  # on the head
         assert "epochs 1, best epoch 1" in out, out[-3000:]  # robint train's summary, in the job's log
         status = (tmp / "status.log").read_text()
         assert "raysubmit_" in status and "succeeded" in status, status
