@@ -8,6 +8,7 @@ import Ray (their math stays usable and testable without it). (The package's __i
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +113,13 @@ def test_the_cli_parser_loads_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PACKAGE.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_readme_layout_table_names_the_modules_this_test_holds():
+    """The README's layout table groups the modules as this file does (math; math with a fan-out)."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    rows = {line.split("|")[1].strip(): line.split("|")[2] for line in readme.splitlines() if line.startswith("| math")}
+    named = {group: set(re.findall(r"`(\w+)`", modules)) for group, modules in rows.items()}
+    pure, mixed = (next(v for k, v in named.items() if k.startswith(start)) for start in ("math:", "math with"))
+    assert pure == set(PURE)
+    assert mixed == set(MIXED)
