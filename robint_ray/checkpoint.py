@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,6 @@ def save_checkpoint(
 
     target = Location(directory)
     if not target.is_local:
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="robint-ckpt-") as tmp:
             save_checkpoint(tmp, model, classes=classes, config=config, metrics=metrics)
             for name in (WEIGHTS, META):

@@ -12,6 +12,7 @@ random start, batch norm in train mode during the training attack.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -280,8 +281,6 @@ def _parse_set(item: str) -> tuple[str, Any]:
 def apply_overrides(data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
     """A deep copy of the config dict `data` with dotted keys replaced. Every key must exist (a
     misspelt key is an error naming it); the result still needs TrainConfig.from_dict to be checked."""
-    import copy
-
     out = copy.deepcopy(dict(data))
     pairs = sets.items() if isinstance(sets, Mapping) else (_parse_set(s) for s in sets)
     for dotted, value in pairs:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
@@ -42,8 +43,6 @@ def recorded_cluster() -> str | None:
 
 def _answers(address: str, timeout: float = 2.0) -> bool:
     """Whether something accepts TCP connections at "host:port" (a live GCS, not a stale file)."""
-    import socket
-
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import attributions as attr
+from .config import build_dataclass
 from .errors import check
 from .models import in_mode, on_cpu
 from .shards import Shard, consecutive_shards
@@ -113,8 +114,6 @@ class ExplainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> "ExplainConfig":
         """The inverse of to_dict; an unknown key or a wrong type is an error that names it (the one
         config loader, `config.build_dataclass`)."""
-        from .config import build_dataclass
-
         return build_dataclass(cls, values)
 
 

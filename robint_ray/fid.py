@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+import zipfile
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .data import IMAGE_EXTENSIONS, load_split, sample_path
 from .errors import InputError, check
 from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
 from .models import on_cpu
@@ -240,11 +242,7 @@ class ImageSource:
 
 def open_source(path: str | Path, split: str | None = None) -> ImageSource:
     """An ImageSource for `path` (see the module docstring); `split` names a dataset split."""
-    from .data import IMAGE_EXTENSIONS, load_split
-
     if split is not None:  # a dataset (load_split checks the path); `sample`: the bundled one
-        from .data import sample_path
-
         path = sample_path() if str(path) == "sample" else Path(path)
         return ImageSource("split", str(path), len(load_split(path, split)), split=split)
     path = Path(path)
@@ -266,8 +264,6 @@ def _stored_member(path: str, member: str) -> np.ndarray | None:
     """A read-only memory map of an uncompressed (stored) .npy member of a zip (.npz), as `write_npz`
     and np.savez write them; None where it is compressed. A task reading images i..j of a large file
     then reads those pages only, not the whole file."""
-    import zipfile
-
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(member)
         if info.compress_type != zipfile.ZIP_STORED:
@@ -316,8 +312,6 @@ def _array_images(path: str, mtime_ns: int) -> np.ndarray:
 
 @lru_cache(maxsize=2)
 def _split_dataset(path: str, split: str, mtime_ns: int):
-    from .data import load_split
-
     return load_split(path, split)
 
 

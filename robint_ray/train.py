@@ -52,12 +52,19 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from torch import nn
 
+from .allocator import tune_allocator
 from .attacks import pgd
+from .checkpoint import META, WEIGHTS, load_checkpoint, read_meta, save_checkpoint
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
+from .data import load_split
 from .errors import InputError, check
+from .evaluate import AttackConfig, evaluate
+from .models import arch_spec, build_model
 from .seeds import derived_seed
 from .storage import Location
 
@@ -183,8 +190,6 @@ def subsample(dataset, n: int | None, seed: int):
 
 def load_data(cfg: TrainConfig, split: str):
     """The fit (augmented), val or test split of the run, subsampled as configured."""
-    from .data import load_split
-
     data = cfg.data
     dataset = load_split(
         data.path, split, augment=data.augment and split == "fit", val_fraction=data.val_fraction, seed=data.split_seed
@@ -218,8 +223,6 @@ def _seed_epoch(seed: int, epoch: int, rank: int) -> int:
 
 
 def _all_sum(values: list[float], device: torch.device) -> list[float]:
-    import torch.distributed as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t)
@@ -228,8 +231,6 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def _broadcast_state(module: nn.Module) -> None:
     """Every tensor of module's state (parameters and batch-norm statistics) from rank 0 to all."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
@@ -248,8 +249,6 @@ def evaluate_sharded(
 ) -> dict[str, float]:
     """Clean and PGD accuracy over `dataset`, each worker taking every world-th item, summed over
     workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
-    from .evaluate import AttackConfig, evaluate
-
     attack = AttackConfig(kind="pgd", random_start=pgd_cfg.random_start, **asdict(pgd_cfg.budget()))
     positions = np.arange(rank, len(dataset), world)
     counts = [0.0, 0.0, 0.0]
@@ -263,15 +262,11 @@ def evaluate_sharded(
 
 
 def _load_weights(module: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
     module.load_state_dict(load_file(str(path)))
 
 
 def _restore(checkpoint, module: nn.Module, optimizer, scheduler) -> TrainState:
     """Weights, optimiser, scheduler and TrainState from a Ray Train checkpoint (None: fresh)."""
-    from .checkpoint import WEIGHTS
-
     if checkpoint is None:
         return TrainState()
     with checkpoint.as_directory() as directory:
@@ -297,8 +292,6 @@ def _write_jsonl(target: Location, rows: list[dict[str, Any]]) -> None:
 def _repair_best(run_dir: Location, state: TrainState) -> None:
     """Make RUN_DIR/best the best epoch of the restored history: an epoch lost to a failure may have
     written best/ after the checkpoint that the run resumed from."""
-    from .checkpoint import META, WEIGHTS, read_meta
-
     best = run_dir / "best"
     if state.best_epoch == 0:
         best.delete()
@@ -383,8 +376,6 @@ def _setup(loop_config: dict[str, Any]) -> _Worker:
     import ray.train
     import ray.train.torch
 
-    from .allocator import tune_allocator
-
     cfg = TrainConfig.from_dict(loop_config["config"])
     run_dir = Location(loop_config["run_dir"]) if loop_config.get("run_dir") else None
     context = ray.train.get_context()
@@ -432,8 +423,6 @@ def _model_and_optimiser(worker: _Worker, num_classes: int) -> _Net:
     the device; DDP when world > 1), with its optimiser and scheduler."""
     import ray.train.torch
     from torch.nn.parallel import DistributedDataParallel
-
-    from .models import build_model
 
     cfg = worker.cfg
     torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP broadcasts rank 0's anyway)
@@ -609,8 +598,6 @@ def _report(
     waits until Ray Train has committed it, then writes metrics.jsonl, TensorBoard and best/."""
     import ray.train
 
-    from .checkpoint import save_checkpoint
-
     if worker.rank != 0:
         ray.train.report(metrics)
         return
@@ -668,8 +655,6 @@ def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classe
     """The selected model (RUN_DIR/best) on the test split, once, at the end (never used for selection):
     test.json, the test figures added to best/meta.json, and one last report."""
     import ray.train
-
-    from .checkpoint import load_checkpoint, save_checkpoint
 
     cfg, run_dir, rank = worker.cfg, worker.run_dir, worker.rank
     if rank == 0:
@@ -778,8 +763,6 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 def preflight(cfg: TrainConfig, workers: int) -> None:
     """Fail here, with an InputError, on what would otherwise fail inside every worker."""
-    from .models import arch_spec
-
     arch_spec(cfg.arch)
     check(cfg.batch_size % workers == 0, f"batch_size {cfg.batch_size} does not split evenly over {workers} workers")
     val = load_data(cfg, "val")
