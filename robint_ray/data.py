@@ -292,6 +292,37 @@ def take(dataset: ArrayDataset | FolderDataset, n: int | None) -> ArrayDataset |
     return dataset.subset(np.arange(n), dataset.transform)
 
 
+def spread_over_classes(labels: np.ndarray, n: int | None, *, seed: int) -> np.ndarray:
+    """Positions of n items drawn seeded and spread over the classes: the classes in a seeded order,
+    each class's items in a seeded order, then one item of each class in turn (a class that runs out
+    is skipped). Any first k positions span min(k, classes) classes, and a draw of n is the first n of a
+    larger draw with the same seed. n None or >= len(labels): every position, in that spread order.
+
+    Why: folder datasets are sorted by class, so "the first n test images" are one or two classes; the
+    authors explain images of a shuffled test batch."""
+    labels = np.asarray(labels)
+    check(n is None or n >= 1, f"n must be >= 1, got {n}")
+    rng = np.random.default_rng([seed, 0x5EED])
+    classes = rng.permutation(np.unique(labels))
+    members = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    rounds = max(len(m) for m in members)
+    order = [m[r] for r in range(rounds) for m in members if r < len(m)]
+    return np.asarray(order[:n], dtype=np.int64)  # order[:None] is all of it
+
+
+def draw(dataset: ArrayDataset | FolderDataset, n: int | None, *, seed: int) -> ArrayDataset | FolderDataset:
+    """n items of a split spread over its classes (`spread_over_classes`; all when n is None)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.subset(spread_over_classes(dataset.labels, n, seed=seed), dataset.transform)
+
+
+def class_counts(dataset: ArrayDataset | FolderDataset) -> dict[str, int]:
+    """How many items of each class a split holds, by class name, in class order (absent classes left out)."""
+    counts = np.bincount(dataset.labels, minlength=len(dataset.classes))
+    return {dataset.classes[k]: int(c) for k, c in enumerate(counts) if c}
+
+
 def stack(dataset: Dataset, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """Every item of a (small) dataset as (N, C, H, W) images and (N,) labels."""
     if isinstance(dataset, ArrayDataset) and dataset.transform is None:

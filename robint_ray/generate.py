@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from .data import spread_over_classes
 from .errors import InputError, check
 from .fid import FeatureStats
 from .inception import inception_features, quantize
@@ -310,6 +311,7 @@ def generate(
     progress: bool = True,
     shard_fn: Callable[..., Any] = generate_shard,
     fid: FIDFeatures | None = None,
+    fid_draws: int = 0,
     merge: bool = True,
     num_gpus: float | None = None,
     num_cpus: float | None = None,
@@ -321,7 +323,9 @@ def generate(
 
     fid: generation and FID as one streamed step. Every shard, stored or not, is a task that also
     returns its images' Inception statistics; the driver adds them up as they arrive, so it holds one
-    (d, d) sum whatever the number of images, returned as "stats" (`fid.FeatureStats`). merge: also
+    (d, d) sum whatever the number of images, returned as "stats" (`fid.FeatureStats`). fid_draws: also
+    the statistics of that many disjoint draws, each per_class / fid_draws images of every class (the
+    shards at the same place in each class; `draw_of_shard`), as "draw_stats", for the FID's spread. merge: also
     write out_dir/generated.npz (every image in one file, read back through the driver; leave it off
     for large runs: `sample_images` reads the few images a figure shows). shard_fn: the per-shard
     function (generate_shard; tests wrap it to kill their worker). Returns {"path" (None without
@@ -341,12 +345,15 @@ def generate(
         sum(s.size for s in missing),
         "; every shard measured for FID" if fid is not None else "",
     )
-    total = None
+    total, draws = None, [None] * fid_draws
+    if fid_draws:
+        check(fid is not None, "fid_draws needs fid")
+        draw_of_shard(config, shards[0], fid_draws)  # checks that every shard lies in one draw
     if todo:
         shared = dict(model=on_cpu(model), seeds=seeds, config=config, out_dir=out_dir)
         if fid is not None:
             shared["fid"] = replace(fid, model=on_cpu(fid.model))
-        for _, result in fan_out_iter(
+        for i, result in fan_out_iter(
             shard_fn,
             todo,
             shared=shared,
@@ -360,13 +367,30 @@ def generate(
         ):
             if fid is not None:
                 total = result if total is None else total.merge(result)
+            if fid_draws:
+                k = draw_of_shard(config, todo[i], fid_draws)
+                draws[k] = result if draws[k] is None else draws[k].merge(result)
             del result  # one shard's statistics at a time besides the sum
     path = None
     if merge:
         images, labels, starts = merge_shards(out_dir, config)
         names = np.array(list(class_names) if class_names is not None else [str(c) for c in range(seeds.num_classes)])
         path = str(write_npz(out_dir / OUTPUT, images=images, labels=labels, seeds=starts, classes=names))
-    return {"path": path, "images": config.total, "shards": len(shards), "computed": len(missing), "stats": total}
+    out = {"path": path, "images": config.total, "shards": len(shards), "computed": len(missing), "stats": total}
+    return {**out, "draw_stats": draws} if fid_draws else out
+
+
+def draw_of_shard(config: GenerationConfig, shard: Shard, draws: int) -> int:
+    """Which of `draws` disjoint draws a shard belongs to: draw k holds images k * m .. (k + 1) * m - 1 of
+    every class, m = per_class / draws. Each draw is then a smaller copy of the whole set (every class,
+    equally many images), and the FIDs of the draws show how much the figure moves between sets."""
+    check(draws >= 1 and config.per_class % draws == 0, f"{draws} draws do not split {config.per_class} images a class")
+    size = config.per_class // draws
+    check(
+        size % config.shard_size == 0,
+        f"shard_size {config.shard_size} must divide the {size} images a class of each of the {draws} draws",
+    )
+    return (shard.start % config.per_class) // size
 
 
 def merge_shards(out_dir: str | Path | Location, config: GenerationConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -494,7 +518,7 @@ def plan_inversion_run(
     target is one of them, the sources two others, plus one grey-noise image); Inv. 2 reruns the
     cell on another shuffled batch, so each run draws its own target and sources. Here the draw is
     seeded by (seed, run) alone, and the sources come from classes other than the target's, as the
-    paper's section 2.3.2 says. labels: (N,) the test split's labels."""
+    paper's section 2.3.2 says, each from another class where there are enough. labels: (N,) the test split's labels."""
     labels = np.asarray(labels)
     check(image_sources >= 0 and noise >= 0 and image_sources + noise >= 1, "an inversion needs at least one source")
     rng = np.random.default_rng([seed, run])
@@ -504,7 +528,9 @@ def plan_inversion_run(
         len(others) >= image_sources,
         f"the split has {len(others)} images outside the target's class, {image_sources} needed",
     )
-    sources = tuple(int(i) for i in rng.choice(others, size=image_sources, replace=False))
+    # spread over the other classes: two sources of one class would show one class's features twice
+    picks = spread_over_classes(labels[others], image_sources, seed=int(rng.integers(2**31))) if image_sources else []
+    sources = tuple(int(others[i]) for i in picks)
     return InversionRun(run, target, sources, noise, int(rng.integers(2**62)))
 
 

@@ -121,6 +121,7 @@ def test_config_round_trip_and_unknown_keys():
 
 def test_cli_explain_writes_files(ray_local, tmp_path, run_cli):
     from robint_ray.checkpoint import save_checkpoint
+    from robint_ray.data import load_split, spread_over_classes
 
     torch.manual_seed(1)
     save_checkpoint(tmp_path / "a", build_model("cifar_resnet8"))
@@ -157,7 +158,9 @@ def test_cli_explain_writes_files(ray_local, tmp_path, run_cli):
     with np.load(out / "attributions.npz") as f:
         assert f["attributions"].shape == (5, 3, 32, 32)
         assert f["robust_attributions"].shape == (5, 3, 32, 32)
-        assert f["indices"].tolist() == list(range(5)) and f["targets"].shape == (5,)
+        test = load_split("sample", "test")
+        assert f["indices"].tolist() == test.indices[spread_over_classes(test.labels, 5, seed=0)].tolist()
+        assert len(set(f["labels"].tolist())) == 5 and f["targets"].shape == (5,)  # five images, five classes
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["models"]) == {"standard", "robust"}
     assert len(metrics["models"]["standard"]["per_image"]["gini"]) == 5
@@ -187,7 +190,7 @@ def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target, run_cli):
     """`--target predicted` (the default, the authors') explains the model's own argmax; `--target label`
     the true label; the kind and the classes explained are in attributions.npz and metrics.json."""
     from robint_ray.checkpoint import save_checkpoint
-    from robint_ray.data import load_split, stack, take
+    from robint_ray.data import draw, load_split, stack
 
     model = tiny_model(2)
     save_checkpoint(tmp_path / "m", model)
@@ -218,7 +221,7 @@ def test_cli_explain_target_is_honoured_and_recorded(tmp_path, target, run_cli):
         ]
     )
     assert code == 0, err
-    x, y = stack(take(load_split("sample", "test"), 4))
+    x, y = stack(draw(load_split("sample", "test"), 4, seed=0))  # --n: a draw across the classes (--seed 0)
     expected = ex.predict(model, x) if target == "predicted" else y
     assert target == "label" or not torch.equal(expected, y)  # the two kinds differ on these images
     with np.load(out / "attributions.npz") as f:

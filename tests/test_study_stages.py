@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_model
 
 from robint_ray import explain as ex
-from robint_ray.data import load_split, stack, take
+from robint_ray.data import load_split, spread_over_classes, stack
 from robint_ray.generate import grey_noise, inversion_run_images, per_class_sample, plan_inversion_run
 from robint_ray.study import (
     AttributionStage,
@@ -55,7 +55,9 @@ def test_attributions_explain_each_models_prediction_or_the_label(ray_local, tmp
     )
     folder = tmp_path / "attributions"
     out = attributions.run(s, folder)
-    x, y = stack(take(load_split("sample", "test"), 6))
+    test = load_split("sample", "test")  # the explained images: a draw spread over the classes (test_draws)
+    x, y = stack(test.subset(spread_over_classes(test.labels, 6, seed=0)))
+    assert out["images"]["index"] == test.indices[spread_over_classes(test.labels, 6, seed=0)].tolist()
     for method in ("ig", "shap"):
         assert out[method]["target"] == target and out[method]["labels"] == y.tolist()
         with np.load(folder / method / "attributions.npz") as f:

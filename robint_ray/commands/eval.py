@@ -28,7 +28,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="train, test, fit or val (default: test)")
-    parser.add_argument("--n", type=int, default=None, help="evaluate the first N images only")
+    parser.add_argument("--n", type=int, default=None, help="evaluate N images, drawn seeded across the classes")
     parser.add_argument("--attack", default="pgd", help="pgd, autoattack or none (default: pgd)")
     parser.add_argument("--norm", default="l2", help="l2 or linf (default: l2)")
     parser.add_argument("--eps", type=float, default=0.5, help="radius of the ball (default: 0.5)")
@@ -55,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data import load_split, take
+    from ..data import draw, load_split
     from ..errors import check
     from ..evaluate import AttackConfig, evaluate
 
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
-    dataset = take(load_split(args.data, args.split), args.n)
+    dataset = draw(load_split(args.data, args.split), args.n, seed=args.seed)
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     model, source, wish = load_driver_model(args, fanned=args.workers > 0)
     check(

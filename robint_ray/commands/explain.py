@@ -43,7 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the explained images (default: test)")
-    parser.add_argument("--n", type=int, default=24, help="explain the first N images (default: 24, as the paper)")
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=24,
+        help="explain N images drawn seeded across the classes (default: 24)",
+    )
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks (0: in this process; default 2)")
     parser.add_argument(
@@ -87,7 +92,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     import numpy as np
 
     from .. import explain as ex
-    from ..data import load_split, stack, take
+    from ..data import draw, load_split, stack
     from ..errors import check
 
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
@@ -98,7 +103,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         len(names) == 1 + compare and len(set(names)) == len(names) and all(names),
         f"--names needs {1 + compare} distinct names, got {args.names!r}",
     )
-    dataset = take(load_split(args.data, args.split), args.n)
+    dataset = draw(load_split(args.data, args.split), args.n, seed=args.seed)
     images, labels = stack(dataset)
     # With Ray the models stay on the CPU here: each task moves its copy to a GPU when it has one.
     models = [load_driver_model(args, fanned=args.workers > 0, prefix=p)[:2] for p in ("", "compare_")[: 1 + compare]]

@@ -1,5 +1,5 @@
-"""Stage 3, Figs. 2 / 6, 10 / 13 and 16 / 17: IG and SHAP attributions of both models on the first
-test images, their overlay and grid figures, and the attribution metrics (not in the paper)."""
+"""Stage 3, Figs. 2 / 6, 10 / 13 and 16 / 17: IG and SHAP attributions of both models on test images
+drawn across the classes, their overlay and grid figures, and the attribution metrics (not in the paper)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..data import load_split, stack, take
-from ..explain import ExplainConfig, IGConfig, ShapConfig, choose_background, explain, plot_grid, plot_overlays, save
+from ..data import load_split, spread_over_classes, stack
+from ..explain import (
+    ExplainConfig,
+    IGConfig,
+    ShapConfig,
+    choose_background,
+    explain,
+    grid_cell,
+    plot_grid,
+    plot_overlays,
+    save,
+)
 from ..report import Section, Table
 from ..storage import Location
 
@@ -24,12 +34,29 @@ METRICS = ("deletion_auc", "insertion_auc", "gini", "top_mass")
 
 def run(study: Study, folder: Path) -> dict[str, Any]:
     """Per method ("ig", "shap"): each model's mean metrics, the robust - standard difference, the
-    explained class of each image per model, and the two figures (in folder/<method>/)."""
+    explained class of each image per model, and the two figures (in folder/<method>/); "images": the
+    explained images (test index and class) and where SHAP's background came from.
+
+    The explained images are drawn seeded and spread over the classes (`data.spread_over_classes`); with
+    `background: test` (the authors': one shuffled test batch of 200, 176 background + 24 explained)
+    the background is the next shap_background images of the same draw, so never an explained one."""
     c, seed = study.config.attributions, study.config.seed
     test = study.test_split()
-    x, y = stack(take(test, c.n))
-    background = choose_background(load_split(study.config.data, "train"), c.shap_background, seed=seed)
-    out = {}
+    drawn = spread_over_classes(test.labels, c.n + (c.shap_background if c.background == "test" else 0), seed=seed)
+    explained = test.subset(drawn[: c.n], test.transform)
+    x, y = stack(explained)
+    if c.background == "test":
+        background = stack(test.subset(drawn[c.n :], test.transform))[0]
+    else:
+        background = choose_background(load_split(study.config.data, "train"), c.shap_background, seed=seed)
+    out: dict[str, Any] = {
+        "images": {
+            "index": explained.indices.tolist(),
+            "class": [explained.classes[k] for k in explained.labels.tolist()],
+            "background": {"split": c.background, "n": len(background)},
+            "classes": list(test.classes),
+        }
+    }
     for method in METHODS:
         config = ExplainConfig(
             method=method,
@@ -77,7 +104,7 @@ def _captions(labels: torch.Tensor, explanations: dict[str, Any], classes) -> li
 
 def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> list[Section]:
     """One section a method: the metrics with 95 % intervals, the overlays and the grid."""
-    number, out = paper["numbers"], []
+    number, out = paper["numbers"], [_images_section(results[NAME])]
     for method, (title, grid) in METHODS.items():
         a = results[NAME][method]
         rows = [[name] + [_interval(a["means"][name][m]) for m in METRICS] for name in MODELS]
@@ -102,6 +129,32 @@ def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> li
             )
         )
     return out
+
+
+def _images_section(result: dict[str, Any]) -> Section:
+    """Which test images were explained (grid cell, test index, class, each model's explained class)
+    and where SHAP's background came from."""
+    images = result.get("images")
+    if images is None:  # a result from before the images were recorded
+        return Section("Explained images", "Not recorded by this run.", [])
+    targets = result["ig"]["targets"]
+    rows = [
+        [grid_cell(i)[2], index, name, *(images["classes"][targets[model][i]] for model in MODELS)]
+        for i, (index, name) in enumerate(zip(images["index"], images["class"]))
+    ]
+    background = images["background"]
+    where = (
+        "the test images after the explained ones in the same draw (the authors')"
+        if background["split"] == "test"
+        else "a seeded draw of the training split"
+    )
+    return Section(
+        "Explained images",
+        f"{len(rows)} test images drawn seeded across {len(set(images['class']))} classes; their cells in the "
+        f"grids below; each model's explained class (IG). SHAP's background: {background['n']} images, "
+        f"{where}.",
+        [Table("Explained images", ["cell", "test index", "class", *(f"{m} explains" for m in MODELS)], rows)],
+    )
 
 
 def _interval(m: dict[str, float]) -> str:
