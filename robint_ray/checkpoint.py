@@ -162,6 +162,19 @@ def load_weights(
     return model.to(device).eval()
 
 
+def initial_weights(source: str | Path, *, arch: str, num_classes: int) -> dict[str, torch.Tensor]:
+    """The state dict that a training run's `init` names, checked against the run's architecture and
+    classes: a robint checkpoint folder, or a weights file as `load_weights` reads it; a local path or a
+    storage URI. Any problem is one InputError naming the source."""
+    location = Location(source)
+    if (location / META).is_file():
+        model, _ = load_checkpoint(source, arch=arch, num_classes=num_classes)
+        return model.state_dict()
+    check(location.is_file(), f"init weights not found: {source} (neither a robint checkpoint nor a weights file)")
+    with location.local_copy() as local:
+        return load_weights(arch, local, num_classes=num_classes).state_dict()
+
+
 def _torch_load_safely(path: Path) -> Any:
     """torch.load with weights_only=True (tensors and plain containers only: no pickled code runs); a file
     it refuses or cannot read is an InputError of one line that names the file and why."""

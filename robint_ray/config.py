@@ -163,8 +163,23 @@ class TrainConfig:
     # The best epoch: "mean" (val clean + val PGD) / 2, "clean" val accuracy, or "auto": clean for a
     # standard model, mean for an adversarially trained one, as the authors' two trainers select.
     selection: Literal["auto", "mean", "clean"] = "auto"
+    # Clip every gradient value to [-grad_clip, grad_clip] before each optimiser step (the authors' two
+    # trainers: 0.1, torch's clip_grad_value_); None: no clipping.
+    grad_clip: float | None = None
+    # Batch norm in train mode (training and the training attack) over the whole batch, synchronised
+    # across workers, as one process would see it (the authors trained on one GPU); False: each worker's
+    # own batch_size / workers images.
+    sync_batch_norm: bool = True
+    # Start from these weights instead of a random initialisation: a robint checkpoint folder, or a
+    # weights file that `robint eval --weights` reads (.safetensors, a torch state dict, the akamaster
+    # format), a path or a storage URI. A resumed run continues its own checkpoint instead.
+    init: str | None = None
 
     def __post_init__(self):
+        check(
+            self.grad_clip is None or (math.isfinite(self.grad_clip) and self.grad_clip > 0),
+            f"grad_clip must be > 0 or null, got {self.grad_clip}",
+        )
         check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
@@ -321,9 +336,14 @@ def load_config(path: str | Path | None, sets: Iterable[str] | Mapping[str, Any]
         check(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
     try:
         base = TrainConfig.from_dict(data).to_dict()
-        return TrainConfig.from_dict(apply_overrides(base, sets))
+        cfg = TrainConfig.from_dict(apply_overrides(base, sets))
     except InputError as err:
         raise InputError(f"{path}: {err}" if path is not None else str(err)) from err
+    if path is not None and cfg.init is not None and "://" not in cfg.init:
+        beside = Path(path).parent / cfg.init  # a relative init is read beside the config file where it is there
+        if not Path(cfg.init).is_absolute() and beside.exists():
+            cfg = dataclasses.replace(cfg, init=str(beside.resolve()))
+    return cfg
 
 
 def dump_config(cfg: TrainConfig) -> str:

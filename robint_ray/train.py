@@ -59,7 +59,7 @@ from torch import nn
 
 from .allocator import tune_allocator
 from .attacks import pgd
-from .checkpoint import META, WEIGHTS, load_checkpoint, read_meta, save_checkpoint
+from .checkpoint import META, WEIGHTS, initial_weights, load_checkpoint, read_meta, save_checkpoint
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .data import load_split
 from .errors import InputError, check
@@ -134,10 +134,13 @@ def train_epoch(
     bf16: bool = False,
     channels_last: bool = False,
     generator: torch.Generator | None = None,
+    grad_clip: float | None = None,
     on_batch: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """One pass of SGD over `loader`; with pgd_cfg, on the PGD images of each batch (attack on
-    attack_model, the module inside `model`'s DDP wrapper, or `model` itself).
+    attack_model, the module inside `model`'s DDP wrapper, or `model` itself); with grad_clip, every
+    gradient value is clipped to [-grad_clip, grad_clip] before each step (torch's clip_grad_value_, as the
+    authors' trainers; under DDP after the gradients are averaged over workers).
 
     Returns this process's sums: {"loss_sum", "correct", "n"} (loss and accuracy on the images the
     model was trained on: adversarial ones in adversarial training). on_batch(i, n_seen, loss) is
@@ -161,6 +164,8 @@ def train_epoch(
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(model.parameters(), grad_clip)
         optimizer.step()
         loss_sum += loss.detach().double() * len(y)
         correct += (logits.detach().argmax(dim=1) == y).sum()
@@ -168,6 +173,69 @@ def train_epoch(
         if on_batch is not None:
             on_batch(i, n, loss)
     return {"loss_sum": float(loss_sum), "correct": int(correct), "n": n}
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the workers of the default process group, differentiable: the gradient
+    of each worker's input is the sum of every worker's output gradient (each worker's loss depends on
+    the sum through its own copy)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm whose train-mode statistics cover the whole batch of every worker in the default
+    process group, so each worker normalises as one process would on the concatenated batch (the
+    authors trained on one GPU: batch norm saw all 128 / 200 images, in training and in the training
+    attack). The mean and the variance are two differentiable all-reduces (`_AllReduceSum`: a worker's
+    backward also carries the other workers' terms, so the input gradient of a summed loss equals the
+    one-process one). Any backend, gloo on CPUs included (torch's SyncBatchNorm needs GPUs).
+    One process, eval mode, or no process group: plain batch norm. Every worker must call it the same
+    number of times (training and the training attack do: the same batches, the same PGD steps)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        xf = x.float()
+        dims = (0, 2, 3)
+        channels = x.shape[1]
+        count = torch.full((1,), x.numel() // channels, dtype=torch.float32, device=x.device)
+        first = all_reduce(torch.cat([xf.sum(dims), count]))  # (C + 1,) sums and the image-pixel count
+        total = first[-1]
+        mean = first[:channels] / total
+        centred = xf - mean.view(1, -1, 1, 1)
+        var = all_reduce((centred * centred).sum(dims)) / total  # biased, as batch norm normalises
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * total / (total - 1).clamp(min=1)
+                self.running_mean.lerp_(mean.detach(), momentum)
+                self.running_var.lerp_(unbiased.detach(), momentum)
+        y = centred * torch.rsqrt(var + self.eps).view(1, -1, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(module: nn.Module) -> nn.Module:
+    """module with every BatchNorm2d turned into SyncBatchNorm2d in place (same parameters, buffers and
+    state-dict keys, so checkpoints load into the plain architecture)."""
+    for child in module.modules():
+        if type(child) is nn.BatchNorm2d:
+            child.__class__ = SyncBatchNorm2d
+    return module
 
 
 def selection_score(clean_accuracy: float, adversarial_accuracy: float, *, rule: str = "mean") -> float:
@@ -418,6 +486,16 @@ def _fit_loader(worker: _Worker, fit):
     return sampler, loader
 
 
+def initial_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model a run starts from: the weights `cfg.init` names, else a random initialisation seeded
+    by cfg.seed (the same on every worker; DDP broadcasts rank 0's anyway)."""
+    torch.manual_seed(cfg.seed)
+    module = build_model(cfg.arch, num_classes)
+    if cfg.init is not None:
+        module.load_state_dict(initial_weights(cfg.init, arch=cfg.arch, num_classes=num_classes))
+    return module
+
+
 def _model_and_optimiser(worker: _Worker, num_classes: int) -> _Net:
     """The run's architecture with the same initial weights on every worker, prepared by Ray Train (on
     the device; DDP when world > 1), with its optimiser and scheduler."""
@@ -425,8 +503,9 @@ def _model_and_optimiser(worker: _Worker, num_classes: int) -> _Net:
     from torch.nn.parallel import DistributedDataParallel
 
     cfg = worker.cfg
-    torch.manual_seed(cfg.seed)  # the same initial weights on every worker (DDP broadcasts rank 0's anyway)
-    module = build_model(cfg.arch, num_classes)
+    module = initial_model(cfg, num_classes)  # a resumed run's own checkpoint replaces its weights in _restore
+    if cfg.sync_batch_norm and worker.world > 1:
+        sync_batch_norm(module)
     if worker.channels_last:
         module = module.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(module)  # to the device; DDP when world > 1
@@ -515,6 +594,7 @@ def _run_epoch(
         bf16=worker.bf16,
         channels_last=worker.channels_last,
         generator=generator,
+        grad_clip=cfg.grad_clip,
         on_batch=_progress(worker, epoch, len(loader), started),
     )
     train_seconds = time.perf_counter() - started
@@ -754,10 +834,12 @@ def make_trainer(
 
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """data.path made absolute where it names something here (workers do not share our cwd)."""
+    """data.path and init made absolute where they name something here (workers do not share our cwd)."""
     path = cfg.data.path
     if path != "sample" and Path(path).exists():
-        return cfg.override({"data.path": str(Path(path).resolve())})
+        cfg = cfg.override({"data.path": str(Path(path).resolve())})
+    if cfg.init is not None and "://" not in cfg.init and Path(cfg.init).exists():
+        cfg = cfg.override({"init": str(Path(cfg.init).resolve())})
     return cfg
 
 
@@ -771,6 +853,8 @@ def preflight(cfg: TrainConfig, workers: int) -> None:
         int(val.labels.max()) < num_classes,
         f"the data has labels up to {int(val.labels.max())}, the model only {num_classes} classes",
     )
+    if cfg.init is not None:  # a missing, foreign or mismatched file: one line, before any worker starts
+        initial_weights(cfg.init, arch=cfg.arch, num_classes=num_classes)
 
 
 def run(
