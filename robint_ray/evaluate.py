@@ -214,18 +214,24 @@ def _sharded_correctness(
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-def evaluate(model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, **options: Any) -> dict:
+def evaluate(
+    model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, per_image: bool = False, **options: Any
+) -> dict:
     """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`, in this process
     (workers = 0) or as Ray tasks: options are correctness' (batch_size, device, workers, shard_batches,
     num_gpus, num_cpus, progress; the same figures either way).
 
     Returns {"n", "clean_accuracy", "adversarial_accuracy", "clean_correct", "adversarial_correct",
-    "attack": {...}}. The model is put in eval mode for the evaluation and its mode is restored.
+    "attack": {...}}, with per_image also "per_image": {"clean", "adversarial"}, each item's 0 / 1 in the
+    dataset's order (what paired comparisons of two models need). The model is put in eval mode for the
+    evaluation and its mode is restored.
     """
     attack = attack or AttackConfig(kind="none")
     ok, ok_adv = correctness(model, dataset, attack=attack, **options)
     n, clean, robust = len(ok), int(ok.sum()), int(ok_adv.sum())
+    extra = {"per_image": {"clean": ok.int().tolist(), "adversarial": ok_adv.int().tolist()}} if per_image else {}
     return {
+        **extra,
         "n": n,
         "clean_correct": clean,
         "adversarial_correct": robust,

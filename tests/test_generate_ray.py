@@ -256,3 +256,38 @@ def test_figures_sample_a_few_images_of_each_class_without_the_merged_file(refer
         keep = np.array([j for c in range(10) for j in (3 * c, 3 * c + 1)])
         assert np.array_equal(images, f["images"][keep]) and np.array_equal(starts, f["seeds"][keep])
         assert labels.tolist() == f["labels"][keep].tolist()
+
+
+def test_fid_draws_are_disjoint_per_class_sets_whose_statistics_add_up_to_the_whole(tiny, seeds, stand_in, tmp_path):
+    """fid_draws=2 with 4 images a class in shards of 2: draw 0 holds images 0-1 of every class, draw 1
+    images 2-3; the two draws' statistics are the statistics of exactly those images, and add up to the
+    whole set's. A shard size that would straddle two draws is refused."""
+    from dataclasses import replace
+
+    from robint_ray.fid import FeatureStats
+    from robint_ray.generate import FIDFeatures, draw_of_shard, merge_shards
+
+    config = replace(CONFIG, per_class=4, shard_size=2, classes=(0, 1, 2))
+    made = generate(
+        tiny,
+        seeds,
+        config=config,
+        out_dir=tmp_path,
+        workers=2,
+        progress=False,
+        merge=False,
+        fid=FIDFeatures(stand_in, dims=16, batch_size=8),
+        fid_draws=2,
+    )
+    images, labels, _ = merge_shards(tmp_path, config)  # (12, H, W, C) uint8, in image order
+    position = np.arange(12) % 4  # the image's place within its class
+    features = FIDFeatures(stand_in, dims=16, batch_size=8)
+    for k, stats in enumerate(made["draw_stats"]):
+        chosen = torch.from_numpy(images[(position // 2) == k]).permute(0, 3, 1, 2)  # (6, C, H, W) uint8
+        expected = FeatureStats.of(features.features(chosen))
+        assert stats.n == 6 and sorted(labels[(position // 2) == k].tolist()) == [0, 0, 1, 1, 2, 2]
+        torch.testing.assert_close(stats.total, expected.total, rtol=1e-5, atol=1e-5)
+    whole = made["draw_stats"][0].merge(made["draw_stats"][1])
+    torch.testing.assert_close(whole.outer, made["stats"].outer, rtol=1e-12, atol=1e-9)
+    with pytest.raises(InputError, match="shard_size 3 must divide"):
+        draw_of_shard(replace(config, shard_size=3), plan_shards(config)[0], 2)

@@ -113,14 +113,15 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class EvalStage(PGDSettings):
-    """The PGD of Tables 1 / 4 (its budget) on the first n test images, and AutoAttack beside it."""
+    """The PGD of Tables 1 / 4 (its budget) on n test images, and AutoAttack beside it on autoattack_n:
+    seeded draws spread over the classes (`data.draw`)."""
 
     eps: float = 0.5
     step_size: float = 0.1
     steps: int = 20
     norm: Literal["l2", "linf"] = "l2"
-    n: int | None = None  # first n test images (None: all)
-    autoattack_n: int = 100  # AutoAttack is slow: the first n test images (0: skip)
+    n: int | None = None  # test images (None: all)
+    autoattack_n: int = 100  # AutoAttack is slow: this many test images (0: skip)
     autoattack_version: str = "standard"  # or "custom" with autoattack_attacks, e.g. [apgd-ce, apgd-t]
     autoattack_attacks: tuple[str, ...] = ()
     batch_size: int = 128
@@ -135,6 +136,15 @@ class AttributionStage:
     shap_nsamples: int = 200
     shap_background: int = 176
     target: str = "predicted"  # explain each model's own argmax (the authors'), or "label"
+    # SHAP's background: "test", the authors' (the shap_background images after the explained ones in
+    # one seeded draw of test images spread over the classes), or "train" (a seeded draw of the train split)
+    background: Literal["test", "train"] = "test"
+
+    def __post_init__(self):
+        check(
+            self.background in ("test", "train"),
+            f"attributions.background must be test or train, got {self.background!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,9 @@ class GenerationStage:
     real_per_class: int | None = 1000
     seed_pool: int | None = None  # class seeds pooled by this (None: 4, the authors'; 16 at 128 px: robustness's)
     fid_preprocess: str = "robint"  # or "author": truncated uint8 generations, resized on uint8 (inception.py)
+    # The FID's spread: also the FID of this many disjoint draws of each model's generations (each
+    # per_class / fid_draws images of every class; shard_size must divide that); 0: none.
+    fid_draws: int = 0
 
     def __post_init__(self):
         check(

@@ -54,7 +54,7 @@ class Study:
         done = target / "result.json"
         if done.exists():
             log.info("stage %s: done before, skipped", name)
-            result = done.read_json()
+            result = _relocated(done.read_json(), HERE, self.out.uri)
             self.timings[name] = result.get("_seconds", 0.0)
             return result
         # Training has its own resources (gpus_per_worker); every other stage's Ray tasks ask for
@@ -78,7 +78,8 @@ class Study:
             ", ".join(n[:8] for n in result["_nodes"]) or "-",
             ", ".join(result["_devices"]) or "-",
         )
-        done.write_text(json.dumps(result, indent=2, default=jsonable))
+        # Paths under OUT as "./...": the folder can move (a clone elsewhere resumes it and reads its files).
+        done.write_text(json.dumps(_relocated(result, self.out.uri, HERE), indent=2, default=jsonable))
         log.info("stage %s: finished in %.1f s", name, result["_seconds"])
         return result
 
@@ -104,6 +105,9 @@ class Study:
 
     def test_split(self):
         return load_split(self.config.data, "test")
+
+
+HERE = "."  # how result.json and report.json write OUT itself: its paths are "./train/standard/best", ...
 
 
 def _relocated(value: Any, local: str, uri: str) -> Any:

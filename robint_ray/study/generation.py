@@ -45,6 +45,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     features = FIDFeatures(extractor, dims=c.fid_dims, preprocessing=c.fid_preprocess)
     test = study.test_split()
     out: dict[str, Any] = {}
+    draw_stats: dict[str, list] = {}
     for name in MODELS:
         model = study.model(name)
         settings = generation_settings(model.input_size).given(eps=c.eps, step_size=c.step_size, steps=c.steps)
@@ -67,9 +68,11 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             workers=workers,
             class_names=test.classes,
             fid=features,
+            fid_draws=c.fid_draws,
             merge=False,
         )
         stats[name] = made["stats"]
+        draw_stats[name] = made.get("draw_stats", [])
         images, labels, starts = sample_images(shards_at, config, per_class=8)
         title = f"{name} model: class-specific generation"
         figures = save_generation_figures(folder / name, images, labels, starts, test.classes, title=title)
@@ -86,10 +89,34 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
         **{name: fid_from_stats(stats[name], stats["test"]) for name in MODELS},
     }
     out["n"] = {n: s.n for n, s in stats.items()}
+    if c.fid_draws:
+        out["fid_draws"] = fid_spread({name: draw_stats[name] for name in MODELS}, stats["test"])
     out["real_per_class"] = c.real_per_class
     out["dims"], out["weights_sha256"] = c.fid_dims, extractor.weights_info.get("sha256")
     out["preprocessing"], out["resize"] = c.fid_preprocess, inception.PREPROCESSING[c.fid_preprocess]
     return out
+
+
+def fid_spread(draws: dict[str, list], test) -> dict[str, Any]:
+    """Each model's FID on each disjoint draw of its generations (against the same test statistics), and
+    robust - standard per draw with its mean, standard deviation and range: how far the comparison moves
+    between sets of generations. A draw holds fewer images than the whole set, so its FIDs sit higher
+    than the whole set's (FID's small-sample bias); the difference is what the draws are for."""
+    import numpy as np
+
+    fids = {name: [fid_from_stats(s, test) for s in stats] for name, stats in draws.items()}
+    diff = np.subtract(fids["robust"], fids["standard"])
+    return {
+        "images_per_draw": draws["robust"][0].n,
+        **fids,
+        "robust - standard": {
+            "per_draw": diff.tolist(),
+            "mean": float(diff.mean()),
+            "sd": float(diff.std(ddof=1)) if len(diff) > 1 else None,
+            "min": float(diff.min()),
+            "max": float(diff.max()),
+        },
+    }
 
 
 def real_images(study: Study):
