@@ -183,12 +183,54 @@ def write_report(
     return page
 
 
-def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
-    """Open a report in headless Chromium and count its tables, its figures and the figures that
-    decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
+def _chromium(chromium: str | None) -> str:
     browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         raise FileNotFoundError("no chromium on PATH")
+    return browser
+
+
+# Headless Chromium that reaches nothing outside the page (the report has no external files).
+_HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def screenshot(
+    page: str | Path, png: str | Path, *, size: tuple[int, int] = (1280, 3200), chromium: str | None = None
+) -> Path:
+    """A PNG of the top `size` (width, height px) of a report as headless Chromium draws it."""
+    png = Path(png).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [
+                _chromium(chromium),
+                *_HEADLESS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=10000",
+                f"--screenshot={png}",
+                Path(page).resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    return png
+
+
+def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
+    """Open a report in headless Chromium and count its tables, its figures and the figures that
+    decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
+    browser = _chromium(chromium)
     probe = (
         "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
         "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
@@ -200,14 +242,7 @@ def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: 
         out = subprocess.run(
             [
                 browser,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
+                *_HEADLESS,
                 f"--user-data-dir={tmp}/profile",
                 "--virtual-time-budget=10000",
                 "--dump-dom",

@@ -4,7 +4,9 @@ its own module), and the run's time, code and hardware. OUT/report.html and OUT/
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -15,6 +17,7 @@ from ..config import PGDSettings
 from ..data import load_split
 from ..report import Section, Table, code_version, hardware, write_report
 from ..storage import Location
+from . import claims
 from .config import PAPER
 
 if TYPE_CHECKING:
@@ -28,6 +31,7 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str], stages
     `results` (by stage name); Ray ran on `nodes`."""
     c, paper = study.config, PAPER[study.config.paper]
     settings = run_settings(study, results)
+    tested = claims.claims(results, paper)
     data = {
         "config": asdict(c),
         "code_version": code_version(),
@@ -36,17 +40,34 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str], stages
         "nodes_used": nodes,
         "paper": paper,
         "run_settings": settings,
+        "claims": tested,
         "results": results,
     }
-    sections = [run_section(study, data), settings_section(settings, paper["settings"])]
+    sections = [run_section(study, data), claims.section(tested), settings_section(settings, paper["settings"])]
     for stage in stages:
         sections += stage.sections(study, results, paper)
     return write_report(
         study.out,
         title=f"robint_ray: {c.name}",
         sections=sections,
-        data=json.loads(json.dumps(data, default=jsonable)),
+        data=portable(json.loads(json.dumps(data, default=jsonable)), study.out),
     )
+
+
+def portable(value: Any, out: Location) -> Any:
+    """report.json without the running machine's paths: paths under OUT as "./...", other local
+    absolute paths that exist (the data, the configs) relative to OUT ("../../cpu/...")."""
+    if isinstance(value, dict):
+        return {k: portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out) for v in value]
+    if not (isinstance(value, str) and value.startswith("/") and out.is_local):
+        return value
+    if value == out.uri or value.startswith(out.uri + "/"):
+        return "." + value[len(out.uri) :]
+    if Path(value).exists():
+        return os.path.relpath(value, out.uri)
+    return value
 
 
 def run_section(study: Study, data: dict[str, Any]) -> Section:
