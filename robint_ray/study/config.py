@@ -150,7 +150,9 @@ class GenerationStage:
     # None: every training image.
     real_per_class: int | None = 1000
     seed_pool: int | None = None  # class seeds pooled by this (None: 4, the authors'; 16 at 128 px: robustness's)
-    fid_preprocess: str = "robint"  # or "author": truncated uint8 generations, resized on uint8 (inception.py)
+    # The Inception's input, for FID and for the inversion stage's Inception-192 distance: "robint", or
+    # "author" (truncated uint8 images resized on uint8, as the author's FID and Inception-192 cells).
+    fid_preprocess: str = "robint"
 
     def __post_init__(self):
         check(
