@@ -46,9 +46,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             result = inversions(
                 study.model(name), sources, targets, settings=settings, workers=study.config.workers, chunk=1
             )
-            per_image, batch = fid.inception_distance(
-                extractor, targets, result["images"], preprocessing=preprocessing
-            )
+            per_image, batch = fid.inception_distance(extractor, targets, result["images"], preprocessing=preprocessing)
             inverted[name] = to_uint8(result["images"])
             out.setdefault(name, {})[f"inception192_inv{r}"] = batch
             out[name][f"inv{r}"] = {
