@@ -77,7 +77,7 @@ def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> li
         Section(
             f"Accuracy ({paper['numbers']['accuracy']})",
             f"Test split of {c.data}. PGD: {e.norm.upper()}, eps {e.eps}, step {e.step_size}, {e.steps} steps, "
-            f"no random start, last iterate (the paper's). AutoAttack ({e.autoattack_version}{attacks}) on the "
+            f"no random start, last iterate (as torchattacks). AutoAttack ({e.autoattack_version}{attacks}) on the "
             "first images, the honest robust figure (not in the paper).",
             [Table("Accuracy (%)", header, rows)],
         )
