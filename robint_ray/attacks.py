@@ -139,8 +139,9 @@ def pgd(
     keep: "last" returns the last iterate; "best" the iterate with the highest score_fn(model(x_t), y)
     per example (default: the objective), over every iterate including the start.
     model_mode: the mode the model runs in during the attack ("train" makes batch norm use batch
-    statistics, as the paper's adversarial training did); each module's own mode is restored after.
-    Defaults match the paper's trainer: no random start, last iterate.
+    statistics, as the author's adversarial trainer did); each module's own mode is restored after.
+    Defaults: no random start, as the author's trainer; the last iterate, as torchattacks (the paper
+    says neither; the author's code keeps the iterate of highest batch-mean loss).
 
     Returns x_adv, detached, same shape and dtype as x, with ||x_adv - x|| <= eps under the threat's
     norm and every pixel in [0, 1]. Does not change model.training or any parameter's gradient.

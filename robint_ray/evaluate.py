@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class AttackConfig(PGDSettings):
     """kind: "pgd", "autoattack" or "none" (AutoAttack takes the norm and eps alone). For PGD, keep="last"
-    is the paper's (and torchattacks') convention; keep="best" returns per example the first iterate
-    that fools the model (else the one of highest loss), which is never weaker."""
+    is torchattacks' convention (the paper does not say; its author's code keeps the iterate of highest
+    batch-mean loss); keep="best" returns per example the first iterate that fools the model (else the
+    one of highest loss), which is never weaker."""
 
     eps: float = 0.5
     step_size: float = 0.1

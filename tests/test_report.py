@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from html import unescape
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from robint_ray.config import TrainConfig
 from robint_ray.models import build_model
 from robint_ray.study import PAPER, ModelSource, Study, StudyConfig
+from robint_ray.study.report import describe_training_images, describe_validation_images, training_images
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke"
@@ -115,7 +118,7 @@ def table(html: str, caption: str) -> list[list[str]]:
     """The cells of the report table with this caption, row by row (header first)."""
     body = html[html.index(f"<caption>{caption}</caption>") :]
     body = body[: body.index("</table>")]
-    return [re.findall(r"<t[hd]>(.*?)</t[hd]>", row) for row in body.split("<tr>")[1:]]
+    return [[unescape(cell) for cell in re.findall(r"<t[hd]>(.*?)</t[hd]>", row)] for row in body.split("<tr>")[1:]]
 
 
 def test_the_report_says_how_the_run_differs_from_the_paper(tmp_path):
@@ -126,14 +129,32 @@ def test_the_report_says_how_the_run_differs_from_the_paper(tmp_path):
     assert set(rows) == set(paper)
     # From the models, the training configs, the data and the stages' records, not from the paper:
     assert rows["architecture"] == ["cifar_resnet18", "cifar_resnet8", "differs"]
-    assert rows["training images"] == ["50000", "1000", "differs"]  # the bundled sample
+    # The bundled sample: 1,000 training images, 20 % held out (the smoke configs' val_fraction), so the
+    # models trained on 800, and the evaluation used 200 of the 500 test images.
+    assert rows["training images"] == [
+        "50000",
+        "800 (fit part: 800 + 200 held out = the training split's 1000)",
+        "differs",
+    ]
+    assert rows["validation images per epoch"][1:] == ["200 held out, the same each epoch", "differs"]
+    assert rows["test images (clean, PGD)"] == ["10000", "200 of 500", "differs"]
     assert rows["epochs"] == ["100", "standard: 15; robust: 3", "differs"]  # the set and the file
     assert rows["robust training PGD"] == ["L2 eps 0.5, step 0.1, 20 steps", "L2 eps 0.5, step 0.1, 5 steps", "differs"]
-    assert rows["test images (clean, PGD)"] == ["10000", "200", "differs"]
     assert rows["generation PGD"] == ["L2 eps 30, step 0.5, 60 steps"] * 2 + ["same"]
     assert rows["real-data FID images (train vs test)"] == ["10000 vs 10000", "500 vs 500", "differs"]
     assert rows["explained class"] == ["predicted", "predicted", "same"]
-    assert data["run_settings"]["training images"] == 1000
+    images = {"split": 1000, "fit": 800, "held_out": 200, "trained_on": 800, "per_epoch": 200}
+    assert data["images"] == {"standard": images, "robust": images, "test": {"split": 500, "evaluated": 200}}
+
+
+def test_the_training_images_are_the_fit_part_and_its_draw():
+    """A run trains on the fit part of the training split (or data.train_n of it) and evaluates the
+    held-out part (or data.val_n of it) each epoch: the report counts those, not the whole split."""
+    cfg = TrainConfig().override(["data.path=sample", "data.train_n=300", "data.val_n=50"])
+    images = training_images(cfg)
+    assert images == {"split": 1000, "fit": 900, "held_out": 100, "trained_on": 300, "per_epoch": 50}
+    assert describe_training_images(images) == "300 of 900 (fit part: 900 + 100 held out = the training split's 1000)"
+    assert describe_validation_images(images) == "50 of 100 held out, the same each epoch"
 
 
 def test_the_papers_tables_stand_beside_ours_with_the_difference(tmp_path):

@@ -91,26 +91,34 @@ def test_inversion_runs_follow_the_authors_protocol():
     assert abs(float(noise.mean()) - 0.525) < 0.002
 
 
-def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch):
+@pytest.mark.parametrize("preprocessing", ["robint", "author"])
+def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch, preprocessing):
     """Both runs, both models: Inception-192 distances under the keys the report reads, and a figure
-    per run. The Inception is a stand-in here (its weights are tested in test_fid.py): a fixed random
-    projection of the images, so the distance must come from the run's own targets and inversions."""
+    per run. The Inception is a stand-in here (its weights are tested in test_fid.py): the images'
+    own difference, so the distance must come from the run's own targets and inversions. The
+    distance's Inception input is generation.fid_preprocess's, as FID's."""
     import robint_ray.fid as fid
     import robint_ray.inception as inception
 
     calls = []
 
     def distance(model, originals, inverted, **kwargs):
-        calls.append((originals.clone(), inverted.clone()))
+        calls.append((originals.clone(), inverted.clone(), kwargs))
         diff = (originals - inverted).flatten(1).double()
         return diff.norm(dim=1), float(diff.norm())
 
     monkeypatch.setattr(inception, "load_fid_inception", lambda *a, **k: None)
     monkeypatch.setattr(fid, "inception_distance", distance)
-    s = study(tmp_path, inversion=InversionStage(steps=3, step_size=0.5))
+    s = study(
+        tmp_path,
+        inversion=InversionStage(steps=3, step_size=0.5),
+        generation=GenerationStage(fid_preprocess=preprocessing),
+    )
     out = inversion.run(s, tmp_path / "inversion")
     test = load_split("sample", "test")
     assert len(calls) == 4  # 2 runs x 2 models
+    assert [kwargs["preprocessing"] for *_, kwargs in calls] == [preprocessing] * 4
+    assert out["preprocessing"] == preprocessing and out["resize"] == inception.PREPROCESSING[preprocessing]
     for r in (1, 2):
         run = out[f"inv{r}"]
         assert len(run["source_indices"]) == 2 and run["noise"] == 1
@@ -120,7 +128,7 @@ def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch):
             after = out[name][f"inv{r}"]["representation_distance_after"]
             before = out[name][f"inv{r}"]["representation_distance_before"]
             assert len(after) == 3 and np.mean(after) < np.mean(before)
-    originals, _ = calls[0]
+    originals, _, _ = calls[0]
     assert torch.equal(originals[0], test[out["inv1"]["target_index"]][0])
     assert torch.equal(calls[2][0][0], test[out["inv2"]["target_index"]][0])
 

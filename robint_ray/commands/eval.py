@@ -5,8 +5,9 @@
         --attack pgd --norm l2 --eps 0.5 --step-size 0.1 --steps 20 --json out.json
 
 The PGD defaults are the paper's CIFAR-10 evaluation (L2, eps 0.5, step 0.1, 20 steps, no random
-start) and keep the last iterate, as the paper and torchattacks do; `--keep best` keeps per example the
-first iterate that fools the model, which is never weaker.
+start) and keep the last iterate, as torchattacks does (the paper does not say; its author's code keeps
+the iterate of highest batch-mean loss); `--keep best` keeps per example the first iterate that fools
+the model, which is never weaker.
 """
 
 from __future__ import annotations

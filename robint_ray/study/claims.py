@@ -128,7 +128,7 @@ def _attribution_claims(difference: dict[str, Any], method: str, title: str) -> 
             "claim": f"Robust {title} maps are more interpretable: {metric.replace('_', ' ')} "
             + ("up" if sign > 0 else "down"),
             "paper": "shown (figures), not measured",
-            "measure": f"{metric} robust - standard, paired over {difference[metric]['n']} explained images",
+            "measure": f"{metric} robust - standard, paired over {difference[metric].get('n', 'the')} explained images",
             "difference": difference[metric],
             "sign": sign,
             "method": method,

@@ -15,12 +15,16 @@ from ..visualize import FEATURE_VIS, GENERATION, INVERSION
 # The paper's settings (section 3 and the authors' code) that both of its datasets share; each
 # dataset's own follow in PAPER.
 COMMON_SETTINGS = {
+    "initial weights": "random",
     "epochs": 100,
+    "gradient clipping": "+-0.1 per value",  # the authors' trainers (clip_grad_value_)
+    "batch norm over": "the whole batch",  # one GPU: 128 / 200 images, in training and in the training attack
     "AutoAttack images": 0,
     "explained images": 24,
     "explained class": "predicted",
     "IG baselines x steps": "10 x 50",
     "SHAP samples, background": "200, 176",
+    "SHAP background from": "test",  # the explained images' shuffled test batch (the authors' notebooks)
     "class seeds pooled by": 4,
     "inversion PGD": INVERSION.describe(),
     "inversion runs": 2,
@@ -56,6 +60,7 @@ PAPER = {
             **COMMON_SETTINGS,
             "architecture": "cifar_resnet18",
             "training images": 50_000,
+            "validation images per epoch": "none: the author chose the epoch on the 10000 test images",
             "batch size": 128,
             "robust training PGD": CIFAR_PGD,
             "test images (clean, PGD)": 10_000,
@@ -88,6 +93,7 @@ PAPER = {
             **COMMON_SETTINGS,
             "architecture": "resnet50",
             "training images": 90_000,
+            "validation images per epoch": "none: the author chose the epoch on the 7500 test images",
             "batch size": 200,
             "robust training PGD": FOLDER128_PGD,
             "test images (clean, PGD)": "7500 (val) and ImageNetV2",
@@ -160,7 +166,9 @@ class GenerationStage:
     # None: every training image.
     real_per_class: int | None = 1000
     seed_pool: int | None = None  # class seeds pooled by this (None: 4, the authors'; 16 at 128 px: robustness's)
-    fid_preprocess: str = "robint"  # or "author": truncated uint8 generations, resized on uint8 (inception.py)
+    # The Inception's input, for FID and for the inversion stage's Inception-192 distance: "robint", or
+    # "author" (truncated uint8 images resized on uint8, as the author's FID and Inception-192 cells).
+    fid_preprocess: str = "robint"
     # The FID's spread: also the FID of this many disjoint draws of each model's generations (each
     # per_class / fid_draws images of every class; shard_size must divide that); 0: none.
     fid_draws: int = 0

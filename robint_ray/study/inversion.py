@@ -23,11 +23,19 @@ PAPER_KEYS = {1: "inception192", 2: "inception192_inv2"}  # each run's row of PA
 def run(study: Study, folder: Path) -> dict[str, Any]:
     """Per run r (1, 2): out[f"inv{r}"] = {"target_index", "source_indices", "noise", "figure"} and per
     model out[name][f"inception192_inv{r}"] (the Inception-192 distance of Tables 3 / 6: the
-    Frobenius norm over the run's batch) with out[name][f"inv{r}"] the per-image details."""
+    Frobenius norm over the run's batch) with out[name][f"inv{r}"] the per-image details. The
+    Inception's input is made as generation.fid_preprocess says ("author": the author's truncation to
+    uint8 and resize on uint8, as his Inception-192 cell), recorded in out["preprocessing"]."""
     c, test = study.config.inversion, study.test_split()
     settings = c.budget()
     extractor = inception.load_fid_inception()
-    out: dict[str, Any] = {"settings": asdict(settings), "protocol": asdict(c)}
+    preprocessing = study.config.generation.fid_preprocess  # one Inception input for FID and this distance
+    out: dict[str, Any] = {
+        "settings": asdict(settings),
+        "protocol": asdict(c),
+        "preprocessing": preprocessing,
+        "resize": inception.PREPROCESSING[preprocessing],
+    }
     for r in range(1, c.runs + 1):
         plan = plan_inversion_run(
             test.labels, run=r, seed=study.config.seed, image_sources=c.image_sources, noise=c.noise
@@ -38,7 +46,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             result = inversions(
                 study.model(name), sources, targets, settings=settings, workers=study.config.workers, chunk=1
             )
-            per_image, batch = fid.inception_distance(extractor, targets, result["images"])
+            per_image, batch = fid.inception_distance(extractor, targets, result["images"], preprocessing=preprocessing)
             inverted[name] = to_uint8(result["images"])
             out.setdefault(name, {})[f"inception192_inv{r}"] = batch
             out[name][f"inv{r}"] = {
@@ -79,13 +87,15 @@ def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> li
         (f"Inv. {r} ({number[f'inv{r}']}): target | source | robust | standard", Location(inv[f"inv{r}"]["figure"]))
         for r in runs
     ]
+    preprocessing = inv.get("preprocessing", "robint")  # results from before it was recorded: robint's
     return [
         Section(
             f"Representation inversion ({number['inversion']}, {number['inv1']}, {number['inv2']})",
             "Each run inverts one test image from two test images of other classes and one grey-noise image "
             "(0.5 + U/20), as the authors' notebooks; Inv. 2 is a second draw. Inception-192 distance between "
             "the original and the inverted images: the Frobenius norm over the run's batch of 3, as the "
-            "authors computed it.",
+            f"authors computed it; Inception input: {preprocessing} "
+            "(generation.fid_preprocess).",
             [Table("Inception-192 distance (lower is closer)", header, rows)],
             figures,
         )

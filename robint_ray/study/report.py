@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from ..config import PGDSettings
-from ..data import load_split
+from ..config import PGDSettings, TrainConfig
+from ..data import holdout_indices, load_split
 from ..report import Section, Table, code_version, hardware, write_report
 from ..storage import Location
+from ..train import load_data
 from . import claims
 from .config import PAPER
 
@@ -30,7 +31,8 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str], stages
     """The report of a study whose `stages` (modules with NAME and sections(), in order) returned
     `results` (by stage name); Ray ran on `nodes`."""
     c, paper = study.config, PAPER[study.config.paper]
-    settings = run_settings(study, results)
+    images = images_used(study, results)
+    settings = run_settings(study, results, images)
     tested = claims.claims(results, paper)
     data = {
         "config": asdict(c),
@@ -41,6 +43,7 @@ def build_report(study: Study, results: dict[str, Any], nodes: list[str], stages
         "paper": paper,
         "run_settings": settings,
         "claims": tested,
+        "images": images,
         "results": results,
     }
     sections = [run_section(study, data), claims.section(tested), settings_section(settings, paper["settings"])]
@@ -98,9 +101,59 @@ def settings_section(ours: dict[str, Any], paper: dict[str, Any]) -> Section:
     )
 
 
-def run_settings(study: Study, results: dict[str, Any]) -> dict[str, Any]:
+def training_images(cfg: TrainConfig) -> dict[str, int]:
+    """The training images of a run: the training split's size (`split`), its fit part (`fit`) and the
+    part held out of it for model selection (`held_out`), how many of the fit part it trained on
+    (`trained_on`: data.train_n's draw, else all) and how many held-out images it evaluated each epoch
+    (`per_epoch`: data.val_n's draw, the same every epoch, else all)."""
+    train = load_split(cfg.data.path, "train")
+    fit, held_out = holdout_indices(train.labels, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    return {
+        "split": len(train),
+        "fit": len(fit),
+        "held_out": len(held_out),
+        "trained_on": len(load_data(cfg, "fit")),
+        "per_epoch": len(load_data(cfg, "val")),
+    }
+
+
+def images_used(study: Study, results: dict[str, Any]) -> dict[str, Any]:
+    """Per model trained here, training_images(its config); and the test split's size beside the images
+    the evaluation's PGD used (`test`: {"split", "evaluated"})."""
+    c, seen = study.config, {}
+    out: dict[str, Any] = {}
+    for name in MODELS:
+        if getattr(c, name).train is not None:
+            cfg = study.train_config(name)
+            key = (cfg.data, cfg.seed)  # both models usually draw the same images: count them once
+            if key not in seen:
+                seen[key] = training_images(cfg)
+            out[name] = seen[key]
+    evaluated = results["evaluation"]["robust"]["pgd"]["n"]
+    out["test"] = {"split": len(study.test_split()), "evaluated": evaluated}
+    return out
+
+
+def part_of(part: int, whole: int) -> str:
+    """The part's size alone where it is the whole, else "part of whole"."""
+    return str(part) if part == whole else f"{part} of {whole}"
+
+
+def describe_training_images(images: dict[str, int]) -> str:
+    """training_images' counts in words: "800 (fit part: 800 + 200 held out = the training split's 1000)"."""
+    trained_on = part_of(images["trained_on"], images["fit"])
+    parts = f"fit part: {images['fit']} + {images['held_out']} held out = the training split's {images['split']}"
+    return f"{trained_on} ({parts})"
+
+
+def describe_validation_images(images: dict[str, int]) -> str:
+    """training_images' validation counts in words: "2000 of 4500 held out, the same each epoch"."""
+    return f"{part_of(images['per_epoch'], images['held_out'])} held out, the same each epoch"
+
+
+def run_settings(study: Study, results: dict[str, Any], images: dict[str, Any]) -> dict[str, Any]:
     """This run's values of the settings in PAPER[...]["settings"] (same keys), from the study config,
-    the models' training configs and what the stages recorded."""
+    the models' training configs, the images they used (`images_used`) and what the stages recorded."""
     c, g = study.config, results["generation"]
     trained = {name: study.train_config(name) for name in MODELS if getattr(c, name).train is not None}
 
@@ -114,20 +167,37 @@ def run_settings(study: Study, results: dict[str, Any]) -> dict[str, Any]:
         return read(trained[name]) if name in trained else f"checkpoint ({getattr(c, name).checkpoint})"
 
     robust = trained.get("robust")
-    a, evaluation = c.attributions, results["evaluation"]["robust"]
+    a, test = c.attributions, images["test"]
+
+    def batch_norm(cfg) -> str:
+        if c.workers == 1 or cfg.sync_batch_norm:
+            return "the whole batch"
+        return f"{cfg.batch_size // c.workers} images a worker"
+
     return {
         "architecture": per_model(lambda name: study.model(name).arch),
-        "training images": len(load_split(c.data, "train")),
+        "initial weights": per_model(
+            lambda name: train_value(name, lambda cfg: f"{Path(cfg.init).name} (given)" if cfg.init else "random")
+        ),
+        "training images": per_model(lambda name: train_value(name, lambda _: describe_training_images(images[name]))),
+        "validation images per epoch": per_model(
+            lambda name: train_value(name, lambda _: describe_validation_images(images[name]))
+        ),
         "epochs": per_model(lambda name: train_value(name, lambda cfg: cfg.epochs)),
         "batch size": per_model(lambda name: train_value(name, lambda cfg: cfg.batch_size)),
+        "gradient clipping": per_model(
+            lambda name: train_value(name, lambda cfg: f"+-{cfg.grad_clip:g} per value" if cfg.grad_clip else "none")
+        ),
+        "batch norm over": per_model(lambda name: train_value(name, batch_norm)),
         "robust training PGD": robust.pgd.describe() if robust else f"checkpoint ({c.robust.checkpoint})",
-        "test images (clean, PGD)": evaluation["pgd"]["n"],
+        "test images (clean, PGD)": part_of(test["evaluated"], test["split"]),
         "evaluation PGD": c.evaluation.describe(),
-        "AutoAttack images": (evaluation.get("autoattack") or {}).get("n", 0),
+        "AutoAttack images": (results["evaluation"]["robust"].get("autoattack") or {}).get("n", 0),
         "explained images": a.n,
         "explained class": a.target,
         "IG baselines x steps": f"{a.ig_baselines} x {a.ig_steps}",
         "SHAP samples, background": f"{a.shap_nsamples}, {a.shap_background}",
+        "SHAP background from": a.background,
         "generated images a class": c.generation.per_class,
         "generation PGD": PGDSettings(**g["robust"]["settings"]).describe(),
         "class seeds pooled by": g["robust"]["seed_pool"],
