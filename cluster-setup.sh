@@ -29,7 +29,7 @@ if [ "$kind" = gpu ]; then
   fi
 fi
 
-if [ "$("$uv" --version 2>/dev/null)" != "uv $UV_VERSION" ]; then
+if [ "$("$uv" --version 2>/dev/null | cut -d" " -f2)" != "$UV_VERSION" ]; then  # "uv 0.13.10 (x86_64-...)"
   curl -LsSf "https://astral.sh/uv/$UV_VERSION/install.sh" | env UV_INSTALL_DIR="$HOME/.local/bin" UV_NO_MODIFY_PATH=1 sh
 fi
 test -x "$venv/bin/python" || "$uv" venv -q --python "$PYTHON" "$venv"
