@@ -15,7 +15,8 @@ set -euo pipefail
 
 UV_VERSION=0.13.10
 PYTHON=3.11
-kind=${1:?usage: cluster-setup.sh gpu|cpu}
+kind=${1:-}
+[ "$kind" = gpu ] || [ "$kind" = cpu ] || { echo "usage: cluster-setup.sh gpu|cpu" >&2; exit 2; }
 project=$(cd "$(dirname "$0")" && pwd)
 venv=$HOME/robint-venv
 uv=$HOME/.local/bin/uv
