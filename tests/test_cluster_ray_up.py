@@ -52,7 +52,7 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
 MISSING += [] if os.access(SSHD, os.X_OK) else ["sshd"]
 # slow: the wheel mirror (6 GB, about a minute) and the lock installed on both machines come on top
-# of the cluster's start, job and stop: 13 minutes on 2 cores shared with a training run.
+# of the cluster's start, job and stop: 13 to 16 minutes on 2 cores at load average 20-30.
 pytestmark = [
     pytest.mark.ray,
     pytest.mark.slow,
