@@ -131,12 +131,17 @@ class Cluster:
     status: Mapping[str, Any] | None = None
 
     def alive_of_type(self) -> dict[str, int]:
-        """Alive nodes per node type: the autoscaler's own count where its status is known, else the
-        alive nodes (not the head) whose CPUs and GPUs equal a type's stated ones."""
+        """Alive worker nodes per node type: the autoscaler's own count where its status is known (less
+        the head, which it counts under the head's type), else the alive nodes (not the head) whose CPUs
+        and GPUs equal a type's stated ones."""
         report = (self.status or {}).get("autoscaler_report") or {}
         if report.get("active_nodes") is not None:
-            return {name: int(n) for name, n in report["active_nodes"].items()}
-        counts: dict[str, int] = {}
+            counts = {name: int(n) for name, n in report["active_nodes"].items()}
+            for kind in self.types:
+                if kind.head and counts.get(kind.name):
+                    counts[kind.name] -= 1
+            return counts
+        counts = {}
         for node in self.alive:
             if node.head:
                 continue
@@ -146,10 +151,11 @@ class Cluster:
         return counts
 
     def may_add(self) -> dict[str, int]:
-        """Nodes per node type that the autoscaler may still start (heads excluded), before the
-        overall max_workers, which `room` applies."""
+        """Worker nodes per node type that the autoscaler may still start, before the overall
+        max_workers, which `room` applies. (The head's type starts workers only where its max_workers
+        says so: the local provider's one type.)"""
         alive = self.alive_of_type()
-        return {t.name: max(0, t.max_workers - alive.get(t.name, 0)) for t in self.types if not t.head}
+        return {t.name: max(0, t.max_workers - alive.get(t.name, 0)) for t in self.types if t.max_workers > 0}
 
 
 @dataclass(frozen=True)
@@ -169,9 +175,9 @@ def room(request: WorkerRequest, cluster: Cluster) -> tuple[int, int]:
     within the overall max_workers less the worker nodes alive of known types."""
     now = sum(request.per_node(node) for node in cluster.alive)
     left = None
-    if cluster.max_workers is not None:  # (the autoscaler's status counts the head, and unmanaged nodes, too)
+    if cluster.max_workers is not None:  # (the autoscaler's status may name nodes of no type of the config)
         alive = cluster.alive_of_type()
-        left = max(0, cluster.max_workers - sum(alive.get(t.name, 0) for t in cluster.types if not t.head))
+        left = max(0, cluster.max_workers - sum(alive.get(t.name, 0) for t in cluster.types))
     later = now
     by_type = {t.name: t for t in cluster.types}
     for name, count in sorted(cluster.may_add().items(), key=lambda item: -request.per_node(by_type[item[0]])):
@@ -189,9 +195,9 @@ def largest(nodes: Iterable[Node]) -> Node | None:
 
 def judge(job: Job, cluster: Cluster) -> Verdict:
     """How `job` meets `cluster` (see Verdict), with one line that says why."""
-    nodes = cluster.alive + [t for t in cluster.types if not t.head and t.max_workers > 0]
+    nodes = cluster.alive + [t for t in cluster.types if t.max_workers > 0]
     now, later = room(job.request, cluster)
-    unknown = [t.name for t in cluster.types if not t.known and not t.head and t.max_workers > 0]
+    unknown = [t.name for t in cluster.types if not t.known and t.max_workers > 0]
     if not any(job.request.fits(n) for n in nodes) and not unknown:
         big = largest(nodes)
         biggest = big.describe() if big else "the cluster has no nodes"
@@ -239,16 +245,16 @@ def alive_nodes() -> list[Node]:
 
 def node_types(config: Mapping[str, Any]) -> list[Node]:
     """The node types of a cluster config (a cluster.yaml as a dict), with their min_workers and
-    max_workers (a type's own, else the config's). Resources from each type's `resources`; a type
-    without them (the local provider's, or an AWS type left to Ray's instance catalogue) is
-    known=False."""
+    max_workers as Ray's autoscaler reads them (a type's own; else 0 for the head's type, the config's
+    max_workers for the others). Resources from each type's `resources`; a type without them (the local
+    provider's, or an AWS type left to Ray's instance catalogue) is known=False."""
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     nodes = []
     for name, spec in types.items():
         bounds = dict(
             min_workers=int(spec.get("min_workers", 0) or 0),
-            max_workers=int(spec.get("max_workers", config.get("max_workers", 0)) or 0),
+            max_workers=int(spec.get("max_workers", 0 if name == head else config.get("max_workers", 0)) or 0),
             head=name == head,
             alive=False,
         )
@@ -340,7 +346,7 @@ def problems(cluster: Cluster) -> list[str]:
     alive = cluster.alive_of_type()
     pending = report.get("pending_launches") or {}
     for kind in cluster.types:
-        if not kind.head and alive.get(kind.name, 0) < kind.min_workers:
+        if alive.get(kind.name, 0) < kind.min_workers:
             starting = pending.get(kind.name, 0) + sum(
                 1 for p in report.get("pending_nodes") or [] if p[1] == kind.name
             )

@@ -417,6 +417,8 @@ def local_input(where: str | os.PathLike) -> Path:
     temporary folder and the first to finish is kept."""
     from pyarrow import fs
 
+    if not is_uri(os.fspath(where)):
+        return Path(where)  # as given (relative or not)
     source = Location(where)
     if source.is_local:
         return source.local_path

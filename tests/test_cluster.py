@@ -136,6 +136,25 @@ def test_problems_of_an_autoscaled_cluster():
     assert problems(Cluster([head], node_types(GPU), 4, {"error": error}))[0] == "the autoscaler failed: boto3 said no"
 
 
+def test_the_local_providers_one_type_is_the_heads_and_the_workers():
+    """cluster-local.yaml as `ray up` fills it in (Ray's prepare_local): one node type, the head's, with
+    the workers' bounds and no stated resources; the autoscaler counts the head under it too."""
+    local = {
+        "max_workers": 1,
+        "head_node_type": "local.cluster.node",
+        "available_node_types": {
+            "local.cluster.node": {"node_config": {}, "resources": {}, "min_workers": 1, "max_workers": 1}
+        },
+    }
+    alive = [Node("h", 2, 0, head=True), Node("w", 2, 0)]
+    up = Cluster(alive, node_types(local), 1, {"autoscaler_report": {"active_nodes": {"local.cluster.node": 2}}})
+    assert up.alive_of_type() == {"local.cluster.node": 1} and problems(up) == []
+    assert judge(Job(1, WorkerRequest(cpus=1, gpus=1)), up).fits is None  # who knows what the workers have
+    assert judge(Job(2, WorkerRequest(cpus=1)), up).fits is True
+    down = Cluster(alive[:1], node_types(local), 1, {"autoscaler_report": {"active_nodes": {"local.cluster.node": 1}}})
+    assert problems(down) == ["node type 'local.cluster.node' wants min_workers 1, 0 alive"]
+
+
 @pytest.fixture
 def autoscaled(tmp_path, monkeypatch):
     """This process as if it had joined a cluster whose autoscaler (~/ray_bootstrap_config.yaml) may add

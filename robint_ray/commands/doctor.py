@@ -190,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             amounts = t.describe().split(": ", 1)[1] if t.known else "resources detected at start"
             lines.append(
                 f"  {t.name!r}: {amounts}; min_workers {t.min_workers}, max_workers {t.max_workers}, "
-                f"{'the head' if t.head else f'{alive.get(t.name, 0)} alive'}"
+                f"{alive.get(t.name, 0)} worker(s) alive" + (" (the head's type)" if t.head else "")
             )
         status = problems(cluster)
         lines.append("autoscaler: " + ("no problem reported" if not status else f"{len(status)} problem(s):"))
