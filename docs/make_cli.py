@@ -28,7 +28,8 @@ def main() -> None:
     print(
         "Every `robint` command and its options, as `robint COMMAND --help` prints them (made by "
         "`python docs/make_cli.py > docs/cli.md`). Bad input prints one line on stderr and exits with "
-        "status 2.\n"
+        "status 2; a cluster that cannot run the job (no room within `--wait-timeout`, a GPU that torch "
+        "cannot see) one line and status 1.\n"
     )
     for name, parser in subcommands().items():
         print(f"- [`robint {name}`](#robint-{name}): {COMMANDS[name]}")

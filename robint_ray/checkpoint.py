@@ -23,7 +23,7 @@ import torch
 from .errors import InputError, check
 from .files import file_hash
 from .models import Classifier, build_model, to_our_keys
-from .storage import Location
+from .storage import Location, local_input
 
 FORMAT = "robint-checkpoint-1"
 WEIGHTS, META = "model.safetensors", "meta.json"
@@ -135,8 +135,9 @@ def load_checkpoint(
 def load_weights(
     arch: str, path: str | Path, *, num_classes: int | None = None, device: str | torch.device = "cpu"
 ) -> Classifier:
-    """A model of architecture `arch` with the weights of a foreign file (see module docstring)."""
-    path = Path(path)
+    """A model of architecture `arch` with the weights of a foreign file (see module docstring), a
+    local path or a storage URI (`storage.local_input`)."""
+    path = local_input(path)
     check(path.is_file(), f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError

@@ -2,7 +2,8 @@
 
 Each command module has `configure(parser)` and `run(args) -> int`, and imports its heavy
 dependencies inside `run`, so that `robint --help` stays fast. Bad input (an `InputError`) becomes one
-line on stderr and exit status 2, never a traceback.
+line on stderr and exit status 2, a cluster that cannot run the job (a `ClusterError`) one line and exit
+status 1, never a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 
 from .allocator import tune_allocator
-from .errors import InputError
+from .errors import ClusterError, InputError
 
 COMMANDS = {
     "eval": "clean, PGD or AutoAttack accuracy of a model",
@@ -58,3 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"robint {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ClusterError as err:
+        print(f"robint {args.command}: {err}", file=sys.stderr)
+        return 1

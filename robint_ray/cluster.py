@@ -1,22 +1,38 @@
-"""The cluster's nodes, and whether one training worker's request fits any of them.
+"""The cluster's room for a job, one judgement for `robint train`, `tune`, `study` and `doctor`, and
+the one wait for that room.
 
-Ray Train asks for its whole worker group at once; a worker that fits no node (6 CPUs on a 4-vCPU
-machine) never starts, and Ray Train waits and retries forever. `check_fits` says so at once, in one
-line, before the trainer starts.
+A job is `workers` copies of one request (CPUs, GPUs, memory): Ray Train's worker group, the worker
+group of one Tune trial, or one Ray task of a study stage. Ray places a worker group all at once, and
+a request that no node can hold waits for ever. So, before anything starts, `judge` counts how many
+workers the cluster can hold at once, packing whole workers into nodes:
+- the alive nodes (`ray.nodes()`, their total resources: work that holds them now ends), and
+- with an autoscaler (in a process that joined a cluster whose autoscaler config is known:
+  ~/ray_bootstrap_config.yaml, which `ray up` writes on the head, or a cluster.yaml given to `robint
+  doctor --cluster-config`), what each node type may still add: max_workers nodes of it less those
+  alive, within the config's overall max_workers.
+A job that fits the alive nodes starts; one that only fits once the autoscaler adds nodes waits for
+them (`wait_for_room`, for at most `--wait-timeout` seconds, default $ROBINT_WAIT_TIMEOUT, else 30
+minutes), asking the autoscaler for them (Ray's `request_resources`); one that never fits is an
+InputError of one line, at once. A private local Ray (no cluster joined) is what it is: nothing joins it.
 
-A node is either alive (from `ray.nodes()`) or a node type an autoscaling cluster may still start
-(from the autoscaler's config: `~/ray_bootstrap_config.yaml`, which `ray up` writes on the head, or
-a cluster.yaml given by hand). Resources are Ray's: CPU and GPU counts, memory in bytes.
+Which node type an alive node is comes from the autoscaler's status where it runs (the counts `ray
+status` shows), else from its resources (a node whose CPUs and GPUs equal a type's stated ones).
+`problems` reads the same status for `robint doctor`: launch failures, and node types whose
+min_workers are not alive.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-from dataclasses import dataclass
+import math
+import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import InputError
+from .errors import ClusterError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -24,14 +40,21 @@ log = logging.getLogger(__name__)
 # (Ray's own default, ray.autoscaler._private.constants: the head's ~/ray_bootstrap_config.yaml).
 BOOTSTRAP_CONFIG = Path("~/ray_bootstrap_config.yaml")
 GIB = 1024**3
+# How long train, tune and study wait for the room a job needs (seconds): --wait-timeout, else this
+# environment variable, else DEFAULT_WAIT_S (an AWS GPU node takes minutes to launch and set up).
+WAIT_ENV = "ROBINT_WAIT_TIMEOUT"
+DEFAULT_WAIT_S = 1800.0
+# Where a cluster's launch problems are told, on its head.
+WHERE_TO_LOOK = "see `ray status -v` and /tmp/ray/session_latest/logs/monitor.* on the head"
 
 
 @dataclass(frozen=True)
 class Node:
-    """One node of the cluster, or one node type the autoscaler may start (alive=False).
+    """One alive node of the cluster, or one node type the autoscaler may start (alive=False).
 
     cpus / gpus: Ray's CPU and GPU resources; memory: Ray's `memory` resource in bytes (0: unknown).
     known=False: a node type whose resources the config does not state (Ray detects them at start).
+    min_workers / max_workers: a node type's bounds in the autoscaler config. head: the head node (type).
     """
 
     name: str
@@ -40,6 +63,9 @@ class Node:
     memory: float = 0
     alive: bool = True
     known: bool = True
+    min_workers: int = 0
+    max_workers: int = 0
+    head: bool = False
 
     def describe(self) -> str:
         where = f"node {self.name}" if self.alive else f"node type {self.name!r} (not started)"
@@ -48,27 +74,158 @@ class Node:
 
 @dataclass(frozen=True)
 class WorkerRequest:
-    """What one training worker asks Ray for: CPUs, GPUs and (0: no request) memory in bytes."""
+    """What one training worker (or one Ray task) asks Ray for: CPUs, GPUs and (0: none) memory in bytes."""
 
     cpus: float
     gpus: float = 0
     memory: float = 0
 
+    def per_node(self, node: Node) -> int:
+        """How many of these one node holds at once (0 where its resources are unknown)."""
+        if not node.known:
+            return 0
+        counts = [
+            math.floor(have / need + 1e-9)
+            for need, have in ((self.cpus, node.cpus), (self.gpus, node.gpus), (self.memory, node.memory))
+            if need > 0
+        ]
+        return min(counts) if counts else 1_000_000  # asks for nothing: any node holds it
+
     def fits(self, node: Node) -> bool:
-        return (
-            node.known
-            and self.cpus <= node.cpus
-            and self.gpus <= node.gpus
-            and (self.memory == 0 or self.memory <= node.memory)
-        )
+        return self.per_node(node) >= 1
+
+    def bundle(self) -> dict[str, float]:
+        """The request as a Ray resource bundle."""
+        amounts = {"CPU": self.cpus, "GPU": self.gpus, "memory": self.memory}
+        return {k: v for k, v in amounts.items() if v > 0}
 
     def describe(self) -> str:
         return _amounts(self.cpus, self.gpus, self.memory)
 
 
+@dataclass(frozen=True)
+class Job:
+    """`workers` copies of `request`, placed all at once. what: how messages name one worker."""
+
+    workers: int
+    request: WorkerRequest
+    what: str = "training worker"
+
+    def describe(self) -> str:
+        return f"{self.workers} {self.what}(s) of {self.request.describe()}"
+
+
 def _amounts(cpus: float, gpus: float, memory: float) -> str:
     text = f"{cpus:g} CPU + {gpus:g} GPU"
     return text + (f" + {memory / GIB:.1f} GiB" if memory else "")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the cluster has now and may add: alive nodes, node types (with an autoscaler), the
+    config's overall max_workers (None: no limit), and the autoscaler's status (None: not known)."""
+
+    alive: list[Node]
+    types: list[Node] = field(default_factory=list)
+    max_workers: int | None = None
+    status: Mapping[str, Any] | None = None
+
+    def alive_of_type(self) -> dict[str, int]:
+        """Alive worker nodes per node type: the autoscaler's own count where its status is known (less
+        the head, which it counts under the head's type), else the alive nodes (not the head) whose CPUs
+        and GPUs equal a type's stated ones."""
+        report = (self.status or {}).get("autoscaler_report") or {}
+        if report.get("active_nodes") is not None:
+            counts = {name: int(n) for name, n in report["active_nodes"].items()}
+            for kind in self.types:
+                if kind.head and counts.get(kind.name):
+                    counts[kind.name] -= 1
+            return counts
+        counts = {}
+        for node in self.alive:
+            if node.head:
+                continue
+            kind = next((t for t in self.types if t.known and (t.cpus, t.gpus) == (node.cpus, node.gpus)), None)
+            if kind is not None:
+                counts[kind.name] = counts.get(kind.name, 0) + 1
+        return counts
+
+    def may_add(self) -> dict[str, int]:
+        """Worker nodes per node type that the autoscaler may still start, before the overall
+        max_workers, which `room` applies. (The head's type starts workers only where its max_workers
+        says so: the local provider's one type.)"""
+        alive = self.alive_of_type()
+        return {t.name: max(0, t.max_workers - alive.get(t.name, 0)) for t in self.types if t.max_workers > 0}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a job meets a cluster. fits: True (the alive nodes hold it now), "later" (once the
+    autoscaler adds nodes), None (unknown: a node type states no resources), False (never)."""
+
+    fits: bool | str | None
+    text: str
+    holds_now: int = 0
+    holds_at_most: int = 0
+
+
+def room(request: WorkerRequest, cluster: Cluster) -> tuple[int, int]:
+    """(workers the alive nodes hold at once, workers they and the nodes the autoscaler may add hold):
+    whole workers packed per node; the added nodes taken from the types holding most workers first,
+    within the overall max_workers less the worker nodes alive of known types."""
+    now = sum(request.per_node(node) for node in cluster.alive)
+    left = None
+    if cluster.max_workers is not None:  # (the autoscaler's status may name nodes of no type of the config)
+        alive = cluster.alive_of_type()
+        left = max(0, cluster.max_workers - sum(alive.get(t.name, 0) for t in cluster.types))
+    later = now
+    by_type = {t.name: t for t in cluster.types}
+    for name, count in sorted(cluster.may_add().items(), key=lambda item: -request.per_node(by_type[item[0]])):
+        count = count if left is None else min(count, left)
+        later += count * request.per_node(by_type[name])
+        left = None if left is None else left - count
+    return now, later
+
+
+def largest(nodes: Iterable[Node]) -> Node | None:
+    """The node with the most GPUs, then CPUs, then memory (known resources only)."""
+    known = [n for n in nodes if n.known]
+    return max(known, key=lambda n: (n.gpus, n.cpus, n.memory), default=None)
+
+
+def judge(job: Job, cluster: Cluster) -> Verdict:
+    """How `job` meets `cluster` (see Verdict), with one line that says why."""
+    nodes = cluster.alive + [t for t in cluster.types if t.max_workers > 0]
+    now, later = room(job.request, cluster)
+    unknown = [t.name for t in cluster.types if not t.known and t.max_workers > 0]
+    if not any(job.request.fits(n) for n in nodes) and not unknown:
+        big = largest(nodes)
+        biggest = big.describe() if big else "the cluster has no nodes"
+        return Verdict(
+            False,
+            f"one {job.what} needs {job.request.describe()}, which fits no node of the cluster: "
+            f"the largest is {biggest}",
+        )
+    counts = f"the alive nodes hold {now}" + (f", {later} with the nodes the autoscaler may add" if later > now else "")
+    if now >= job.workers:
+        return Verdict(True, counts, now, later)
+    if later >= job.workers:
+        by_type = {t.name: t for t in cluster.types}
+        adds = ", ".join(
+            f"{n} x {name!r}" for name, n in cluster.may_add().items() if n and job.request.fits(by_type[name])
+        )
+        return Verdict("later", f"{counts} (the autoscaler may add {adds})", now, later)
+    if unknown:
+        return Verdict(
+            None,
+            f"{counts}; node type(s) {', '.join(unknown)} state no resources (detected when one starts)",
+            now,
+            later,
+        )
+    return Verdict(False, f"{job.describe()} need room for {job.workers}, {counts}: use fewer workers", now, later)
+
+
+# --- reading the cluster ---------------------------------------------------------------------------
 
 
 def alive_nodes() -> list[Node]:
@@ -81,75 +238,201 @@ def alive_nodes() -> list[Node]:
             continue
         res = info.get("Resources", {})
         name = f"{info['NodeID'][:8]} ({info.get('NodeManagerAddress', '?')})"
-        nodes.append(Node(name, res.get("CPU", 0), res.get("GPU", 0), res.get("memory", 0)))
+        head = "node:__internal_head__" in res
+        nodes.append(Node(name, res.get("CPU", 0), res.get("GPU", 0), res.get("memory", 0), head=head))
     return nodes
 
 
 def node_types(config: Mapping[str, Any]) -> list[Node]:
-    """The node types of a cluster config (a cluster.yaml as a dict) that may run workers: every
-    type with max_workers > 0, and the head type. Resources from each type's `resources`; a type
-    without them (the local provider's, or an AWS type left to Ray's instance catalogue) is
-    known=False."""
+    """The node types of a cluster config (a cluster.yaml as a dict), with their min_workers and
+    max_workers as Ray's autoscaler reads them (a type's own; else 0 for the head's type, the config's
+    max_workers for the others). Resources from each type's `resources`; a type without them (the local
+    provider's, or an AWS type left to Ray's instance catalogue) is known=False."""
     types = config.get("available_node_types") or {}
     head = config.get("head_node_type")
     nodes = []
     for name, spec in types.items():
-        if name != head and int(spec.get("max_workers", config.get("max_workers", 0)) or 0) <= 0:
-            continue
+        bounds = dict(
+            min_workers=int(spec.get("min_workers", 0) or 0),
+            max_workers=int(spec.get("max_workers", 0 if name == head else config.get("max_workers", 0)) or 0),
+            head=name == head,
+            alive=False,
+        )
         res = spec.get("resources")
         if not res or "CPU" not in res:
-            nodes.append(Node(name, 0, 0, 0, alive=False, known=False))
+            nodes.append(Node(name, 0, 0, 0, known=False, **bounds))
             continue
-        nodes.append(Node(name, res.get("CPU", 0), res.get("GPU", 0), res.get("memory", 0), alive=False))
+        nodes.append(Node(name, res.get("CPU", 0), res.get("GPU", 0), res.get("memory", 0), **bounds))
     return nodes
 
 
 def load_cluster_config(path: str | Path) -> dict[str, Any]:
     import yaml
 
-    return yaml.safe_load(Path(path).expanduser().read_text())
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise InputError(f"cluster config not found: {path}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def autoscaler_config(cluster_config: str | Path | None = None) -> tuple[Path | None, dict[str, Any] | None]:
+    """(path, config) of the autoscaler's config: `cluster_config` if given, else, in a process that
+    joined a cluster, ~/ray_bootstrap_config.yaml where it exists (on the head of a `ray up` cluster);
+    (None, None) where there is none (a private local Ray has no autoscaler)."""
+    from .distributed import joined_cluster
+
+    if cluster_config is not None:
+        return Path(cluster_config), load_cluster_config(cluster_config)
+    path = BOOTSTRAP_CONFIG.expanduser()
+    if joined_cluster() and path.is_file():
+        return path, load_cluster_config(path)
+    return None, None
+
+
+def autoscaler_status() -> dict[str, Any] | None:
+    """The status the autoscaler (v1, as `ray up` runs it) last published, as `ray status` reads it:
+    {"autoscaler_report": {active_nodes, pending_launches, failed_nodes, node_availability_summary,
+    ...}, "error": its last fatal error}; None where no autoscaler runs. From the GCS's internal
+    key-value store: Ray has no public API for it (`ray status` reads the same keys the same way)."""
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_initialized
+
+    if not _internal_kv_initialized():
+        return None
+    raw = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)
+    error = _internal_kv_get(ray_constants.DEBUG_AUTOSCALING_ERROR)
+    if raw is None and error is None:
+        return None
+    status = json.loads(raw) if raw else {}
+    if error:
+        status["error"] = error.decode(errors="replace")
+    return status
+
+
+def read_cluster(cluster_config: str | Path | None = None) -> Cluster:
+    """The cluster this process is connected to: alive nodes, and where an autoscaler config is known
+    (`autoscaler_config`), its node types, max_workers and the autoscaler's status."""
+    _, config = autoscaler_config(cluster_config)
+    if config is None:
+        return Cluster(alive_nodes())
+    overall = config.get("max_workers")
+    return Cluster(alive_nodes(), node_types(config), None if overall is None else int(overall), autoscaler_status())
 
 
 def cluster_nodes(cluster_config: str | Path | None = None) -> list[Node]:
-    """Alive nodes, then the node types of the autoscaler's config: `cluster_config` if given, else
-    ~/ray_bootstrap_config.yaml where it exists (on the head of a `ray up` cluster)."""
-    nodes = alive_nodes()
-    path = Path(cluster_config) if cluster_config is not None else BOOTSTRAP_CONFIG.expanduser()
-    if cluster_config is not None or path.is_file():
-        nodes += node_types(load_cluster_config(path))
-    return nodes
+    """Alive nodes, then the node types the autoscaler may start (see `read_cluster`)."""
+    cluster = read_cluster(cluster_config)
+    return cluster.alive + cluster.types
 
 
-def largest(nodes: Iterable[Node]) -> Node | None:
-    """The node with the most GPUs, then CPUs, then memory (known resources only)."""
-    known = [n for n in nodes if n.known]
-    return max(known, key=lambda n: (n.gpus, n.cpus, n.memory), default=None)
+def problems(cluster: Cluster) -> list[str]:
+    """What keeps an autoscaled cluster from being ready, one line each: its autoscaler's fatal error,
+    node launches that failed (and why, where it says), node types with fewer alive nodes than their
+    min_workers."""
+    status = cluster.status or {}
+    report = status.get("autoscaler_report") or {}
+    found = []
+    if status.get("error"):
+        # Ray's monitor writes "The autoscaler failed with the following error:\n<the error>"
+        found.append(f"the autoscaler failed: {_first_line(status['error'].split('following error:', 1)[-1])}")
+    availability = (report.get("node_availability_summary") or {}).get("node_availabilities") or {}
+    for name, record in sorted(availability.items()):
+        if not record.get("is_available", True):
+            info = record.get("unavailable_node_information") or {}
+            why = ": ".join(x for x in (info.get("category"), _first_line(info.get("description") or "")) if x)
+            found.append(f"the autoscaler could not launch node type {name!r} ({why or 'no reason given'})")
+    for _, name in report.get("failed_nodes") or []:
+        found.append(f"a node of type {name!r} was launched but failed to set up or start Ray")
+    alive = cluster.alive_of_type()
+    pending = report.get("pending_launches") or {}
+    for kind in cluster.types:
+        if alive.get(kind.name, 0) < kind.min_workers:
+            starting = pending.get(kind.name, 0) + sum(
+                1 for p in report.get("pending_nodes") or [] if p[1] == kind.name
+            )
+            found.append(
+                f"node type {kind.name!r} wants min_workers {kind.min_workers}, {alive.get(kind.name, 0)} alive"
+                + (f" ({starting} starting)" if starting else "")
+            )
+    return found
 
 
-def fit_verdict(request: WorkerRequest, nodes: list[Node]) -> tuple[bool | None, str]:
-    """(True, the first node that holds one worker), (False, why not: the largest node), or
-    (None, why unknown) when nothing fits but a node type's resources are unknown."""
-    for node in nodes:
-        if request.fits(node):
-            return True, node.describe()
-    unknown = [n.name for n in nodes if not n.known]
-    big = largest(nodes)
-    biggest = big.describe() if big else "the cluster has no nodes"
-    if unknown:
-        return None, (
-            f"no node holds {request.describe()} yet; node type(s) {', '.join(unknown)} state no "
-            f"resources (largest known: {biggest})"
-        )
-    return False, f"the largest is {biggest}"
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
-def check_fits(request: WorkerRequest, nodes: list[Node], *, what: str = "one training worker") -> None:
-    """Raise InputError (one line) when no node can hold `request`; warn when that is unknown."""
-    fits, why = fit_verdict(request, nodes)
-    if fits is False:
-        raise InputError(f"{what} needs {request.describe()}, which fits no node of the cluster: {why}")
-    if fits is None:
-        log.warning("%s: %s", what, why)
+# --- waiting for room ------------------------------------------------------------------------------
+
+
+def wait_timeout(given: float | None = None) -> float:
+    """Seconds to wait for room: `given`, else $ROBINT_WAIT_TIMEOUT, else DEFAULT_WAIT_S."""
+    if given is None:
+        text = os.environ.get(WAIT_ENV)
+        try:
+            given = DEFAULT_WAIT_S if not text else float(text)
+        except ValueError as err:
+            raise InputError(f"${WAIT_ENV} must be a number of seconds, got {text!r}") from err
+    if not given >= 0:
+        raise InputError(f"the wait timeout must be >= 0 seconds, got {given}")
+    return float(given)
+
+
+def wait_for_room(job: Job, *, timeout_s: float | None = None, poll_s: float = 5.0) -> None:
+    """Return once the alive nodes can hold the whole job (Ray then places it). A job the cluster can
+    never hold is an InputError of one line, at once; one that only an autoscaler's new nodes can hold
+    is waited for (the autoscaler asked for them through `ray.autoscaler.sdk.request_resources`, and the
+    request withdrawn at the end), logging what it waits for, and given up after timeout_s (None:
+    `wait_timeout()`) with a ClusterError of one line. Joins or starts Ray (init_ray)."""
+    from .distributed import init_ray
+
+    timeout_s = wait_timeout(timeout_s)
+    init_ray()
+    cluster = read_cluster()
+    verdict = judge(job, cluster)
+    if verdict.fits is True:
+        return
+    if verdict.fits is False:  # (without an autoscaler, nothing is added: the verdict is True or False)
+        raise InputError(verdict.text)
+    log.info(
+        "waiting up to %g s (--wait-timeout, $%s) for room for %s: %s",
+        timeout_s,
+        WAIT_ENV,
+        job.describe(),
+        verdict.text,
+    )
+    _ask_autoscaler([job.request.bundle()] * job.workers)
+    deadline = time.monotonic() + timeout_s
+    told = time.monotonic()
+    try:
+        while True:
+            if time.monotonic() >= deadline:
+                found = problems(cluster)
+                raise ClusterError(
+                    f"gave up after {timeout_s:g} s waiting for room for {job.describe()}: {verdict.text}"
+                    + (f"; {found[0]}" if found else "")
+                    + f"; {WHERE_TO_LOOK}. What was done is kept: rerun the same command to go on"
+                )
+            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+            cluster = read_cluster()
+            verdict = judge(job, cluster)
+            if verdict.fits is True:
+                log.info("room for %s: %s", job.describe(), verdict.text)
+                return
+            if verdict.fits is False:
+                raise InputError(verdict.text)
+            if time.monotonic() - told >= 60:
+                told = time.monotonic()
+                log.info("still waiting for room for %s: %s", job.describe(), verdict.text)
+    finally:
+        _ask_autoscaler([])
+
+
+def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler for these bundles ([]: withdraw the request); nothing without one."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundles)
 
 
 # --- the shipped configs -------------------------------------------------------------------------

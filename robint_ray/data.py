@@ -1,6 +1,7 @@
 """Datasets: CIFAR-10 (array file, official batches, or the bundled sample) and 128-px ImageFolders.
 
-`load_split(path, split)` is the one entry point. `path` is one of
+`load_split(path, split)` is the one entry point. `path` (a local path, or a storage URI such as
+s3://bucket/data/cifar10.npz, downloaded once per node: `storage.local_input`) is one of
 - `sample`: the real CIFAR-10 sample shipped inside the package (`assets/cifar10_sample.npz`: the
   first 100 train images of each class and the first 500 test images, exact pixels from
   `shared/data/cifar10`; described in README.md's Data section, made by
@@ -35,6 +36,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import InputError, check
+from .storage import local_input
 
 SPLITS = ("train", "test", "fit", "val")
 # the image files of an ImageFolder class folder and of fid.py's folder sources: one list for both
@@ -240,7 +242,7 @@ def load_split(
     """One split of a dataset (see the module docstring). augment applies the training augmentation
     (only to `train` and `fit`)."""
     check(split in SPLITS, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    path = sample_path() if str(path) == "sample" else Path(path)
+    path = sample_path() if str(path) == "sample" else local_input(path)
     check(path.exists(), f"data path not found: {path}")
     augment = augment and split in ("train", "fit")
 

@@ -6,7 +6,11 @@ results come back in shard order (`fan_out`) or as they finish (`fan_out_iter`, 
 the fly); a task whose worker dies is retried alone; a bounded window of tasks is in flight; a
 progress bar counts images, also those a task reports before it ends (`report_progress`). Each task
 asks for `num_gpus` (fractions allowed) and `num_cpus` and runs on its own device (`task_device`: the
-GPU Ray gave it, else the CPU); the driver never touches CUDA.
+GPU Ray gave it, else the CPU); the driver never touches CUDA. A task that Ray gave a GPU on a node where
+torch sees no CUDA device fails, in one line that names the node (a ClusterError): it would otherwise
+hold the GPU at CPU speed. Tests that simulate GPU nodes on a CPU machine (`ray start --num-gpus 1`) say
+so with ROBINT_SIMULATED_GPUS=1 in the driver's environment: such tasks then run on the CPU. A real run
+never sets it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import socket
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from .errors import InputError, check
+from .errors import ClusterError, InputError, check
 
 if TYPE_CHECKING:
     import torch
@@ -27,21 +31,29 @@ log = logging.getLogger(__name__)
 
 _JOINED = False  # set by init_ray when it joined a running cluster
 
+# Set to 1 (in the driver's environment) only by tests whose GPU nodes are simulated on CPUs.
+SIMULATED_GPUS = "ROBINT_SIMULATED_GPUS"
+
+
+def recorded_cluster_file() -> str:
+    """Where `ray start` on this machine records its cluster's address: Ray's default temp folder
+    ($RAY_TMPDIR, else $TMPDIR, else /tmp), then ray/ray_current_cluster (`ray stop` removes it)."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return os.path.join(base, "ray", "ray_current_cluster")
+
 
 def recorded_cluster() -> str | None:
-    """The address ("ip:port") that `ray start` on this machine recorded for its cluster, in Ray's
-    default temp folder ($RAY_TMPDIR, else $TMPDIR, else /tmp, then ray/ray_current_cluster; `ray stop`
-    removes it), or None. The file is Ray's documented way of finding "the cluster on this machine"
-    (ray.init's address="auto"); read here directly, since the helper that reads it is private."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    """The address ("ip:port") that `ray start` on this machine recorded for its cluster
+    (`recorded_cluster_file`), or None. The file is Ray's documented way of finding "the cluster on this
+    machine" (ray.init's address="auto"); read here directly, since the helper that reads it is private."""
     try:
-        text = open(os.path.join(base, "ray", "ray_current_cluster")).read().strip()
+        text = open(recorded_cluster_file()).read().strip()
     except OSError:
         return None
     return text or None
 
 
-def _answers(address: str, timeout: float = 2.0) -> bool:
+def tcp_answers(address: str, timeout: float = 2.0) -> bool:
     """Whether something accepts TCP connections at "host:port" (a live GCS, not a stale file)."""
     host, _, port = address.rpartition(":")
     try:
@@ -58,7 +70,7 @@ def running_cluster() -> str | None:
     if address:
         return address
     recorded = recorded_cluster()
-    return recorded if recorded and _answers(recorded) else None
+    return recorded if recorded and tcp_answers(recorded) else None
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -168,15 +180,22 @@ _TASK: dict[str, Any] = {"device": None, "progress": None, "index": None}
 
 
 def task_device(default: str | torch.device = "cpu") -> torch.device:
-    """The device of the running fan_out task: cuda where Ray gave it a GPU and torch sees one, else
-    cpu. Outside a task: `default`."""
+    """The device of the running fan_out task: cuda where Ray gave it a GPU, else cpu (a GPU torch
+    cannot see fails the task, see the module docstring). Outside a task: `default`."""
     import torch
 
     device = _TASK["device"]
     return torch.device(default) if device is None else device
 
 
-def _device_of_this_task() -> torch.device:
+def simulated_gpus() -> bool:
+    """Whether the driver's environment says that the cluster's GPUs are simulated (tests only)."""
+    return os.environ.get(SIMULATED_GPUS) == "1"
+
+
+def _device_of_this_task(simulated: bool) -> torch.device:
+    """cuda where Ray gave this task a GPU, cpu where it gave none. A GPU torch cannot see is a
+    ClusterError naming the node, unless the driver said the GPUs are simulated."""
     import ray
     import torch
 
@@ -184,10 +203,14 @@ def _device_of_this_task() -> torch.device:
     if not gpus:
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        if not _TASK.get("warned"):  # once per worker process
-            log.warning("task given GPU(s) %s by Ray, but torch sees no CUDA device here: running on the CPU", gpus)
-            _TASK["warned"] = True
-        return torch.device("cpu")
+        if simulated:
+            return torch.device("cpu")
+        node = ray.get_runtime_context().get_node_id()
+        raise ClusterError(
+            f"node {ray.util.get_node_ip_address()} (id {node[:8]}): Ray gave a task GPU {gpus[0]}, but torch "
+            f"{torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device there: no NVIDIA driver, or one "
+            f"too old for CUDA {torch.version.cuda} (robint doctor checks every node)"
+        )
     return torch.device("cuda")  # Ray set CUDA_VISIBLE_DEVICES to the task's GPU: it is cuda:0 here
 
 
@@ -275,7 +298,14 @@ def _shared_values(refs: Sequence[Any], device) -> list[Any]:
 
 
 def _run_shard(
-    fn: Callable, shard: Any, index: int, threads: int, names: tuple[str, ...], refs: list, progress: Any
+    fn: Callable,
+    shard: Any,
+    index: int,
+    threads: int,
+    names: tuple[str, ...],
+    refs: list,
+    progress: Any,
+    simulated: bool,
 ) -> tuple[Any, str, str]:
     import ray
     import torch
@@ -284,7 +314,7 @@ def _run_shard(
 
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
     tune_allocator()
-    device = _device_of_this_task()
+    device = _device_of_this_task(simulated)
     _TASK.update(device=device, progress=progress, index=index)
     try:
         result = fn(_move(shard, device), **dict(zip(names, _shared_values(refs, device))))
@@ -320,7 +350,7 @@ def fan_out_iter(
 
     shared: keyword arguments common to every call (a model, say); each is put into the object store
     once; a torch module among them is moved to the task's device (`task_device()`: cuda where Ray gave
-    the task a GPU and torch sees one, else cpu), as are the tensors of the shard; result tensors come
+    the task a GPU, else cpu), as are the tensors of the shard; result tensors come
     back on the CPU. num_cpus / num_gpus: resources per task (fractions allowed; torch in the task uses
     int(num_cpus) threads); None: those of the enclosing `task_resources` block, else 1 CPU, no GPU.
     max_retries: how often a task lost with its worker (process killed, node gone) is run again, alone;
@@ -342,6 +372,7 @@ def fan_out_iter(
     refs = [ray.put(value) for value in (shared or {}).values()]
     remote = _remote_shard(fn, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
     threads = max(1, int(num_cpus))
+    simulated = simulated_gpus()
     bar = _Progress(list(sizes) if sizes is not None else [1] * len(shards), desc=desc, unit=unit, shown=progress)
     pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than `window`
     devices: dict[str, int] = {}
@@ -350,16 +381,15 @@ def fan_out_iter(
     try:
         while next_shard < len(shards) or pending:
             while next_shard < len(shards) and len(pending) < window:
-                pending[remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, bar.counter)] = (
-                    next_shard
-                )
+                call = remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, bar.counter, simulated)
+                pending[call] = next_shard
                 bar.started(next_shard)
                 next_shard += 1
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0 if bar.counter is not None else None)
             bar.poll()
             for ref in done:
                 i = pending.pop(ref)
-                result, node, device = ray.get(ref)
+                result, node, device = _result(ref, pending)
                 del ref
                 nodes.add(node)
                 devices[device] = devices.get(device, 0) + 1
@@ -371,6 +401,21 @@ def fan_out_iter(
         _NODES_USED.update(nodes)
         _DEVICES_USED.update(devices)
         _log_placement(desc or fn.__name__, nodes, devices, num_cpus=num_cpus, num_gpus=num_gpus)
+
+
+def _result(ref, pending: dict) -> tuple[Any, str, str]:
+    """ray.get(ref); a ClusterError or InputError the task raised comes back as itself (one line, not
+    Ray's traceback), and the other tasks in flight are cancelled."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        if not isinstance(err.cause, (ClusterError, InputError)):
+            raise
+        for other in pending:
+            ray.cancel(other)
+        raise err.cause from None
 
 
 def _resources_per_task(num_cpus: float | None, num_gpus: float | None) -> tuple[float, float]:

@@ -40,6 +40,7 @@ from .errors import InputError, check
 from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
 from .models import on_cpu
 from .shards import Shard, consecutive_shards
+from .storage import Location, is_uri, local_input
 
 log = logging.getLogger(__name__)
 
@@ -241,11 +242,13 @@ class ImageSource:
 
 
 def open_source(path: str | Path, split: str | None = None) -> ImageSource:
-    """An ImageSource for `path` (see the module docstring); `split` names a dataset split."""
+    """An ImageSource for `path` (see the module docstring), a local path or a storage URI (its
+    `path` stays the URI: each task's node reads its own copy, `storage.local_input`); `split` names a
+    dataset split."""
     if split is not None:  # a dataset (load_split checks the path); `sample`: the bundled one
-        path = sample_path() if str(path) == "sample" else Path(path)
-        return ImageSource("split", str(path), len(load_split(path, split)), split=split)
-    path = Path(path)
+        path = sample_path() if str(path) == "sample" else path
+        return ImageSource("split", _origin(path), len(load_split(path, split)), split=split)
+    origin, path = _origin(path), local_input(path)
     check(path.exists(), f"image source not found: {path}")
     if path.is_dir():
         check(
@@ -254,10 +257,15 @@ def open_source(path: str | Path, split: str | None = None) -> ImageSource:
         )
         files = tuple(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         check(files, f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or below it")
-        return ImageSource("folder", str(path), len(files), files=files)
+        return ImageSource("folder", origin, len(files), files=files)
     check(path.suffix == ".npz", f"{path}: not a .npz array file or a folder of images")
     images = _array_images(str(path), path.stat().st_mtime_ns)
-    return ImageSource("array", str(path), len(images))
+    return ImageSource("array", origin, len(images))
+
+
+def _origin(path: str | Path) -> str:
+    """How an ImageSource names its path: a storage URI as such, a local path as given."""
+    return Location(path).uri if is_uri(str(path)) else str(path)
 
 
 def _stored_member(path: str, member: str) -> np.ndarray | None:
@@ -319,9 +327,10 @@ def read_images(source: ImageSource, start: int, stop: int) -> torch.Tensor | li
     """Images start..stop-1 of a source: a uint8 (n, C, H, W) batch, or for folders and ImageFolder
     splits a list of (C, H, W) images (their sizes may differ; uint8, or float in [0, 1])."""
     check(0 <= start <= stop <= source.count, f"images {start}..{stop} outside 0..{source.count} of {source.path}")
-    mtime = Path(source.path).stat().st_mtime_ns
+    local = local_input(source.path)  # (a source in storage: this node's copy, its folder's files included)
+    mtime = local.stat().st_mtime_ns
     if source.kind == "array":
-        return torch.from_numpy(np.ascontiguousarray(_array_images(source.path, mtime)[start:stop])).permute(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(_array_images(str(local), mtime)[start:stop])).permute(0, 3, 1, 2)
     if source.kind == "folder":
         from PIL import Image, UnidentifiedImageError
 
@@ -334,7 +343,7 @@ def read_images(source: ImageSource, start: int, stop: int) -> torch.Tensor | li
                 raise InputError(f"cannot decode image {name}: {err}") from err
             out.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
         return out
-    dataset = _split_dataset(source.path, source.split, mtime)
+    dataset = _split_dataset(str(local), source.split, mtime)
     positions = list(source.indices[start:stop]) if source.indices else range(start, stop)
     if hasattr(dataset, "images") and dataset.transform is None:  # an ArrayDataset: uint8 as stored
         picked = dataset.images[positions] if source.indices else dataset.images[start:stop]

@@ -62,7 +62,7 @@ from .attacks import pgd
 from .checkpoint import META, WEIGHTS, initial_weights, load_checkpoint, read_meta, save_checkpoint
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .data import load_split
-from .errors import InputError, check
+from .errors import check
 from .evaluate import AttackConfig, evaluate
 from .models import arch_spec, build_model
 from .seeds import derived_seed
@@ -864,14 +864,14 @@ def run(
     workers: int = 1,
     gpus_per_worker: float = 0,
     resume: bool = False,
+    wait_s: float | None = None,
 ) -> dict[str, Any]:
     """Train (or, with resume, continue) the run in run_dir (a local path or a storage URI) on Ray;
-    returns the last reported metrics."""
-    import ray
-
+    returns the last reported metrics. Waits up to wait_s for the cluster's room for every worker
+    (`cluster.wait_for_room`; None: $ROBINT_WAIT_TIMEOUT, else 30 minutes)."""
     from . import storage
-    from .cluster import WorkerRequest, check_fits, cluster_nodes
-    from .distributed import init_ray, joined_cluster
+    from .cluster import Job, WorkerRequest, wait_for_room
+    from .distributed import init_ray
 
     run_dir = Location(run_dir)
     started = (run_dir / "ray" / RAY_NAME).exists()
@@ -884,15 +884,8 @@ def run(
     cfg = resolve_paths(cfg)
     preflight(cfg, workers)
     init_ray()
-    # A worker that fits no node would leave Ray Train retrying its worker group forever.
-    check_fits(WorkerRequest(cpus=cfg.cpus_per_worker, gpus=gpus_per_worker), cluster_nodes())
-    need = {"CPU": workers * cfg.cpus_per_worker, "GPU": workers * gpus_per_worker}
-    have = ray.cluster_resources()
-    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
-    if short and not joined_cluster():
-        raise InputError(f"{workers} workers need {' and '.join(short)}: use fewer --workers or cpus_per_worker")
-    if short:
-        log.warning("the cluster has too few resources for now: %s; waiting for the autoscaler", "; ".join(short))
+    # A worker group the cluster cannot hold would leave Ray Train waiting for it forever.
+    wait_for_room(Job(workers, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=gpus_per_worker)), timeout_s=wait_s)
     storage.preflight(run_dir)  # every node can write and read there, before an epoch is spent
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg))

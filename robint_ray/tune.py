@@ -42,7 +42,7 @@ from typing import Any, Mapping
 from ray.tune import Callback
 
 from .config import TrainConfig, dump_config
-from .errors import InputError, check
+from .errors import check
 from .storage import Location
 from .sweep import (
     Dimension,
@@ -189,35 +189,24 @@ class SweepCallback(Callback):
 # --- the driver -----------------------------------------------------------------------------------
 
 
-def check_resources(sweep: Sweep) -> None:
-    """Fail (InputError) when one trial needs more than the cluster has (a trial that can never start
-    would leave Tune waiting); under $RAY_ADDRESS only warn, an autoscaler may add nodes."""
-    import ray
-
-    from .cluster import WorkerRequest, check_fits, cluster_nodes
+def check_resources(sweep: Sweep, *, wait_s: float | None = None) -> None:
+    """Wait (up to wait_s: `cluster.wait_for_room`) until the cluster has room for one trial's workers;
+    a trial the cluster can never hold, which would leave Tune waiting, is an InputError at once."""
+    from .cluster import Job, WorkerRequest, wait_for_room
 
     o = sweep.options
-    check_fits(WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=o.gpus_per_worker), cluster_nodes())
-    need = {"CPU": o.workers * sweep.trial.cpus_per_worker, "GPU": o.workers * o.gpus_per_worker}
-    have = ray.cluster_resources()
-    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0)]
-    if short and not os.environ.get("RAY_ADDRESS"):
-        raise InputError(
-            f"one trial ({o.workers} workers) needs {' and '.join(short)}: use fewer workers, "
-            f"gpus_per_worker or cpus_per_worker"
-        )
-    if short:
-        log.warning(
-            "the cluster has too few resources for one trial for now: %s; waiting for the autoscaler", "; ".join(short)
-        )
+    request = WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=o.gpus_per_worker)
+    wait_for_room(Job(o.workers, request), timeout_s=wait_s)
 
 
-def run_sweep(sweep: Sweep, sweep_dir: str | Path | Location, *, resume: bool = False) -> list[dict[str, Any]]:
+def run_sweep(
+    sweep: Sweep, sweep_dir: str | Path | Location, *, resume: bool = False, wait_s: float | None = None
+) -> list[dict[str, Any]]:
     """Run (or, with resume, continue) the sweep in sweep_dir (a local path or a storage URI; Tune's
     and every trial's files go there too); writes results.csv, tradeoff.png and best.yaml and returns
-    the rows of results.csv."""
+    the rows of results.csv. Waits up to wait_s for room for one trial (`check_resources`)."""
     sweep_dir = Location(sweep_dir)
-    sweep = _prepare(sweep, sweep_dir, resume=resume)
+    sweep = _prepare(sweep, sweep_dir, resume=resume, wait_s=wait_s)
     tuner = _restored_tuner(sweep, sweep_dir) if resume else _new_tuner(sweep, sweep_dir)
     log.info("sweeping %s into %s", ", ".join(d.name for d in sweep.space), sweep_dir)
     tuner.fit()
@@ -227,7 +216,7 @@ def run_sweep(sweep: Sweep, sweep_dir: str | Path | Location, *, resume: bool = 
     return rows
 
 
-def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool) -> Sweep:
+def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool, wait_s: float | None = None) -> Sweep:
     """Check, before any trial starts, that sweep_dir holds this sweep (resume) or none, that a trial's
     data and resources are there and that every node can use sweep_dir; start Ray; record sweep.yaml.
     Returns the sweep with its data path made absolute."""
@@ -257,7 +246,7 @@ def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool) -> Sweep:
         )
     preflight(sweep.trial, sweep.options.workers)
     init_ray()
-    check_resources(sweep)
+    check_resources(sweep, wait_s=wait_s)
     storage.preflight(sweep_dir)  # every node can write and read there, before a trial starts
     sweep_dir.mkdir()
     if not resume:

@@ -56,6 +56,27 @@ def tiny_model(seed: int = 0, dtype=torch.float32):
     return build_model("cifar_resnet8").to(dtype).eval()
 
 
+def stand_in_inception(width: int):
+    """A cheap stand-in for the FID Inception (its `features(x, dims)`: a fixed projection of the
+    preprocessed image pooled to 4 x 4, `width` features), defined in a function so that Ray ships it by
+    value."""
+    from torch import nn
+
+    class StandIn(nn.Module):
+        weights_info = {"sha256": "stand-in", "source": "test"}
+
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.project = nn.Linear(3 * 4 * 4, width)
+
+        @torch.no_grad()
+        def features(self, x, dims=width):
+            return self.project(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))[:, :dims]
+
+    return StandIn().eval()
+
+
 @pytest.fixture(scope="module")
 def tiny():
     """tiny_model() once per test module (tests that change it, e.g. its training mode, put it back)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import stand_in_inception
 
 from robint_ray.data import load_split
 from robint_ray.errors import InputError
@@ -187,23 +188,7 @@ def test_the_three_commands_end_to_end(ray_local, tiny, tmp_path, run_cli):
 
 @pytest.fixture(scope="module")
 def stand_in():
-    """A cheap stand-in for the FID Inception (its `features(x, dims)`: a fixed projection of the
-    preprocessed image), defined in a function so that Ray ships it by value."""
-    from torch import nn
-
-    class StandIn(nn.Module):
-        weights_info = {"sha256": "stand-in", "source": "test"}
-
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.project = nn.Linear(3 * 4 * 4, 16)
-
-        @torch.no_grad()
-        def features(self, x, dims=16):
-            return self.project(nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))[:, :dims]
-
-    return StandIn().eval()
+    return stand_in_inception(16)
 
 
 def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(

@@ -1,7 +1,9 @@
 """On a cluster with GPUs every stage after training runs its Ray tasks on them, and the driver never
 touches CUDA. The GPU is simulated: a local Ray instance started with num_gpus=1 on this CPU machine
-(Ray then hands each GPU task CUDA_VISIBLE_DEVICES=0; torch in the worker sees no CUDA device and
-runs on the CPU). What each task asked for is read back from Ray's state API, not from our code.
+(Ray then hands each GPU task CUDA_VISIBLE_DEVICES=0; torch in the worker sees no CUDA device), and
+the driver says so with ROBINT_SIMULATED_GPUS=1, so the tasks run on the CPU. What each task asked for
+is read back from Ray's state API, not from our code. Without that variable, as in a real run, the same
+task fails in one line that names the node, and a command exits 1 with that line.
 
 The driver's torch.cuda lazy initialisation is made to raise, so that any CUDA use in the driver (a
 model moved to "cuda", a tensor made there) fails the run; the script checks first that it does.
@@ -92,19 +94,40 @@ study = Study(config, sys.argv[1])
 torch.manual_seed(0)
 study.models = {name: build_model("cifar_resnet8").eval() for name in ("standard", "robust")}
 results = {s.NAME: study.stage(s.NAME, functools.partial(s.run, study)) for s in STAGES[1:]}  # all but training
+
+# A real run (no ROBINT_SIMULATED_GPUS): a task given the GPU fails, in one line; so does a command.
+import contextlib, io, os
+from robint_ray.checkpoint import save_checkpoint
+from robint_ray.cli import main
+from robint_ray.distributed import fan_out
+from robint_ray.errors import ClusterError
+
+del os.environ["ROBINT_SIMULATED_GPUS"]
+try:
+    fan_out(torch.neg, [torch.ones(1)], num_gpus=1, progress=False)
+    no_cuda = None
+except ClusterError as err:
+    no_cuda = str(err)
+save_checkpoint(sys.argv[1] + "-ckpt", build_model("cifar_resnet8"))
+stderr = io.StringIO()
+with contextlib.redirect_stderr(stderr):
+    code = main(["eval", "--checkpoint", sys.argv[1] + "-ckpt", "--data", "sample", "--n", "4", "--attack", "none",
+                 "--workers", "1", "--gpus-per-task", "1"])
+cli = {"code": code, "stderr": stderr.getvalue()}
 time.sleep(3)  # the state API learns of tasks from events the workers send about every second
 tasks = [{"name": t.name, "state": t.state, "required_resources": t.required_resources}
          for t in list_tasks(address=ray.get_runtime_context().gcs_address, filters=[("type", "=", "NORMAL_TASK")],
                             detail=True, limit=10_000, raise_on_missing_output=False)]
 print("RESULT " + json.dumps({"tasks": tasks, "devices": {k: r["_devices"] for k, r in results.items()},
                               "gpus": {k: r["_gpus_per_task"] for k, r in results.items()},
-                              "cuda_initialised": torch.cuda.is_initialized()}))
+                              "cuda_initialised": torch.cuda.is_initialized(), "no_cuda": no_cuda, "cli": cli,
+                              "node_ip": ray.util.get_node_ip_address()}))
 ray.shutdown()
 '''
 
 
 def test_every_stage_asks_for_gpus_and_the_driver_never_touches_cuda(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": ""}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": "", "ROBINT_SIMULATED_GPUS": "1"}
     env.pop("RAY_ADDRESS")
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path / "out")],
@@ -140,3 +163,10 @@ def test_every_stage_asks_for_gpus_and_the_driver_never_touches_cuda(tmp_path):
     }
     # Simulated GPUs: Ray gave each task a GPU id, torch saw no CUDA device there, so the tasks ran on the CPU.
     assert all(devices == ["cpu"] for devices in out["devices"].values()), out["devices"]
+    # Not simulated: the task fails in one line naming the node; the command exits 1 with that line.
+    assert out["no_cuda"] is not None and "\n" not in out["no_cuda"], out["no_cuda"]
+    assert out["no_cuda"].startswith(f"node {out['node_ip']} (id ") and "sees no CUDA device there" in out["no_cuda"]
+    said = [
+        line for line in out["cli"]["stderr"].splitlines() if line.startswith("robint eval")
+    ]  # (not the progress bar)
+    assert out["cli"]["code"] == 1 and said == [f"robint eval: {out['no_cuda']}"], out["cli"]

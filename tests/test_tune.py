@@ -103,7 +103,9 @@ def test_more_resources_per_trial_than_the_cluster_has_fails_before_any_trial(ra
     from robint_ray.tune import run_sweep
 
     sweep = parse_sweep(smoke_data(workers=4))  # 4 CPU workers; the session's Ray has 2 CPUs
-    with pytest.raises(InputError, match=r"needs 4 CPU \(the cluster has 2\)"):
+    with pytest.raises(
+        InputError, match=r"4 training worker\(s\) of 1 CPU \+ 0 GPU need room for 4, the alive nodes hold 2"
+    ):
         run_sweep(sweep, tmp_path / "sweep")
     assert not (tmp_path / "sweep" / "trials").exists() and not (tmp_path / "sweep" / "tune").exists()
     gpu = parse_sweep(smoke_data(gpus_per_worker=1))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -21,7 +20,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="a robint checkpoint folder, a path or a storage URI (e.g. RUN_DIR/best, s3://bucket/run/best)",
     )
     group.add_argument("--arch", help="architecture, e.g. cifar_resnet20, cifar_resnet18, resnet50")
-    group.add_argument("--weights", type=Path, help="weights file for --arch (.th/.pt/.pth state dict or .safetensors)")
+    group.add_argument(
+        "--weights", help="weights file for --arch (.th/.pt/.pth state dict or .safetensors), a path or a storage URI"
+    )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
@@ -108,16 +109,33 @@ def ray_tasks(args: argparse.Namespace, workers: int | None, *, device: str | No
         yield
 
 
+def add_wait_argument(parser: argparse.ArgumentParser) -> None:
+    """--wait-timeout: how long a job waits for the cluster's room (robint_ray.cluster.wait_for_room)."""
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long to wait for the room the job needs where an autoscaler may add nodes, before giving "
+        "up in one line with exit status 1, what was done kept (default: $ROBINT_WAIT_TIMEOUT, else 1800)",
+    )
+
+
+def output_location(out: str) -> Location:
+    """--out (or --json) as a Location, checked at once: a URI robint cannot use, or a store that does not
+    answer, is an InputError of one line before any work or Ray starts."""
+    return Location(out).reachable()
+
+
 def in_output_folder(args: argparse.Namespace, run: Callable[[argparse.Namespace, Path, Location], int]) -> int:
     """run(args, a local folder, --out as a Location): the files written into the folder end up at --out
     (a local path, or a storage URI: uploaded when run has returned)."""
-    where = Location(args.out)
+    where = output_location(args.out)
     with where.local_dir() as out:
         return run(args, out, where)
 
 
-def write_json(path: Path | None, result: dict) -> None:
-    """--json: the command's result as JSON at `path` (nothing where the option was not given)."""
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
+def write_json(where: Location | None, result: dict) -> None:
+    """--json: the command's result as JSON at `where` (nothing where the option was not given)."""
+    if where is not None:
+        where.write_json(result)

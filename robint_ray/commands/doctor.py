@@ -4,10 +4,14 @@
     ray job submit -- robint doctor --out s3://my-bucket/runs    # as a job (the cluster's $RAY_ADDRESS)
 
 One screen: the alive nodes with their CPUs, GPUs and memory, the node types the autoscaler may add
-(from ~/ray_bootstrap_config.yaml, which `ray up` writes on the head, or --cluster-config), whether one
-training worker of each shipped config (experiments/*.yaml, experiments/paper/*.yaml) fits a node and
-why not, CUDA in a task on each GPU node (torch version, device name), and whether --out is storage
-every node shares. Exit status 0 when every verdict is good, 1 otherwise.
+(from ~/ray_bootstrap_config.yaml, which `ray up` writes on the head, or --cluster-config) and what its
+status says (launch failures, node types with fewer alive nodes than their min_workers), whether each
+shipped config (experiments/*.yaml, experiments/paper/*.yaml) fits as a whole job (all its workers at
+once, on the alive nodes or on those the autoscaler may add: robint_ray.cluster.judge, the judgement
+train, tune and study wait on), CUDA in a task on each GPU node (torch version, device name), and
+whether --out is storage every node shares. The last line is the verdict: "ready" (exit status 0) or
+"not ready", with the first problem and where to look (exit status 1). Where no cluster answers (none
+started, or the one recorded in /tmp/ray stopped) it says so in one line, within seconds, exit status 1.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from ..distributed import recorded_cluster, recorded_cluster_file, tcp_answers
 
 DEFAULT_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # of a clone (pip install -e)
 
@@ -126,61 +132,102 @@ def _node_name(info: dict) -> str:
 VERDICT = {True: "ok", False: "FAIL", None: "-"}
 
 
+def cluster_address(given: str | None) -> tuple[str | None, str]:
+    """(the address of the cluster to check, ""), or (None, why no cluster answers): --address, else
+    $RAY_ADDRESS, else the cluster `ray start` recorded on this machine; each must accept a connection
+    within seconds (ray.init would retry a stopped cluster's address for many minutes)."""
+    address = given or os.environ.get("RAY_ADDRESS") or "auto"
+    if address == "local":
+        return None, "--address local would start a new Ray instance; the doctor checks a running cluster"
+    if address == "auto":
+        recorded = recorded_cluster()
+        if recorded is None:
+            return None, (
+                f"no Ray cluster is running here (none recorded in {recorded_cluster_file()}): start one "
+                "(ray start --head, or ray up cluster.yaml) or give --address HOST:PORT"
+            )
+        if not tcp_answers(recorded):
+            return None, (
+                f"the Ray cluster recorded in {recorded_cluster_file()} ({recorded}) does not answer: it has "
+                "stopped; start one (ray start --head, or ray up cluster.yaml) or give --address HOST:PORT"
+            )
+        return recorded, ""
+    if not tcp_answers(address.split("://", 1)[-1]):
+        return None, f"no Ray cluster answers at {address}"
+    return address, ""
+
+
 def run(args: argparse.Namespace) -> int:
-    if "ray" not in sys.modules:  # a doctor joins a running cluster, never starts one
-        address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    if "ray" not in sys.modules or not sys.modules["ray"].is_initialized():  # a doctor joins, never starts
+        address, why = cluster_address(args.address)
+        if address is None:
+            print(f"robint doctor: {why}", file=sys.stderr)
+            return 1
         os.environ["RAY_ADDRESS"] = address
         if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":  # robint_ray's loopback-only switch
             del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
+        args.address = address
     import ray
 
-    from ..cluster import BOOTSTRAP_CONFIG, alive_nodes, fit_verdict, load_cluster_config, node_types, shipped_configs
+    from ..cluster import WHERE_TO_LOOK, Job, autoscaler_config, judge, problems, read_cluster, shipped_configs
     from ..distributed import init_ray
     from ..errors import check
 
     experiments = args.experiments or (Path("experiments") if Path("experiments").is_dir() else DEFAULT_EXPERIMENTS)
     check(experiments.is_dir(), f"{experiments}: no experiments folder (give --experiments DIR)")
-    init_ray(args.address or os.environ.get("RAY_ADDRESS") or "auto")
-    alive = alive_nodes()
+    init_ray(args.address)
+    config_path, _ = autoscaler_config(args.cluster_config)
+    cluster = read_cluster(args.cluster_config)
     infos = [n for n in ray.nodes() if n.get("Alive")]
-    config_path = args.cluster_config or (
-        BOOTSTRAP_CONFIG.expanduser() if BOOTSTRAP_CONFIG.expanduser().is_file() else None
-    )
-    types = node_types(load_cluster_config(config_path)) if config_path else []
-    nodes = alive + types
-    bad = 0
+    found: list[tuple[str, str]] = []  # (problem, where to look)
 
-    lines = [f"Ray {ray.__version__}, {len(alive)} alive node(s):"]
-    lines += [f"  {n.describe()}" for n in alive]
+    lines = [f"Ray {ray.__version__}, {len(cluster.alive)} alive node(s):"]
+    lines += [f"  {n.describe()}" for n in cluster.alive]
     if config_path:
         lines.append(f"node types the autoscaler may start ({config_path}):")
-        lines += [
-            f"  {t.describe() if t.known else f'node type {t.name!r}: resources detected at start'}" for t in types
-        ]
+        alive = cluster.alive_of_type()
+        for t in cluster.types:
+            amounts = t.describe().split(": ", 1)[1] if t.known else "resources detected at start"
+            lines.append(
+                f"  {t.name!r}: {amounts}; min_workers {t.min_workers}, max_workers {t.max_workers}, "
+                f"{alive.get(t.name, 0)} worker(s) alive" + (" (the head's type)" if t.head else "")
+            )
+        status = problems(cluster)
+        lines.append("autoscaler: " + ("no problem reported" if not status else f"{len(status)} problem(s):"))
+        lines += [f"  FAIL         {text}" for text in status]
+        found += [(text, WHERE_TO_LOOK) for text in status]
     else:
         lines.append(
             "node types the autoscaler may start: none known (no ~/ray_bootstrap_config.yaml, no --cluster-config)"
         )
 
-    lines.append(f"shipped configs (one training worker of each; {experiments}):")
+    lines.append(f"shipped configs (all their workers at once; {experiments}):")
     for shipped in shipped_configs(experiments):
-        fits, why = fit_verdict(shipped.request, nodes)
-        bad += fits is False
-        label = {True: "fits", False: "FITS NO NODE", None: "unknown"}[fits]
+        verdict = judge(Job(shipped.workers, shipped.request, what=f"{shipped.kind} worker"), cluster)
+        name = f"{shipped.path.parent.name}/{shipped.path.name}"
+        if verdict.fits is False:
+            found.append((f"{name} does not fit the cluster", "the shipped configs above"))
+        label = {True: "fits", "later": "fits later", None: "unknown", False: "NO ROOM"}[verdict.fits]
         lines.append(
-            f"  {label:<12} {shipped.path.parent.name}/{shipped.path.name} ({shipped.kind}, "
-            f"{shipped.workers} worker(s) x {shipped.request.describe()}): {why}"
+            f"  {label:<12} {name} ({shipped.kind}, {shipped.workers} worker(s) x {shipped.request.describe()}): "
+            f"{verdict.text}"
         )
 
     lines.append("CUDA in a task on each node:")
     for name, verdict, text in check_cuda(infos, args.timeout):
-        bad += verdict is False
+        if verdict is False:
+            found.append((f"CUDA fails on node {name}", "the CUDA lines above"))
         label = {True: "ok", False: "FAIL", None: "no GPU"}[verdict]
         lines.append(f"  {label:<12} {name}: {text}")
 
     verdict, text = check_storage(args.out)
-    bad += verdict is False
+    if verdict is False:
+        found.append((f"not every node can use {args.out}", "the output location above"))
     lines.append(f"output location: {VERDICT[verdict]}: {text}")
-    lines.append("verdict: ready" if not bad else f"verdict: {bad} problem(s) above")
+    if not found:
+        lines.append("verdict: ready")
+    else:
+        more = f" (and {len(found) - 1} more problem(s) above)" if len(found) > 1 else ""
+        lines.append(f"verdict: not ready: {found[0][0]}{more}; {found[0][1]}")
     print("\n".join(lines))
-    return 0 if not bad else 1
+    return 0 if not found else 1

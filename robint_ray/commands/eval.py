@@ -13,12 +13,12 @@ the model, which is never weaker.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from .common import (
     add_model_arguments,
     add_resource_arguments,
     load_driver_model,
+    output_location,
     ray_tasks,
     resolve_device,
     write_json,
@@ -49,7 +49,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=0, help="Ray tasks at once, each a few batches (default: 0, in this process)"
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument("--json", default=None, help="write the results as JSON here (a path or a storage URI)")
     add_resource_arguments(parser)
 
 
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    json_at = output_location(args.json) if args.json is not None else None
     dataset = draw(load_split(args.data, args.split), args.n, seed=args.seed)
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     model, source, wish = load_driver_model(args, fanned=args.workers > 0)
@@ -97,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
             f"  [{args.norm} eps {args.eps}"
             + (f", step {args.step_size}, {args.steps} steps, keep {args.keep}]" if args.attack == "pgd" else "]")
         )
-    write_json(args.json, result)
+    write_json(json_at, result)
     return 0

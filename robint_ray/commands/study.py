@@ -7,13 +7,17 @@ visualise features), then one HTML report and one JSON.
 --out is a local path or a storage URI (s3://bucket/prefix; or a folder that every node mounts at the
 same path, e.g. NFS); before any work every node of the cluster is checked to write and read there.
 A rerun with the same --out skips every finished stage (and every generated shard), so a failed or
-killed job resumes where it stopped.
+killed job resumes where it stopped. Where the cluster's autoscaler must first add nodes for a stage
+(training's workers, or one Ray task of a later stage), the stage waits for them up to --wait-timeout
+seconds, then stops in one line, exit status 1: the stages done are kept, and a rerun goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from .common import add_wait_argument, output_location
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPUs per Ray task of those stages (default: the config's cpus_per_task, 1)",
     )
+    add_wait_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import check
     from ..study import Study, load_study
 
+    out = output_location(args.out)
     config = load_study(args.config)
     if args.workers is not None:
         check(args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
@@ -54,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     for key in ("gpus_per_task", "cpus_per_task"):
         if getattr(args, key) is not None:  # StudyConfig checks the values
             config = dataclasses.replace(config, **{key: getattr(args, key)})
-    page = Study(config, args.out).run()
+    page = Study(config, out, wait_s=args.wait_timeout).run()
     print(f"report: {page}")
     print(f"numbers: {page.parent / 'report.json'}")
     return 0

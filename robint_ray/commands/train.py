@@ -11,14 +11,17 @@ Writes RUN_DIR/config.yaml, metrics.jsonl, best/ (for `robint eval --checkpoint 
 test.json, tensorboard/ and Ray Train's checkpoints under RUN_DIR/ray/. RUN_DIR is a local path or a
 storage URI (--out s3://bucket/runs/robust); every node must be able to write it (checked first).
 Joins the running cluster ($RAY_ADDRESS as under `ray job submit`, or one `ray start` started on this
-machine), else starts a local Ray on 127.0.0.1.
+machine), else starts a local Ray on 127.0.0.1. Where the cluster's autoscaler must first add nodes for
+the workers, waits for them up to --wait-timeout seconds (then one line, exit status 1; nothing of the run
+is lost: --resume goes on).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
+
+from .common import add_wait_argument, output_location
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = {
@@ -33,7 +36,7 @@ RESUMABLE_CHANGES = {
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", type=Path, help="experiment YAML (optional with --resume)")
+    parser.add_argument("config", nargs="?", help="experiment YAML, a path or a storage URI (optional with --resume)")
     parser.add_argument(
         "--set",
         dest="sets",
@@ -48,6 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--workers", type=int, default=1, help="training workers (default: 1)")
     parser.add_argument("--gpus-per-worker", type=float, default=0, help="GPUs per worker (default: 0, CPU training)")
+    add_wait_argument(parser)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -63,16 +67,15 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import check
-    from ..storage import Location
     from ..train import resolve_paths
     from ..train import run as train_run
 
     if args.resume is not None:
         check(
-            args.out is None or Location(args.out) == Location(args.resume),
+            args.out is None or output_location(args.out) == output_location(args.resume),
             "--out and --resume name different folders; give only --resume RUN_DIR",
         )
-        run_dir = Location(args.resume)
+        run_dir = output_location(args.resume)
         stored_path = run_dir / "config.yaml"
         check(stored_path.is_file(), f"{run_dir}: no run to resume (no config.yaml)")
         stored = load_config(str(stored_path))
@@ -88,13 +91,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         check(args.config is not None, "give an experiment CONFIG (or --resume RUN_DIR)")
         check(args.out is not None, "give --out RUN_DIR")
-        run_dir, cfg = Location(args.out), load_config(args.config, args.sets)
+        run_dir, cfg = output_location(args.out), load_config(args.config, args.sets)
 
     from ray.train import TrainingFailedError
 
     try:
         metrics = train_run(
-            cfg, run_dir, workers=args.workers, gpus_per_worker=args.gpus_per_worker, resume=args.resume is not None
+            cfg,
+            run_dir,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            resume=args.resume is not None,
+            wait_s=args.wait_timeout,
         )
     except TrainingFailedError as err:  # not bad input: report it, keep the run resumable
         print(

@@ -6,13 +6,17 @@ each trial a distributed Ray Train run, stopped early by ASHA on mean(val clean,
     robint train sweeps/cifar10_l2/best.yaml --out runs/best                         # the winner, in full
 
 Writes SWEEP_DIR/results.csv (one row per trial), tradeoff.png (clean vs PGD accuracy, Pareto front) and
-best.yaml (a training config). Joins the cluster of $RAY_ADDRESS when set, else starts a local Ray.
+best.yaml (a training config). Joins the running cluster ($RAY_ADDRESS, or one `ray start` started on
+this machine), else starts a local Ray. Where the cluster's autoscaler must first add nodes for one
+trial's workers, waits for them up to --wait-timeout seconds (then one line, exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from .common import add_wait_argument, output_location
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,21 +29,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="continue the interrupted sweep in --out: finished trials are not run again",
     )
+    add_wait_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from ..storage import Location
     from ..sweep import best_row, load_sweep
     from ..tune import SweepInterrupted, run_sweep
 
+    sweep_dir = output_location(args.out)
     try:
-        rows = run_sweep(load_sweep(args.config), args.out, resume=args.resume)
+        rows = run_sweep(load_sweep(args.config), sweep_dir, resume=args.resume, wait_s=args.wait_timeout)
     except SweepInterrupted as err:
         print(f"robint tune: {err}: robint tune {args.config} --out {args.out} --resume", file=sys.stderr)
         return 1
-    sweep_dir = Location(args.out)
     counts = {}
     for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoint import load_checkpoint
+from ..cluster import Job, WorkerRequest, wait_for_room
 from ..config import load_config
 from ..data import load_split
 from ..distributed import default_gpus_per_task, devices_used, init_ray, nodes_used, task_resources
@@ -26,8 +27,10 @@ STAGES = (training, evaluation, attributions, generation, inversion, features)
 
 
 class Study:
-    def __init__(self, config: StudyConfig, out: str | Path | Location):
-        self.config, self.out = config, Location(out)
+    def __init__(self, config: StudyConfig, out: str | Path | Location, *, wait_s: float | None = None):
+        """wait_s: how long each stage waits for the cluster's room for its Ray tasks or training workers
+        (`cluster.wait_for_room`; None: $ROBINT_WAIT_TIMEOUT, else 30 minutes)."""
+        self.config, self.out, self.wait_s = config, Location(out), wait_s
         self.timings: dict[str, float] = {}
         self.models: dict[str, Any] = {}
 
@@ -60,6 +63,9 @@ class Study:
         # Training has its own resources (gpus_per_worker); every other stage's Ray tasks ask for
         # gpus_per_task (default: 1 on a cluster with GPUs, by Ray's resource table) and cpus_per_task.
         gpus = 0.0 if name == training.NAME else self.gpus_per_task(name)
+        if name != training.NAME:  # (training waits for its own workers)
+            task = WorkerRequest(cpus=self.config.cpus_per_task, gpus=gpus)
+            wait_for_room(Job(1, task, what=f"{name} task"), timeout_s=self.wait_s)
         log.info("stage %s: starting (Ray tasks: %s GPU and %s CPU each)", name, gpus, self.config.cpus_per_task)
         start = time.perf_counter()
         with task_resources(gpus_per_task=gpus, cpus_per_task=self.config.cpus_per_task):

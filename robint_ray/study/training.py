@@ -38,6 +38,7 @@ def run(study: Study, folder: Location) -> dict[str, Any]:
                 workers=config.workers,
                 gpus_per_worker=config.gpus_per_worker,
                 resume=resume,
+                wait_s=study.wait_s,
             )
             (run_dir / "done").write_text("")
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
