@@ -88,3 +88,41 @@ def test_explained_background_and_autoattack_images_span_the_classes(ray_local, 
     assert result["images"]["autoattack"] == {name: 2 for name in CLASSES}
     assert result["images"]["pgd"] == {name: 4 for name in CLASSES}
     assert len(result["robust"]["autoattack"]["per_image"]["adversarial"]) == 10
+
+
+@pytest.mark.parametrize("background", ["test", "train"])
+def test_the_shap_background_comes_from_the_chosen_split_and_never_repeats_an_explained_image(background):
+    from robint_ray.data import stack
+    from robint_ray.study.attributions import explained_and_background
+
+    test = load_split("sample", "test")
+    c = AttributionStage(n=6, shap_background=10, background=background)
+    explained, x_background = explained_and_background(test, "sample", c, seed=0)
+    drawn = spread_over_classes(test.labels, 16, seed=0)
+    assert explained.indices.tolist() == test.indices[drawn[:6]].tolist()  # the same either way
+    assert x_background.shape == (10, 3, 32, 32)
+    if background == "test":  # the next 10 of the same draw: test images, none of them explained
+        assert (x_background == stack(test.subset(drawn[6:]))[0]).all()
+    else:  # a seeded draw of the training split
+        train = stack(load_split("sample", "train"))[0].flatten(1)
+        assert all((train == image.flatten()).all(1).any() for image in x_background)
+
+
+def test_the_report_names_every_explained_images_class(sorted_folder):
+    from robint_ray.study.attributions import _images_section
+
+    labels = load_split(sorted_folder, "test").labels
+    drawn = spread_over_classes(labels, 5, seed=0)
+    result = {
+        "images": {
+            "index": drawn.tolist(),
+            "class": [CLASSES[k] for k in labels[drawn]],
+            "background": {"split": "test", "n": 5},
+            "classes": list(CLASSES),
+        },
+        "ig": {"targets": {"standard": [0] * 5, "robust": [1] * 5}},
+    }
+    table = _images_section(result).tables[0]
+    assert [row[2] for row in table.rows] == [CLASSES[k] for k in labels[drawn]]
+    assert [row[0] for row in table.rows] == ["A1", "B1", "C1", "D1", "E1"]  # the grid's cells
+    assert {row[3] for row in table.rows} == {"ant"} and {row[4] for row in table.rows} == {"bee"}

@@ -24,6 +24,7 @@ from ..report import Section, Table
 from ..storage import Location
 
 if TYPE_CHECKING:
+    from .config import AttributionStage
     from .core import Study
 
 NAME = "attributions"
@@ -42,13 +43,8 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     the background is the next shap_background images of the same draw, so never an explained one."""
     c, seed = study.config.attributions, study.config.seed
     test = study.test_split()
-    drawn = spread_over_classes(test.labels, c.n + (c.shap_background if c.background == "test" else 0), seed=seed)
-    explained = test.subset(drawn[: c.n], test.transform)
+    explained, background = explained_and_background(test, study.config.data, c, seed=seed)
     x, y = stack(explained)
-    if c.background == "test":
-        background = stack(test.subset(drawn[c.n :], test.transform))[0]
-    else:
-        background = choose_background(load_split(study.config.data, "train"), c.shap_background, seed=seed)
     out: dict[str, Any] = {
         "images": {
             "index": explained.indices.tolist(),
@@ -88,6 +84,18 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             "figures": [str(sub / "overlay.png"), str(sub / "grid.png")],
         }
     return out
+
+
+def explained_and_background(test, data: str, c: AttributionStage, *, seed: int):
+    """(the explained test images, SHAP's background (B, C, H, W)): n test images drawn seeded across
+    the classes; the background the shap_background images after them in the same draw (`test`, the
+    authors') or a seeded draw of the training split of `data` (`train`)."""
+    extra = c.shap_background if c.background == "test" else 0
+    drawn = spread_over_classes(test.labels, c.n + extra, seed=seed)
+    explained = test.subset(drawn[: c.n], test.transform)
+    if c.background == "test":
+        return explained, stack(test.subset(drawn[c.n :], test.transform))[0]
+    return explained, choose_background(load_split(data, "train"), c.shap_background, seed=seed)
 
 
 def _captions(labels: torch.Tensor, explanations: dict[str, Any], classes) -> list[str]:
