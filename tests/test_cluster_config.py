@@ -175,39 +175,42 @@ def test_every_ray_process_uses_token_auth_and_raised_file_limits(name):
     assert any(remote.endswith("/.ray/auth_token") for remote in config["file_mounts"])
 
 
+def _cluster_of(config: dict):
+    """The cluster that cluster.yaml describes before any worker starts: no node alive yet, its node
+    types, its overall max_workers."""
+    from robint_ray.cluster import Cluster, node_types
+
+    return Cluster(alive=[], types=node_types(config), max_workers=config.get("max_workers"))
+
+
 def test_every_shipped_training_config_fits_a_node_type_of_cluster_yaml():
     """Read from the files: the node types of cluster.yaml and every config of experiments/ and
-    experiments/paper/; each config's workers must fit a GPU node type, and the node types' max_workers
-    must hold as many workers as the config starts."""
-    from robint_ray.cluster import fit_verdict, node_types, shipped_configs
+    experiments/paper/; all the workers of each config at once must fit the nodes the autoscaler may
+    start (`cluster.judge`, the whole job, as robint doctor judges it)."""
+    from robint_ray.cluster import Job, judge, shipped_configs
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
-    types = node_types(config)
     shipped = shipped_configs(ROOT / "experiments")
     assert {s.kind for s in shipped} == {"train", "sweep", "study"} and len(shipped) >= 7
     assert any(s.request.cpus == 6 for s in shipped)  # the Small ImageNet 150 configs are among them
-    specs = config["available_node_types"]
     for s in shipped:
-        fits, why = fit_verdict(s.request, types)
-        assert fits, f"{s.path.name}: {why}"
-        held = sum(
-            int(specs[n.name]["max_workers"]) * int(min(n.cpus // s.request.cpus, n.gpus // s.request.gpus))
-            for n in types
-            if s.request.fits(n)
-        )
-        assert held >= s.workers, f"{s.path.name}: {s.workers} workers, the node types hold {held}"
+        verdict = judge(Job(s.workers, s.request), _cluster_of(config))
+        assert verdict.fits == "later", f"{s.path.name}: {verdict.text}"
+        assert verdict.holds_at_most >= s.workers
     head = config["available_node_types"][config["head_node_type"]]["resources"]
     assert head == {"CPU": 0, "GPU": 0}
 
 
 def test_a_4_vcpu_gpu_node_would_not_fit_the_small_imagenet_workers():
     """The check of the test above can fail: g5.xlarge's 4 vCPUs hold no 6-CPU worker."""
-    from robint_ray.cluster import fit_verdict, node_types, shipped_configs
+    from robint_ray.cluster import Job, judge, shipped_configs
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}
     failing = [
-        s.path.name for s in shipped_configs(ROOT / "experiments") if not fit_verdict(s.request, node_types(config))[0]
+        s.path.name
+        for s in shipped_configs(ROOT / "experiments")
+        if judge(Job(s.workers, s.request), _cluster_of(config)).fits is False
     ]
     assert failing == ["smallimagenet150_robust_l2.yaml", "smallimagenet150_standard.yaml", "smallimagenet150.yaml"]
 
