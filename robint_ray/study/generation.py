@@ -7,6 +7,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .. import inception
 from ..data import load_split
 from ..fid import fid_from_stats, open_source, source_stats
@@ -102,8 +104,6 @@ def fid_spread(draws: dict[str, list], test) -> dict[str, Any]:
     robust - standard per draw with its mean, standard deviation and range: how far the comparison moves
     between sets of generations. A draw holds fewer images than the whole set, so its FIDs sit higher
     than the whole set's (FID's small-sample bias); the difference is what the draws are for."""
-    import numpy as np
-
     fids = {name: [fid_from_stats(s, test) for s in stats] for name, stats in draws.items()}
     diff = np.subtract(fids["robust"], fids["standard"])
     return {
