@@ -32,9 +32,8 @@ def report(run) -> dict:
 def test_robint_eval_of_the_committed_checkpoints_gives_table_1(run, report, model, cifar_exact, tmp_path, run_cli):
     committed = report["results"]["evaluation"][model]["pgd"]
     out = tmp_path / "eval.json"
-    code, _, err = run_cli(
-        ["eval", "--checkpoint", run / "train" / model / "best", "--data", cifar_exact, "--json", out, "--device", "cpu"]
-    )
+    checkpoint = run / "train" / model / "best"
+    code, _, err = run_cli(["eval", "--checkpoint", checkpoint, "--data", cifar_exact, "--json", out])
     assert code == 0, err
     ours = json.loads(out.read_text())
     assert ours["n"] == committed["n"] == 1017
