@@ -105,7 +105,7 @@ class Study:
     def model(self, name: str):
         """The standard or robust model, from the checkpoint the training stage recorded."""
         if name not in self.models:
-            trained = (self.out / training.NAME / "result.json").read_json()
+            trained = _relocated((self.out / training.NAME / "result.json").read_json(), HERE, self.out.uri)
             self.models[name] = load_checkpoint(trained[name]["checkpoint"])[0]
         return self.models[name]
 
