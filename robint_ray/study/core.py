@@ -57,7 +57,7 @@ class Study:
         done = target / "result.json"
         if done.exists():
             log.info("stage %s: done before, skipped", name)
-            result = _relocated(done.read_json(), HERE, self.out.uri)
+            result = self.result(name)
             self.timings[name] = result.get("_seconds", 0.0)
             return result
         # Training has its own resources (gpus_per_worker); every other stage's Ray tasks ask for
@@ -105,9 +105,13 @@ class Study:
     def model(self, name: str):
         """The standard or robust model, from the checkpoint the training stage recorded."""
         if name not in self.models:
-            trained = _relocated((self.out / training.NAME / "result.json").read_json(), HERE, self.out.uri)
+            trained = self.result(training.NAME)
             self.models[name] = load_checkpoint(trained[name]["checkpoint"])[0]
         return self.models[name]
+
+    def result(self, name: str) -> dict[str, Any]:
+        """OUT/name/result.json with its "./" paths under OUT again (see `stage`)."""
+        return _relocated((self.out / name / "result.json").read_json(), HERE, self.out.uri)
 
     def test_split(self):
         return load_split(self.config.data, "test")

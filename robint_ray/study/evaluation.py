@@ -24,7 +24,9 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     classes, `data.draw`; all of them where n is None)."""
     c, workers, seed = study.config.evaluation, study.config.workers, study.config.seed
     test = study.test_split()
-    subsets = {"pgd": draw(test, c.n, seed=seed), "autoattack": draw(test, c.autoattack_n or None, seed=seed)}
+    subsets = {"pgd": draw(test, c.n, seed=seed)}
+    if c.autoattack_n:
+        subsets["autoattack"] = draw(test, c.autoattack_n, seed=seed)
     pgd = AttackConfig(kind="pgd", **asdict(c.budget()))
     autoattack = c.autoattack_n and AttackConfig(
         kind="autoattack",
@@ -34,8 +36,6 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
         **asdict(c.budget()),  # AutoAttack takes the norm and eps
     )
     out: dict[str, Any] = {"images": {kind: class_counts(subset) for kind, subset in subsets.items()}}
-    if not autoattack:
-        del out["images"]["autoattack"]
     for name in MODELS:
         model = study.model(name)
         out[name] = {
