@@ -16,3 +16,22 @@ def test_a_study_reads_its_models_from_result_json_written_with_relative_paths(t
     (out / "train" / "result.json").write_text(json.dumps({"standard": {"checkpoint": "./train/standard/best"}}))
     s = Study(StudyConfig(standard=ModelSource(checkpoint="x"), robust=ModelSource(checkpoint="y")), out)
     assert s.model("standard").num_classes == 10
+
+
+def test_a_stage_writes_no_path_of_this_machine_and_reads_its_own_back(tmp_path):
+    outside = tmp_path / "configs" / "model.yaml"
+    outside.parent.mkdir()
+    outside.write_text("x")
+    s = Study(StudyConfig(standard=ModelSource(checkpoint="x"), robust=ModelSource(checkpoint="y")), tmp_path / "out")
+
+    def fn(folder):
+        (folder / "f.txt").write_text("f")
+        return {"file": str(folder / "f.txt"), "config": str(outside), "kind": "predicted"}
+
+    first = s.stage("s", fn)
+    stored = json.loads((tmp_path / "out" / "s" / "result.json").read_text())
+    assert (
+        stored["file"] == "./s/f.txt" and stored["config"] == "../configs/model.yaml" and stored["kind"] == "predicted"
+    )
+    again = s.stage("s", fn)  # done before: read back, "./" under OUT again
+    assert again["file"] == first["file"] == str(tmp_path / "out" / "s" / "f.txt")

@@ -17,7 +17,7 @@ from ..distributed import default_gpus_per_task, devices_used, init_ray, nodes_u
 from ..storage import Location, preflight
 from . import attributions, evaluation, features, generation, inversion, training
 from .config import TASKS_PER_GPU, ModelSource, StudyConfig
-from .report import build_report, jsonable
+from .report import build_report, jsonable, portable
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,9 @@ class Study:
             ", ".join(n[:8] for n in result["_nodes"]) or "-",
             ", ".join(result["_devices"]) or "-",
         )
-        # Paths under OUT as "./...": the folder can move (a clone elsewhere resumes it and reads its files).
-        done.write_text(json.dumps(_relocated(result, self.out.uri, HERE), indent=2, default=jsonable))
+        # Paths under OUT as "./...", other local paths relative to OUT: the folder can move (a clone
+        # elsewhere resumes it and reads its files), and it names no path of the machine that ran it.
+        done.write_text(json.dumps(portable(json.loads(json.dumps(result, default=jsonable)), self.out), indent=2))
         log.info("stage %s: finished in %.1f s", name, result["_seconds"])
         return result
 
