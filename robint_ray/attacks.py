@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import check_ball
 from .errors import InputError, check
 from .models import in_mode
 
@@ -45,6 +44,13 @@ def misclassified_then_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     correctly classified one, and among equals the higher cross-entropy wins. (N,), float64."""
     wrong = (logits.argmax(dim=1) != y).to(torch.float64)
     return wrong * 1e6 + per_example_ce(logits, y).to(torch.float64).clamp(max=1e5)
+
+
+def check_ball(norm: str, eps: float, step_size: float) -> None:
+    """An Lp ball of radius eps with steps of step_size: norm "l2" or "linf", eps >= 0, step_size > 0."""
+    check(norm in ("l2", "linf"), f"unknown norm {norm!r}; use 'l2' or 'linf'")
+    check(math.isfinite(eps) and eps >= 0, f"eps must be >= 0, got {eps}")
+    check(math.isfinite(step_size) and step_size > 0, f"step size must be > 0, got {step_size}")
 
 
 def _flat_norm(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""The cluster's room for a job, one judgement for `robint train`, `tune`, `study` and `doctor`, and
-the one wait for that room.
+"""Is the cluster ready for a job: its room for the job, one judgement for `robint train`, `tune`,
+`study` and `doctor`, the one wait for that room, and whether every node can use the output location.
 
 A job is `workers` copies of one request (CPUs, GPUs, memory): Ray Train's worker group, the worker
 group of one Tune trial, or one Ray task of a study stage. Ray places a worker group all at once, and
@@ -19,6 +19,12 @@ Which node type an alive node is comes from the autoscaler's status where it run
 status` shows), else from its resources (a node whose CPUs and GPUs equal a type's stated ones).
 `problems` reads the same status for `robint doctor`: launch failures, and node types whose
 min_workers are not alive.
+
+`storage_preflight` checks, before any work, that every alive node can write at the output location
+and read what every other node wrote there (a local folder the nodes do not share fails it).
+
+Everything here reads the Ray cluster this process is connected to (`distributed.init_ray` first);
+whether that is a cluster it joined, where an autoscaler may add nodes, is `ray_address.joined_cluster`.
 """
 
 from __future__ import annotations
@@ -28,11 +34,15 @@ import logging
 import math
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
-from .errors import ClusterError, InputError
+from .errors import ClusterError, InputError, one_line
+from .ray_address import joined_cluster
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +289,6 @@ def autoscaler_config(cluster_config: str | Path | None = None) -> tuple[Path | 
     """(path, config) of the autoscaler's config: `cluster_config` if given, else, in a process that
     joined a cluster, ~/ray_bootstrap_config.yaml where it exists (on the head of a `ray up` cluster);
     (None, None) where there is none (a private local Ray has no autoscaler)."""
-    from .distributed import joined_cluster
-
     if cluster_config is not None:
         return Path(cluster_config), load_cluster_config(cluster_config)
     path = BOOTSTRAP_CONFIG.expanduser()
@@ -383,11 +391,9 @@ def wait_for_room(job: Job, *, timeout_s: float | None = None, poll_s: float = 5
     never hold is an InputError of one line, at once; one that only an autoscaler's new nodes can hold
     is waited for (the autoscaler asked for them through `ray.autoscaler.sdk.request_resources`, and the
     request withdrawn at the end), logging what it waits for, and given up after timeout_s (None:
-    `wait_timeout()`) with a ClusterError of one line. Joins or starts Ray (init_ray)."""
-    from .distributed import init_ray
-
+    `wait_timeout()`) with a ClusterError of one line. In a process connected to Ray
+    (`distributed.init_ray` first)."""
     timeout_s = wait_timeout(timeout_s)
-    init_ray()
     cluster = read_cluster()
     verdict = judge(job, cluster)
     if verdict.fits is True:
@@ -435,49 +441,146 @@ def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
     request_resources(bundles=bundles)
 
 
-# --- the shipped configs -------------------------------------------------------------------------
+# --- can every node of the cluster write and read at the output location? -----------------------
+
+PREFLIGHT = ".robint-preflight"
+_FIX = (
+    "give a location that every node can write and read: s3://bucket/prefix (with credentials on every "
+    "node) or a folder on shared storage (NFS, EFS) mounted at the same path on every node"
+)
 
 
-@dataclass(frozen=True)
-class ShippedConfig:
-    """One shipped experiment file and what each of its training workers asks for on a GPU cluster."""
+def _node_write(folder: Location, node: str) -> str | None:
+    """Write this node's marker into folder; returns None, or why it could not."""
+    try:
+        (folder / node).write_text(node)
+    except (OSError, InputError) as err:  # pyarrow raises OSError subclasses (PermissionError, ...)
+        return one_line(err)
+    return None
 
-    path: Path
-    kind: str  # "train", "sweep" or "study"
-    workers: int
-    request: WorkerRequest
+
+def _node_read(folder: Location, nodes: list[str]) -> tuple[list[str], str | None]:
+    """The markers of `nodes` this node cannot read in folder (and why, where listing failed)."""
+    try:
+        return [n for n in nodes if not (folder / n).is_file() or (folder / n).read_text() != n], None
+    except (OSError, InputError) as err:
+        return list(nodes), one_line(err)
 
 
-def shipped_configs(experiments: str | Path) -> list[ShippedConfig]:
-    """Every training, sweep and study config of experiments/*.yaml and experiments/paper/*.yaml
-    (the small CPU versions in experiments/smoke/ are left out). A training config's workers take one
-    GPU each, as `robint train ... --gpus-per-worker 1` on a GPU cluster; a sweep or a study says its
-    own workers and gpus_per_worker; a study asks for the larger of its two models' workers."""
-    import yaml
+def _node_clean(folder: Location, node: str, created: Location | None) -> None:
+    """Remove this node's marker, and on a local disk the folders the check created, when empty:
+    the location itself and its parents up to `created` (the outermost one that did not exist)."""
+    (folder / node).delete()
+    if not folder.is_local:
+        return
+    paths = [folder.local_path, folder.parent.local_path]
+    if created is not None:
+        path = folder.parent.parent.local_path  # the location
+        while path != created.local_path.parent:
+            paths.append(path)
+            path = path.parent
+    for path in paths:
+        if path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
-    from .config import load_config
-    from .study import load_study
-    from .sweep import load_sweep
 
-    experiments = Path(experiments)
-    shipped = []
-    for path in sorted(experiments.glob("*.yaml")) + sorted((experiments / "paper").glob("*.yaml")):
-        data = yaml.safe_load(path.read_text()) or {}
-        if "space" in data:
-            sweep = load_sweep(path)
-            request = WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=sweep.options.gpus_per_worker)
-            shipped.append(ShippedConfig(path, "sweep", sweep.options.workers, request))
-        elif "standard" in data or "robust" in data:
-            study = load_study(path)
-            cpus = max(
-                load_config(source.train).cpus_per_worker
-                for source in (study.standard, study.robust)
-                if source.train is not None
-            )
-            shipped.append(
-                ShippedConfig(path, "study", study.workers, WorkerRequest(cpus=cpus, gpus=study.gpus_per_worker))
-            )
-        else:
-            cfg = load_config(path)
-            shipped.append(ShippedConfig(path, "train", 1, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=1)))
-    return shipped
+def _first_missing(location: Location) -> Location | None:
+    """The outermost folder of location that does not exist yet on this node (None: it exists)."""
+    if not location.is_local:
+        return None
+    path, missing = location.local_path, None
+    while not path.exists():
+        path, missing = path.parent, path
+    return Location(missing) if missing is not None else None
+
+
+def storage_preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) -> None:
+    """Check, before any work, that every alive node of the Ray cluster can write at `location` and
+    read what every other node wrote there: one small task (0 CPUs) per node writes a marker, then
+    each reads all of them, then each removes its own. Raises InputError with one line naming the
+    node and the fix (a local folder the nodes do not share, a bucket without credentials on some node).
+    On a single node the check runs in this process (milliseconds). In a process connected to Ray
+    (`distributed.init_ray` first)."""
+    import ray
+
+    location = Location(location)
+    folder = location / PREFLIGHT / uuid.uuid4().hex
+    nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
+    if len(nodes) <= 1:
+        _preflight_here(location, folder)
+        return
+    on_each = partial(_on_each_node, nodes, location=location, timeout_s=timeout_s)
+    created = on_each(_first_missing, lambda node: (location,))
+    try:
+        written = on_each(_node_write, lambda node: (folder, node))
+        for node, error in written.items():
+            if error is not None:
+                raise InputError(f"{location}: node {nodes[node]} cannot write there ({error}); {_FIX}")
+        seen = on_each(_node_read, lambda node: (folder, list(nodes)))
+        for reader, (missing, why) in seen.items():
+            if missing:
+                writer = nodes[missing[0]]
+                problem = (
+                    "a local folder that the nodes do not share"
+                    if location.is_local
+                    else why or "is its storage endpoint or bucket another one?"
+                )
+                raise InputError(
+                    f"{location}: node {nodes[reader]} cannot read what node {writer} wrote there ({problem}); {_FIX}"
+                )
+    finally:
+        on_each(_node_clean, lambda node: (folder, node, created[node]))
+        _remove_remote(location / PREFLIGHT)
+
+
+def _preflight_here(location: Location, folder: Location) -> None:
+    """storage_preflight on a single node: write, read back and remove a marker from this process."""
+    created = _first_missing(location)
+    error = _node_write(folder, "driver")
+    missing, why = _node_read(folder, ["driver"]) if error is None else ([], None)
+    if error is None:
+        _node_clean(folder, "driver", created)
+        _remove_remote(location / PREFLIGHT)
+    if error or missing:
+        raise InputError(f"{location}: cannot write and read there ({error or why or 'the file written is not there'})")
+
+
+def _on_each_node(
+    nodes: dict[str, str],
+    fn: Callable[..., Any],
+    args_of: Callable[[str], tuple],
+    *,
+    location: Location,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """{node: fn(*args_of(node))}, run as a 0-CPU task pinned to each node; a node that does not answer
+    within timeout_s is an InputError naming it (its task is cancelled)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    calls = [
+        ray.remote(fn)
+        .options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(*args_of(node))
+        for node in nodes
+    ]
+    try:
+        return dict(zip(nodes, ray.get(calls, timeout=timeout_s)))
+    except ray.exceptions.GetTimeoutError as err:
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
+        late = [nodes[n] for n, c in zip(nodes, calls) if c not in ready]
+        for call in calls:
+            ray.cancel(call, force=True)
+        raise InputError(
+            f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
+            f"{timeout_s:g} s (busy or unreachable)"
+        ) from err
+
+
+def _remove_remote(folder: Location) -> None:
+    """Delete the check's folder on an object store (deleting its last file leaves a folder marker)."""
+    if not folder.is_local:
+        try:
+            folder.delete()
+        except OSError:  # this process cannot reach the store either: the check's error says so
+            pass

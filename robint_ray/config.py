@@ -22,13 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
 
 from .errors import InputError, check
-
-
-def check_ball(norm: str, eps: float, step_size: float) -> None:
-    """An Lp ball of radius eps with steps of step_size: norm "l2" or "linf", eps >= 0, step_size > 0."""
-    check(norm in ("l2", "linf"), f"unknown norm {norm!r}; use 'l2' or 'linf'")
-    check(math.isfinite(eps) and eps >= 0, f"eps must be >= 0, got {eps}")
-    check(math.isfinite(step_size) and step_size > 0, f"step size must be > 0, got {step_size}")
+from .storage import Location, is_uri
 
 
 @dataclass(frozen=True)
@@ -44,6 +38,8 @@ class PGDSettings:
     norm: Literal["l2", "linf"] = "l2"
 
     def __post_init__(self):
+        from .attacks import check_ball  # attacks imports torch; configs stay light to load
+
         check(isinstance(self.steps, int) and self.steps >= 1, f"steps must be an integer >= 1, got {self.steps!r}")
         check_ball(self.norm, self.eps, self.step_size)
 
@@ -316,8 +312,6 @@ def read_yaml(path: str | Path, what: str = "config file") -> Any:
     """The content of a YAML file, a local path or a storage URI ({} when empty); a missing file or
     invalid YAML is an InputError."""
     import yaml
-
-    from .storage import Location, is_uri
 
     source = Location(path)
     path = path if is_uri(str(path)) else Path(path)

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from .cluster import cluster_nodes
 from .errors import ClusterError, InputError, check
+from .ray_address import mark_joined, running_cluster
 
 if TYPE_CHECKING:
     import torch
@@ -29,48 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-_JOINED = False  # set by init_ray when it joined a running cluster
-
 # Set to 1 (in the driver's environment) only by tests whose GPU nodes are simulated on CPUs.
 SIMULATED_GPUS = "ROBINT_SIMULATED_GPUS"
-
-
-def recorded_cluster_file() -> str:
-    """Where `ray start` on this machine records its cluster's address: Ray's default temp folder
-    ($RAY_TMPDIR, else $TMPDIR, else /tmp), then ray/ray_current_cluster (`ray stop` removes it)."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    return os.path.join(base, "ray", "ray_current_cluster")
-
-
-def recorded_cluster() -> str | None:
-    """The address ("ip:port") that `ray start` on this machine recorded for its cluster
-    (`recorded_cluster_file`), or None. The file is Ray's documented way of finding "the cluster on this
-    machine" (ray.init's address="auto"); read here directly, since the helper that reads it is private."""
-    try:
-        text = open(recorded_cluster_file()).read().strip()
-    except OSError:
-        return None
-    return text or None
-
-
-def tcp_answers(address: str, timeout: float = 2.0) -> bool:
-    """Whether something accepts TCP connections at "host:port" (a live GCS, not a stale file)."""
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def running_cluster() -> str | None:
-    """The cluster this process joins: $RAY_ADDRESS (as set by `ray job submit`), else the cluster
-    that `ray start` recorded on this machine if its GCS answers; None where there is none."""
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        return address
-    recorded = recorded_cluster()
-    return recorded if recorded and tcp_answers(recorded) else None
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
@@ -88,10 +49,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if address != "local":
         address = address or running_cluster()
         if address:
-            global _JOINED
             log.info("joining the Ray cluster at %s", address)
             ray.init(address=address, log_to_driver=True)
-            _JOINED = True
+            mark_joined()
             return
     # A single local node: every Ray socket on 127.0.0.1 (robint_ray/__init__.py sets Ray's switch for
     # that before ray is first imported).
@@ -108,12 +68,6 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         logging_level=logging.WARNING,
         log_to_driver=True,
     )
-
-
-def joined_cluster() -> bool:
-    """Whether this process joined a running cluster (where an autoscaler may add what is short),
-    rather than starting its private instance."""
-    return _JOINED
 
 
 _NODES_USED: set[str] = set()
@@ -159,8 +113,6 @@ def cluster_has_gpus(*, unknown: bool = False) -> bool:
     table, or a node type with GPUs that its autoscaler may still start (`cluster.cluster_nodes`);
     with unknown=True also where a node type's resources are not stated (the local provider's). The
     driver's own CUDA is never asked: it may sit on a CPU-only head."""
-    from .cluster import cluster_nodes
-
     init_ray()
     nodes = cluster_nodes()
     return any(node.gpus > 0 for node in nodes) or (unknown and any(not node.known for node in nodes))

@@ -19,3 +19,9 @@ class ClusterError(RuntimeError):
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise InputError(message)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception told in one line: the first line of its message, else its type's name."""
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

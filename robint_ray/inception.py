@@ -51,6 +51,7 @@ from torch import nn
 
 from .errors import check
 from .files import file_hash
+from .storage import Location
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +446,6 @@ def load_fid_inception(
     the source and the sha256 of the weights (`state_hash`)."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save
-
-    from .storage import Location
 
     folder = Path(cache) if cache is not None else cache_dir()
     path = Path(weights) if weights is not None else find_weight_file()

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from . import __version__
 from .storage import Location
 
 
@@ -46,8 +47,6 @@ def difference(ours: float | None, paper: float | None) -> float | None:
 
 def code_version(root: Path | None = None) -> dict[str, str]:
     """The package version and, inside a git checkout, the commit (with '+dirty' for local changes)."""
-    from . import __version__
-
     root = root or Path(__file__).resolve().parents[1]
     version = {"package": __version__}
     try:

@@ -44,12 +44,12 @@ import re
 import tempfile
 import uuid
 from contextlib import contextmanager
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 from urllib.parse import unquote
 
-from .errors import InputError
+from .errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def _filesystem(bucket: str, endpoint: str | None):
         try:  # as pyarrow's FileSystem.from_uri does: the bucket's own region
             region = fs.resolve_s3_region(bucket)
         except OSError as err:
-            raise InputError(f"s3://{bucket}: cannot find the bucket's region ({_one_line(err)})") from err
+            raise InputError(f"s3://{bucket}: cannot find the bucket's region ({one_line(err)})") from err
     return _s3_filesystem(endpoint, region)
 
 
@@ -152,11 +152,6 @@ def _retrying_s3():
             return (_s3_filesystem, self.made_with)
 
     return RetryingS3FileSystem
-
-
-def _one_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 class Location:
@@ -251,7 +246,7 @@ class Location:
             kind = quick.get_file_info(bucket).type
         except OSError as err:
             raise InputError(
-                f"{self.uri}: the store does not answer ({_one_line(err)}); check the network, the credentials "
+                f"{self.uri}: the store does not answer ({one_line(err)}); check the network, the credentials "
                 "and AWS_ENDPOINT_URL"
             ) from err
         if kind == fs.FileType.NotFound:
@@ -452,150 +447,3 @@ def copy_tree(source: Location, target: Location) -> None:
     """Copy a folder between any two locations (each file atomically)."""
     with source.local_copy() as local:
         target.upload(local)
-
-
-# --- preflight: can every node of the cluster write and read here? --------------------------------
-
-PREFLIGHT = ".robint-preflight"
-_FIX = (
-    "give a location that every node can write and read: s3://bucket/prefix (with credentials on every "
-    "node) or a folder on shared storage (NFS, EFS) mounted at the same path on every node"
-)
-
-
-def _node_write(folder: Location, node: str) -> str | None:
-    """Write this node's marker into folder; returns None, or why it could not."""
-    try:
-        (folder / node).write_text(node)
-    except (OSError, InputError) as err:  # pyarrow raises OSError subclasses (PermissionError, ...)
-        return _one_line(err)
-    return None
-
-
-def _node_read(folder: Location, nodes: list[str]) -> tuple[list[str], str | None]:
-    """The markers of `nodes` this node cannot read in folder (and why, where listing failed)."""
-    try:
-        return [n for n in nodes if not (folder / n).is_file() or (folder / n).read_text() != n], None
-    except (OSError, InputError) as err:
-        return list(nodes), _one_line(err)
-
-
-def _node_clean(folder: Location, node: str, created: Location | None) -> None:
-    """Remove this node's marker, and on a local disk the folders the check created, when empty:
-    the location itself and its parents up to `created` (the outermost one that did not exist)."""
-    (folder / node).delete()
-    if not folder.is_local:
-        return
-    paths = [folder.local_path, folder.parent.local_path]
-    if created is not None:
-        path = folder.parent.parent.local_path  # the location
-        while path != created.local_path.parent:
-            paths.append(path)
-            path = path.parent
-    for path in paths:
-        if path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
-
-
-def _first_missing(location: Location) -> Location | None:
-    """The outermost folder of location that does not exist yet on this node (None: it exists)."""
-    if not location.is_local:
-        return None
-    path, missing = location.local_path, None
-    while not path.exists():
-        path, missing = path.parent, path
-    return Location(missing) if missing is not None else None
-
-
-def preflight(location: str | os.PathLike | Location, *, timeout_s: float = 60) -> None:
-    """Check, before any work, that every alive node of the Ray cluster can write at `location` and
-    read what every other node wrote there: one small task (0 CPUs) per node writes a marker, then
-    each reads all of them, then each removes its own. Raises InputError with one line naming the
-    node and the fix (a local folder the nodes do not share, a bucket without credentials on some node).
-    On a single node the check runs in this process (milliseconds). Starts or joins Ray (init_ray)."""
-    import ray
-
-    from .distributed import init_ray
-
-    location = Location(location)
-    init_ray()
-    folder = location / PREFLIGHT / uuid.uuid4().hex
-    nodes = {n["NodeID"]: f"{n['NodeManagerAddress']} (id {n['NodeID'][:8]})" for n in ray.nodes() if n["Alive"]}
-    if len(nodes) <= 1:
-        _preflight_here(location, folder)
-        return
-    on_each = partial(_on_each_node, nodes, location=location, timeout_s=timeout_s)
-    created = on_each(_first_missing, lambda node: (location,))
-    try:
-        written = on_each(_node_write, lambda node: (folder, node))
-        for node, error in written.items():
-            if error is not None:
-                raise InputError(f"{location}: node {nodes[node]} cannot write there ({error}); {_FIX}")
-        seen = on_each(_node_read, lambda node: (folder, list(nodes)))
-        for reader, (missing, why) in seen.items():
-            if missing:
-                writer = nodes[missing[0]]
-                problem = (
-                    "a local folder that the nodes do not share"
-                    if location.is_local
-                    else why or "is its storage endpoint or bucket another one?"
-                )
-                raise InputError(
-                    f"{location}: node {nodes[reader]} cannot read what node {writer} wrote there ({problem}); {_FIX}"
-                )
-    finally:
-        on_each(_node_clean, lambda node: (folder, node, created[node]))
-        _remove_remote(location / PREFLIGHT)
-
-
-def _preflight_here(location: Location, folder: Location) -> None:
-    """preflight on a single node: write, read back and remove a marker from this process."""
-    created = _first_missing(location)
-    error = _node_write(folder, "driver")
-    missing, why = _node_read(folder, ["driver"]) if error is None else ([], None)
-    if error is None:
-        _node_clean(folder, "driver", created)
-        _remove_remote(location / PREFLIGHT)
-    if error or missing:
-        raise InputError(f"{location}: cannot write and read there ({error or why or 'the file written is not there'})")
-
-
-def _on_each_node(
-    nodes: dict[str, str],
-    fn: Callable[..., Any],
-    args_of: Callable[[str], tuple],
-    *,
-    location: Location,
-    timeout_s: float,
-) -> dict[str, Any]:
-    """{node: fn(*args_of(node))}, run as a 0-CPU task pinned to each node; a node that does not answer
-    within timeout_s is an InputError naming it (its task is cancelled)."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    calls = [
-        ray.remote(fn)
-        .options(num_cpus=0, max_retries=0, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-        .remote(*args_of(node))
-        for node in nodes
-    ]
-    try:
-        return dict(zip(nodes, ray.get(calls, timeout=timeout_s)))
-    except ray.exceptions.GetTimeoutError as err:
-        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=0)
-        late = [nodes[n] for n, c in zip(nodes, calls) if c not in ready]
-        for call in calls:
-            ray.cancel(call, force=True)
-        raise InputError(
-            f"{location}: node(s) {', '.join(late)} did not answer the storage check within "
-            f"{timeout_s:g} s (busy or unreachable)"
-        ) from err
-
-
-def _remove_remote(folder: Location) -> None:
-    """Delete the check's folder on an object store (deleting its last file leaves a folder marker)."""
-    if not folder.is_local:
-        try:
-            folder.delete()
-        except OSError:  # this process cannot reach the store either: the check's error says so
-            pass

@@ -14,7 +14,7 @@ Three layers:
 
 A run folder RUN_DIR, a local path or a storage URI such as s3://bucket/runs/robust (written by rank 0
 through storage.Location, on whichever node it runs: on several nodes RUN_DIR must be a URI or a folder
-that every node mounts at the same path, which storage.preflight checks before training):
+that every node mounts at the same path, which cluster.storage_preflight checks before training):
     config.yaml          the full resolved config
     metrics.jsonl        one JSON object per finished epoch
     best/                a robint checkpoint of the best epoch by `selection` (mean(val clean, val PGD) accuracy;
@@ -60,8 +60,10 @@ from torch import nn
 from .allocator import tune_allocator
 from .attacks import pgd
 from .checkpoint import META, WEIGHTS, initial_weights, load_checkpoint, read_meta, save_checkpoint
+from .cluster import Job, WorkerRequest, storage_preflight, wait_for_room
 from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
 from .data import load_split
+from .distributed import init_ray
 from .errors import check
 from .evaluate import AttackConfig, evaluate
 from .models import arch_spec, build_model
@@ -869,10 +871,6 @@ def run(
     """Train (or, with resume, continue) the run in run_dir (a local path or a storage URI) on Ray;
     returns the last reported metrics. Waits up to wait_s for the cluster's room for every worker
     (`cluster.wait_for_room`; None: $ROBINT_WAIT_TIMEOUT, else 30 minutes)."""
-    from . import storage
-    from .cluster import Job, WorkerRequest, wait_for_room
-    from .distributed import init_ray
-
     run_dir = Location(run_dir)
     started = (run_dir / "ray" / RAY_NAME).exists()
     if resume:
@@ -886,7 +884,7 @@ def run(
     init_ray()
     # A worker group the cluster cannot hold would leave Ray Train waiting for it forever.
     wait_for_room(Job(workers, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=gpus_per_worker)), timeout_s=wait_s)
-    storage.preflight(run_dir)  # every node can write and read there, before an epoch is spent
+    storage_preflight(run_dir)  # every node can write and read there, before an epoch is spent
     run_dir.mkdir()
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     log.info(

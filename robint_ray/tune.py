@@ -41,7 +41,9 @@ from typing import Any, Mapping
 
 from ray.tune import Callback
 
+from .cluster import Job, WorkerRequest, storage_preflight, wait_for_room
 from .config import TrainConfig, dump_config
+from .distributed import init_ray
 from .errors import check
 from .storage import Location
 from .sweep import (
@@ -55,6 +57,7 @@ from .sweep import (
     write_best_config,
     write_table,
 )
+from .train import make_trainer, preflight, resolve_paths
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +89,6 @@ def _run_trial(
     Train run snapshot there and continues after its last finished epoch."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from .train import make_trainer
 
     cfg = trial_config(
         TrainConfig.from_dict(start), params, val_attack=ValAttackConfig(**val_attack) if val_attack else None
@@ -192,7 +193,6 @@ class SweepCallback(Callback):
 def check_resources(sweep: Sweep, *, wait_s: float | None = None) -> None:
     """Wait (up to wait_s: `cluster.wait_for_room`) until the cluster has room for one trial's workers;
     a trial the cluster can never hold, which would leave Tune waiting, is an InputError at once."""
-    from .cluster import Job, WorkerRequest, wait_for_room
 
     o = sweep.options
     request = WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=o.gpus_per_worker)
@@ -223,10 +223,6 @@ def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool, wait_s: float |
     import yaml
     from ray import tune
 
-    from . import storage
-    from .distributed import init_ray
-    from .train import preflight, resolve_paths
-
     tune_dir, stored = sweep_dir / TUNE_NAME, sweep_dir / "sweep.yaml"
     sweep = replace(sweep, trial=resolve_paths(sweep.trial))
     if resume:
@@ -247,7 +243,7 @@ def _prepare(sweep: Sweep, sweep_dir: Location, *, resume: bool, wait_s: float |
     preflight(sweep.trial, sweep.options.workers)
     init_ray()
     check_resources(sweep, wait_s=wait_s)
-    storage.preflight(sweep_dir)  # every node can write and read there, before a trial starts
+    storage_preflight(sweep_dir)  # every node can write and read there, before a trial starts
     sweep_dir.mkdir()
     if not resume:
         stored.write_text(yaml.safe_dump(sweep.to_dict(), sort_keys=False))

@@ -160,11 +160,11 @@ def autoscaled(tmp_path, monkeypatch):
     """This process as if it had joined a cluster whose autoscaler (~/ray_bootstrap_config.yaml) may add
     a GPU node type that never starts: the session's Ray (2 CPUs, no GPU) stands for the cluster. The
     requests to the autoscaler are recorded."""
-    from robint_ray import cluster, distributed
+    from robint_ray import cluster, ray_address
 
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "ray_bootstrap_config.yaml").write_text(yaml.safe_dump(KNOWN))
-    monkeypatch.setattr(distributed, "_JOINED", True)
+    monkeypatch.setattr(ray_address, "_JOINED", True)
     asked = []
     monkeypatch.setattr(cluster, "_ask_autoscaler", asked.append)
     return asked
@@ -193,6 +193,37 @@ def test_a_job_larger_than_the_cluster_fails_at_once(ray_local, tmp_path, monkey
         code, _, err = run_cli(["train", config, "--out", tmp_path / "cli", *extra])
         assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, err
     assert not (tmp_path / "cli").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("joined", [False, True], ids=["private Ray", "cluster from ray start"])
+def test_train_and_tune_fail_alike_on_a_job_the_cluster_cannot_hold(ray_local, tmp_path, monkeypatch, run_cli, joined):
+    """`robint train` and `robint tune` take the same check (cluster.wait_for_room), on a private Ray and
+    on a cluster joined from `ray start` (no autoscaler config): a worker group the cluster cannot hold
+    fails both at once with the same line, exit status 2, nothing written."""
+    from robint_ray import ray_address
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/ray_bootstrap_config.yaml of this machine
+    monkeypatch.setattr(ray_address, "_JOINED", joined)
+    workers = 2 * int(ray_local.cluster_resources()["CPU"])
+    config = tmp_path / "tiny.yaml"
+    config.write_text("arch: cifar_resnet8\nepochs: 1\nbatch_size: 64\ndata: {path: sample, val_fraction: 0.2}\n")
+    smoke = ROOT / "experiments" / "smoke" / "sweep_cifar10_l2.yaml"
+    sweep = yaml.safe_load(smoke.read_text())
+    sweep.update(base=str(smoke.parent / sweep["base"]), workers=workers)
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(sweep))
+    said = {}
+    for command, argv in [
+        ("train", ["train", config, "--out", tmp_path / "train", "--workers", workers]),
+        ("tune", ["tune", tmp_path / "sweep.yaml", "--out", tmp_path / "tune"]),
+    ]:
+        code, _, err = run_cli(argv)
+        (line,) = [line for line in err.splitlines() if line.startswith(f"robint {command}: ")]
+        assert code == 2, err
+        said[command] = line.removeprefix(f"robint {command}: ")
+        assert not (tmp_path / command).exists()
+    assert said["train"] == said["tune"], said
+    assert f"{workers} training worker(s) of 1 CPU + 0 GPU need room for {workers}" in said["train"], said
 
 
 @pytest.mark.ray

@@ -187,7 +187,8 @@ def test_every_shipped_training_config_fits_a_node_type_of_cluster_yaml():
     """Read from the files: the node types of cluster.yaml and every config of experiments/ and
     experiments/paper/; all the workers of each config at once must fit the nodes the autoscaler may
     start (`cluster.judge`, the whole job, as robint doctor judges it)."""
-    from robint_ray.cluster import Job, judge, shipped_configs
+    from robint_ray.cluster import Job, judge
+    from robint_ray.commands.doctor import shipped_configs
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     shipped = shipped_configs(ROOT / "experiments")
@@ -203,7 +204,8 @@ def test_every_shipped_training_config_fits_a_node_type_of_cluster_yaml():
 
 def test_a_4_vcpu_gpu_node_would_not_fit_the_small_imagenet_workers():
     """The check of the test above can fail: g5.xlarge's 4 vCPUs hold no 6-CPU worker."""
-    from robint_ray.cluster import Job, judge, shipped_configs
+    from robint_ray.cluster import Job, judge
+    from robint_ray.commands.doctor import shipped_configs
 
     config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
     config["available_node_types"]["gpu_worker"]["resources"] = {"CPU": 4, "GPU": 1}

@@ -2,8 +2,10 @@
 
 Pure math modules import neither ray nor robint_ray.distributed anywhere (not even inside a function);
 fid.py and evaluate.py hold a Ray fan-out beside their math, so for them importing the module must not
-import Ray (their math stays usable and testable without it). (The package's __init__ reads the address
-`ray start` recorded through robint_ray.distributed, which imports Ray only inside its functions.)"""
+import Ray (their math stays usable and testable without it). The file layer (storage: `Location`) is
+held to the same rule as the math: the check that every node shares an output location lives apart, in
+cluster. (The package's __init__ reads which cluster this process joins through robint_ray.ray_address,
+which imports no Ray.)"""
 
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ PURE = [
     "errors",
     "seeds",
     "shards",
+    "storage",
 ]
 MIXED = ["fid", "evaluate"]
 

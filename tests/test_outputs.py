@@ -63,13 +63,17 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    """Any start of Ray (or of a fan-out) fails the test."""
+    """Any start of Ray (or of a fan-out) fails the test: distributed.init_ray, and the name it has in
+    every module of the package already loaded (a module loaded later takes the stand-in)."""
     from robint_ray import distributed
 
     def started(*args, **kwargs):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(distributed, "init_ray", started)
+    real = distributed.init_ray
+    for module in [m for name, m in sys.modules.items() if name.startswith("robint_ray")]:
+        if getattr(module, "init_ray", None) is real:
+            monkeypatch.setattr(module, "init_ray", started)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -180,8 +180,8 @@ def test_preflight_on_one_node(ray_local, s3_server, tmp_path):
     a bucket that does not exist fails with one line that names the location."""
     import time
 
+    from robint_ray.cluster import storage_preflight as preflight
     from robint_ray.errors import InputError
-    from robint_ray.storage import preflight
 
     started = time.perf_counter()
     preflight(tmp_path / "new" / "run")

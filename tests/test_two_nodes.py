@@ -78,7 +78,8 @@ node node2 "ray start --address=127.0.0.1:6391 --num-cpus=1 --disable-usage-stat
 # init_ray on the head, with no RAY_ADDRESS: joins the cluster that `ray start` recorded.
 in_node head "cd '$ROOT' && RAY_TMPDIR='$CLUSTER_TEMP/head' python - > '$RESULTS/init_ray.json'" <<'EOF'
 import json, ray
-from robint_ray.distributed import init_ray, joined_cluster
+from robint_ray.distributed import init_ray
+from robint_ray.ray_address import joined_cluster
 init_ray()
 print(json.dumps({"joined": joined_cluster(), "nodes": len([n for n in ray.nodes() if n["Alive"]])}))
 EOF

@@ -19,9 +19,22 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..distributed import recorded_cluster, recorded_cluster_file, tcp_answers
+from ..cluster import (
+    WHERE_TO_LOOK,
+    Job,
+    WorkerRequest,
+    autoscaler_config,
+    judge,
+    problems,
+    read_cluster,
+    storage_preflight,
+)
+from ..distributed import init_ray
+from ..errors import InputError, check
+from ..ray_address import recorded_cluster, recorded_cluster_file, running_cluster, tcp_answers
 
 DEFAULT_EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"  # of a clone (pip install -e)
 
@@ -115,11 +128,8 @@ def check_cuda(nodes: list[dict], timeout: float) -> list[tuple[str, bool | None
 def check_storage(out: str | None) -> tuple[bool | None, str]:
     if out is None:
         return None, "not checked (give --out FOLDER_OR_URI)"
-    from ..errors import InputError
-    from ..storage import preflight
-
     try:
-        preflight(out)
+        storage_preflight(out)
     except InputError as err:
         return False, str(err)
     return True, f"{out}: every node writes there and reads what the others wrote"
@@ -133,13 +143,14 @@ VERDICT = {True: "ok", False: "FAIL", None: "-"}
 
 
 def cluster_address(given: str | None) -> tuple[str | None, str]:
-    """(the address of the cluster to check, ""), or (None, why no cluster answers): --address, else
-    $RAY_ADDRESS, else the cluster `ray start` recorded on this machine; each must accept a connection
-    within seconds (ray.init would retry a stopped cluster's address for many minutes)."""
-    address = given or os.environ.get("RAY_ADDRESS") or "auto"
+    """(the address of the cluster to check, ""), or (None, why no cluster answers): --address, else the
+    cluster `init_ray` would join (`running_cluster`: $RAY_ADDRESS, else the one `ray start` recorded on
+    this machine); each must accept a connection within seconds (ray.init would retry a stopped
+    cluster's address for many minutes)."""
+    address = given or running_cluster()
     if address == "local":
         return None, "--address local would start a new Ray instance; the doctor checks a running cluster"
-    if address == "auto":
+    if address is None or address == "auto":
         recorded = recorded_cluster()
         if recorded is None:
             return None, (
@@ -168,10 +179,6 @@ def run(args: argparse.Namespace) -> int:
             del os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"]
         args.address = address
     import ray
-
-    from ..cluster import WHERE_TO_LOOK, Job, autoscaler_config, judge, problems, read_cluster, shipped_configs
-    from ..distributed import init_ray
-    from ..errors import check
 
     experiments = args.experiments or (Path("experiments") if Path("experiments").is_dir() else DEFAULT_EXPERIMENTS)
     check(experiments.is_dir(), f"{experiments}: no experiments folder (give --experiments DIR)")
@@ -231,3 +238,48 @@ def run(args: argparse.Namespace) -> int:
         lines.append(f"verdict: not ready: {found[0][0]}{more}; {found[0][1]}")
     print("\n".join(lines))
     return 0 if not found else 1
+
+
+@dataclass(frozen=True)
+class ShippedConfig:
+    """One shipped experiment file and what each of its training workers asks for on a GPU cluster."""
+
+    path: Path
+    kind: str  # "train", "sweep" or "study"
+    workers: int
+    request: WorkerRequest
+
+
+def shipped_configs(experiments: str | Path) -> list[ShippedConfig]:
+    """Every training, sweep and study config of experiments/*.yaml and experiments/paper/*.yaml
+    (the small CPU versions in experiments/smoke/ are left out). A training config's workers take one
+    GPU each, as `robint train ... --gpus-per-worker 1` on a GPU cluster; a sweep or a study says its
+    own workers and gpus_per_worker; a study asks for the larger of its two models' workers."""
+    import yaml
+
+    from ..config import load_config
+    from ..study import load_study
+    from ..sweep import load_sweep
+
+    experiments = Path(experiments)
+    shipped = []
+    for path in sorted(experiments.glob("*.yaml")) + sorted((experiments / "paper").glob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if "space" in data:
+            sweep = load_sweep(path)
+            request = WorkerRequest(cpus=sweep.trial.cpus_per_worker, gpus=sweep.options.gpus_per_worker)
+            shipped.append(ShippedConfig(path, "sweep", sweep.options.workers, request))
+        elif "standard" in data or "robust" in data:
+            study = load_study(path)
+            cpus = max(
+                load_config(source.train).cpus_per_worker
+                for source in (study.standard, study.robust)
+                if source.train is not None
+            )
+            shipped.append(
+                ShippedConfig(path, "study", study.workers, WorkerRequest(cpus=cpus, gpus=study.gpus_per_worker))
+            )
+        else:
+            cfg = load_config(path)
+            shipped.append(ShippedConfig(path, "train", 1, WorkerRequest(cpus=cfg.cpus_per_worker, gpus=1)))
+    return shipped

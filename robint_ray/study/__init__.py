@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- robint study experiments/paper/cifar10.yaml --out s3://bucket/paper
 
 OUT is a local path or a storage URI (storage.Location); on a cluster every node must be able to write
-and read it (an s3:// URI or a shared mount), which storage.preflight checks before any work. Stages
+and read it (an s3:// URI or a shared mount), which cluster.storage_preflight checks before any work. Stages
 run in order; each writes OUT/<stage>/result.json when it has finished, and a rerun skips every
 stage whose result exists (and, inside generation, every shard already written), so a job that failed
 or was killed resumes where it stopped. The last stage writes OUT/report.html (figures embedded) and

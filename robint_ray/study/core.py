@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..checkpoint import load_checkpoint
-from ..cluster import Job, WorkerRequest, wait_for_room
+from ..cluster import Job, WorkerRequest, storage_preflight, wait_for_room
 from ..config import load_config
 from ..data import load_split
 from ..distributed import default_gpus_per_task, devices_used, init_ray, nodes_used, task_resources
-from ..storage import Location, preflight
+from ..storage import Location
 from . import attributions, evaluation, features, generation, inversion, training
 from .config import TASKS_PER_GPU, ModelSource, StudyConfig
 from .report import build_report, jsonable, portable
@@ -37,7 +37,7 @@ class Study:
     def run(self) -> Location:
         """Every stage not done yet, then the report; returns OUT/report.html."""
         init_ray()
-        preflight(self.out)  # every node can write and read OUT, before anything is trained
+        storage_preflight(self.out)  # every node can write and read OUT, before anything is trained
         self.out.mkdir()
         # Training writes OUT/train itself (checkpoints and Ray's storage); the others a local folder.
         results = {s.NAME: self.stage(s.NAME, partial(s.run, self), local=s is not training) for s in STAGES}
