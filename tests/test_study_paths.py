@@ -35,3 +35,26 @@ def test_a_stage_writes_no_path_of_this_machine_and_reads_its_own_back(tmp_path)
     )
     again = s.stage("s", fn)  # done before: read back, "./" under OUT again
     assert again["file"] == first["file"] == str(tmp_path / "out" / "s" / "f.txt")
+
+
+def test_the_training_stage_leaves_no_path_of_this_machine_in_the_best_checkpoints_meta(tmp_path, monkeypatch):
+    """A trained model's best/meta.json holds its training config (the data, the initial weights): the
+    stage rewrites those paths relative to OUT, as in result.json (the committed CPU study is checked so)."""
+    from robint_ray.study import training
+
+    data = tmp_path / "data" / "set.npz"
+    data.parent.mkdir()
+    data.write_bytes(b"x")
+    meta = {"arch": "a", "config": {"data": {"path": str(data)}, "init": str(tmp_path / "out" / "w.pt")}}
+
+    def fake_train(config, run_dir, **_):
+        (run_dir / "best" / "meta.json").write_text(json.dumps(meta))
+        (run_dir / "metrics.jsonl").write_text("")
+
+    monkeypatch.setattr(training, "train_run", fake_train)
+    config = StudyConfig(standard=ModelSource(checkpoint="x"), robust=ModelSource(train="robust.yaml"))
+    s = Study(config, tmp_path / "out")
+    monkeypatch.setattr(Study, "train_config", lambda self, name: None)
+    training.run(s, s.out / "train")
+    stored = json.loads((tmp_path / "out" / "train" / "robust" / "best" / "meta.json").read_text())
+    assert stored == {"arch": "a", "config": {"data": {"path": "../data/set.npz"}, "init": "./w.pt"}}

@@ -114,6 +114,10 @@ class Study:
         """OUT/name/result.json with its "./" paths under OUT again (see `stage`)."""
         return _relocated((self.out / name / "result.json").read_json(), HERE, self.out.uri)
 
+    def shown(self, path: str) -> str:
+        """A path as the report prints it: relative to OUT, as report.json holds it (see `portable`)."""
+        return portable(path, self.out)
+
     def test_split(self):
         return load_split(self.config.data, "test")
 

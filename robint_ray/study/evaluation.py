@@ -93,10 +93,10 @@ def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> li
     return [
         Section(
             f"Accuracy ({paper['numbers']['accuracy']})",
-            f"Test split of {c.data} ({drawn.get('pgd', 'all images')}). PGD: {e.norm.upper()}, eps {e.eps}, step "
-            f"{e.step_size}, {e.steps} steps, no random start, last iterate (as torchattacks). AutoAttack "
-            f"({e.autoattack_version}{attacks}) on {drawn.get('autoattack', 'a seeded draw')} (drawn seeded across "
-            "the classes), the honest robust figure (not in the paper).",
+            f"Test split of {study.shown(c.data)} ({drawn.get('pgd', 'all images')}). PGD: {e.norm.upper()}, "
+            f"eps {e.eps}, step {e.step_size}, {e.steps} steps, no random start, last iterate (as torchattacks). "
+            f"AutoAttack ({e.autoattack_version}{attacks}) on {drawn.get('autoattack', 'a seeded draw')} (drawn seeded "
+            "across the classes), the honest robust figure (not in the paper).",
             [Table("Accuracy (%)", header, rows)],
         )
     ]

@@ -79,7 +79,8 @@ def run_section(study: Study, data: dict[str, Any]) -> Section:
     about = {**data["code_version"], **data["hardware"]}
     return Section(
         "Run",
-        f"{c.name}: data {c.data}, {c.workers} workers. Ray tasks ran on {len(data['nodes_used'])} node(s).",
+        f"{c.name}: data {study.shown(c.data)}, {c.workers} worker(s). Ray tasks ran on {len(data['nodes_used'])} "
+        "node(s).",
         [
             Table("Time per stage", ["stage", "seconds"], [[k, v] for k, v in timings.items()]),
             Table("Code and hardware", ["what", "value"], [[k, v] for k, v in about.items()]),

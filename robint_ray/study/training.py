@@ -10,6 +10,7 @@ from ..report import Section, Table, training_curves_png
 from ..storage import Location
 from ..train import RAY_NAME
 from ..train import run as train_run
+from .report import portable
 
 if TYPE_CHECKING:
     from .core import Study
@@ -40,6 +41,10 @@ def run(study: Study, folder: Location) -> dict[str, Any]:
                 resume=resume,
                 wait_s=study.wait_s,
             )
+            # The best checkpoint's copy of its training config, without the running machine's paths
+            # (the data, the initial weights: relative to OUT), as every result of the study.
+            meta = run_dir / "best" / "meta.json"
+            meta.write_text(json.dumps(portable(json.loads(meta.read_text()), study.out), indent=2))
             (run_dir / "done").write_text("")
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
         out[name] = {"checkpoint": (run_dir / "best").uri, "config": source.train, "epochs": metrics}
