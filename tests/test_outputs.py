@@ -86,6 +86,30 @@ def test_a_uri_robint_cannot_use_is_one_line_before_anything_starts(command, out
     assert time.monotonic() - started < 10  # (gs:// once hung `robint train` for minutes)
 
 
+OLD_KEYS = {  # a config of the layout before the PGD budget became one `pgd` mapping, and its one line
+    "train": ("train", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),
+    "study's training config": ("study", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),
+    "study": ("study", "config key 'evaluation.eps' moved: write it as evaluation: {pgd: {eps: ...}}"),
+}
+
+
+@pytest.mark.parametrize("case", list(OLD_KEYS))
+def test_a_key_of_the_old_layout_is_one_line_naming_the_new_one_before_ray_starts(case, tmp_path, run_cli, no_ray):
+    command, message = OLD_KEYS[case]
+    train = (ROOT / "experiments" / "smoke" / "cifar10_standard.yaml").read_text()
+    if case != "study":
+        budget = "pgd: {norm: l2, eps: 0.5, step_size: 0.1, steps: 5}"
+        assert budget in train
+        train = train.replace(budget, budget[:-1] + ", random_start: false}")
+    (tmp_path / "standard.yaml").write_text(train)
+    study = "standard: {train: standard.yaml}\nrobust: {checkpoint: /nowhere}\n"
+    (tmp_path / "study.yaml").write_text(study + ("evaluation: {eps: 0.25}\n" if case == "study" else ""))
+    config = tmp_path / ("standard.yaml" if command == "train" else "study.yaml")
+    code, stdout, err = run_cli([command, config, "--out", tmp_path / "out"])
+    assert code == 2 and stdout == "" and err.startswith(f"robint {command}: error: "), err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("command", list(WRITES))
 def test_file_uris_are_the_local_folder(command, checkpoint, tmp_path, run_cli, ray_local, stand_in):

@@ -1,6 +1,7 @@
-"""What several `robint` commands share: the model arguments and how they load a model, the Ray task
-resources arguments and the block their fan-outs run in, the output folder and the --json file. The
-commands import this module, never robint_ray.cli (which imports them)."""
+"""What several `robint` commands share: the model arguments and how they load a model, the PGD budget
+arguments and the budget they make, the Ray task resources arguments and the block their fan-outs run
+in, the output folder and the --json file. The commands import this module, never robint_ray.cli (which
+imports them)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,22 @@ def task_resources_of(args: argparse.Namespace, *, device: str | None = None):
     if gpus is None and device is not None:
         gpus = 1.0 if str(device).startswith("cuda") else 0.0
     return task_resources(gpus_per_task=default_gpus_per_task(gpus), cpus_per_task=args.cpus_per_task)
+
+
+def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """--norm / --eps / --step-size / --steps: the command's PGD budget, each where given in place of the
+    command's default budget (described by `default`); `pgd_settings` makes the budget."""
+    group = parser.add_argument_group(f"PGD budget (default: {default})")
+    group.add_argument("--norm", default=None, help="l2 or linf")
+    group.add_argument("--eps", type=float, default=None, help="radius of the ball, in pixels of [0, 1] images")
+    group.add_argument("--step-size", type=float, default=None, help="length of one ascent step")
+    group.add_argument("--steps", type=int, default=None, help="ascent steps")
+
+
+def pgd_settings(args: argparse.Namespace, default):
+    """The command's PGD budget (a `config.PGDSettings`, checked): `default` with --norm / --eps /
+    --step-size / --steps where given."""
+    return default.given(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
 def resolve_device(name: str | None):

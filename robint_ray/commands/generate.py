@@ -19,23 +19,14 @@ from pathlib import Path
 from ..storage import Location
 from .common import (
     add_model_arguments,
+    add_pgd_arguments,
     add_resource_arguments,
     in_output_folder,
     load_model,
+    pgd_settings,
     task_resources_of,
     write_json,
 )
-
-
-def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--eps", type=float, default=None, help=f"L2 radius (default: {default})")
-    parser.add_argument("--step-size", type=float, default=None, help="PGD step size (default: the paper's)")
-    parser.add_argument("--steps", type=int, default=None, help="PGD steps (default: the paper's)")
-
-
-def pgd_settings(args: argparse.Namespace, default):
-    """The default PGD budget with --eps / --step-size / --steps where given."""
-    return default.given(eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few",
     )
-    add_pgd_arguments(parser, "30 at 32 px, 40 at 128 px")
+    add_pgd_arguments(parser, "the paper's: L2 eps 30, step 0.5, 60 steps at 32 px; eps 40, step 1 at 128 px")
     add_resource_arguments(parser)
 
 
