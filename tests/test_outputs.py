@@ -86,6 +86,23 @@ def test_a_uri_robint_cannot_use_is_one_line_before_anything_starts(command, out
     assert time.monotonic() - started < 10  # (gs:// once hung `robint train` for minutes)
 
 
+BAD_SETTINGS = {  # a setting of the command's own that is wrong, and what its one line says
+    "eval": (["--workers", "2", "--attack", "pgd", "--eps", "-1"], "eps must be >= 0"),
+    "explain": (["--workers", "2", "--steps", "0"], "ig.steps must be an integer >= 1"),
+    "invert": (["--workers", "2", "--step-size", "0"], "step size must be > 0"),
+    "featvis": (["--workers", "2", "--norm", "l3"], "unknown norm"),
+    "generate": (["--steps", "0"], "steps must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("command", list(BAD_SETTINGS))
+def test_bad_settings_are_one_line_before_ray_starts(command, checkpoint, tmp_path, run_cli, no_ray):
+    extra, message = BAD_SETTINGS[command]
+    code, stdout, err = run_cli(_argv(command, checkpoint, str(tmp_path / "out")) + extra)
+    assert code == 2 and err.startswith(f"robint {command}: error: ") and stdout == "", err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
 OLD_KEYS = {  # a config of the layout before the PGD budget became one `pgd` mapping, and its one line
     "train": ("train", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),
     "study's training config": ("study", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),

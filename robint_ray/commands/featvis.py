@@ -16,7 +16,6 @@ and OUT/featvis.png.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .common import (
     load_driver_model,
     pgd_settings,
     ray_tasks,
+    write_json,
 )
 
 
@@ -131,7 +131,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         path=str(where / path.name),
         figure=str(where / figure.name),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"-> {summary['path']}; figure: {summary['figure']}")
     return 0
 

@@ -22,9 +22,9 @@ from .common import (
     add_pgd_arguments,
     add_resource_arguments,
     in_output_folder,
-    load_model,
+    load_driver_model,
     pgd_settings,
-    task_resources_of,
+    ray_tasks,
     write_json,
 )
 
@@ -60,16 +60,13 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     """Shards straight to --out (`where`), so that a rerun finds them; figures and summary.json into the
     local folder `out`, which ends up there too."""
     from ..data import load_split
-    from ..distributed import init_ray
     from ..errors import check
     from ..generate import GenerationConfig, fit_seeds, generate, sample_images, save_generation_figures
     from ..visualize import generation_settings
 
     check(args.workers is None or args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
-    # The driver's copy stays on the CPU (it may sit on a CPU-only head); each Ray task moves the model to
-    # its own device, a GPU where --device cuda or --gpus-per-task asks for one.
-    wish, args.device = args.device, "cpu"
-    model, source = load_model(args)
+    # Always Ray tasks: the driver's copy stays on the CPU, each task moves the model to its own device.
+    model, source, wish = load_driver_model(args, fanned=True)
     dataset = load_split(args.data, args.split)
     seeds = fit_seeds(dataset, num_classes=model.num_classes)
     names = source["classes"] or list(dataset.classes)
@@ -81,8 +78,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         batch_size=args.batch_size,
         settings=pgd_settings(args, generation_settings(model.input_size)),
     )
-    init_ray(num_cpus=args.workers)
-    with task_resources_of(args, device=wish):
+    with ray_tasks(args, args.workers, device=wish, fanned=True):  # --workers None: the machine's CPUs
         summary = generate(
             model,
             seeds,
@@ -110,7 +106,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         figures=[(where / p.name).uri for p in figures],
         config=config.plan(),
     )
-    write_json(Location(out / "summary.json"), summary)
+    write_json(out / "summary.json", summary)
     print(
         f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> "
         f"{summary['path'] or where / 'shards'}"

@@ -13,7 +13,6 @@ OUT/inversions.npz (`images` uint8 (N, H, W, C), `labels` = target classes, `tar
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from .common import (
     load_driver_model,
     pgd_settings,
     ray_tasks,
+    write_json,
 )
 
 
@@ -107,7 +107,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         distance_before=arrays["distance_before"].tolist(),
         distance_after=arrays["distance_after"].tolist(),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"-> {summary['path']}; figures: {', '.join(summary['figures'])}")
     return 0
 
