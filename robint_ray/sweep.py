@@ -279,10 +279,6 @@ def write_table(path: str | Path | Location, rows: list[dict[str, Any]]) -> None
     Location(path).write_text(text.getvalue())
 
 
-def read_table(path: str | Path | Location) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(Location(path).read_text(), newline="")))
-
-
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     """Indices of the points that no other point beats in both coordinates (ties kept), by x then y."""
     front = [

@@ -144,12 +144,11 @@ def test_s3_outputs_land_in_the_bucket_and_inputs_come_from_it(
     """In process (--workers 0: the session's Ray workers do not know the moto endpoint): the model is
     read from the bucket, eval's data too, and every file is written there, none here."""
     from robint_ray.data import sample_path
-    from robint_ray.storage import copy_tree
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBINT_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     bucket = Location(s3_server())
-    copy_tree(Location(checkpoint), bucket / "ckpt")
+    (bucket / "ckpt").upload(checkpoint)
     argv = _argv(command, (bucket / "ckpt").uri, (bucket / "out").uri)
     if command == "eval":
         (bucket / "data" / "sample.npz").upload(sample_path())
