@@ -343,15 +343,6 @@ def expected_gradients(
     return (sums / nsamples).to(x.dtype)
 
 
-def to_image_plot(
-    attributions: torch.Tensor | np.ndarray, images: torch.Tensor | np.ndarray
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """(shap_values, pixel_values) in the layout `shap.image_plot` takes: a list with one (N, H, W, C)
-    array per explained output (here one) and the images as (N, H, W, C)."""
-    attributions, images = np.asarray(attributions), np.asarray(images)
-    return [attributions.transpose(0, 2, 3, 1)], images.transpose(0, 2, 3, 1)
-
-
 # --- metrics --------------------------------------------------------------------------------------
 
 

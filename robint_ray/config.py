@@ -7,7 +7,8 @@
 Defaults are the paper's CIFAR-10 settings, read from the author's code where the paper is silent
 (see shared/paper/settings-from-the-authors-code.md): SGD lr 0.01, momentum 0.9, weight decay 5e-4,
 batch 128, 100 epochs, cosine annealing with T_max = 200 epochs; L2 PGD eps 0.5, step 0.1, 20 steps, no
-random start, batch norm in train mode during the training attack.
+random start, batch norm in train mode during the training attack. A config that runs PGD holds its
+budget as a `PGDSettings` in its `pgd` field.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, ClassVar, Iterable, Literal, Mapping
 
 from .errors import InputError, check
 from .storage import Location, is_uri
@@ -28,9 +29,10 @@ from .storage import Location, is_uri
 @dataclass(frozen=True)
 class PGDSettings:
     """A PGD budget: `steps` ascent steps of length step_size inside the `norm` ball of radius eps, in
-    pixel units of [0, 1] images. The one settings type of the package's attacks: training
-    (`PGDConfig`), evaluation (`evaluate.AttackConfig`), the global methods (`visualize`) and the
-    study's stages build on it and add their own fields."""
+    pixel units of [0, 1] images. The one budget type of the package: every config that runs PGD holds
+    one as its `pgd` field (training, `evaluate.AttackConfig`, the study's stages; in YAML a mapping
+    `pgd: {eps: ..., step_size: ..., steps: ..., norm: ...}`), and the global methods (`visualize`) take
+    one. Checked here, once, when it is made."""
 
     eps: float
     step_size: float
@@ -50,10 +52,6 @@ class PGDSettings:
 
         return Threat(self.norm, self.eps, self.step_size)
 
-    def budget(self) -> PGDSettings:
-        """These settings alone, without what a subclass adds (`**asdict(s.budget())` builds another)."""
-        return PGDSettings(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm)
-
     def given(self, **values: Any) -> PGDSettings:
         """These settings with each of `values` that is not None put in: a default and a user's choices."""
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
@@ -63,26 +61,15 @@ class PGDSettings:
         return f"{self.norm.upper()} eps {self.eps:g}, step {self.step_size:g}, {self.steps} steps"
 
 
-@dataclass(frozen=True)
-class PGDConfig(PGDSettings):
-    """The PGD attack of adversarial training (Algorithm 1) and of the validation PGD accuracy.
+# The paper's CIFAR-10 PGD, of adversarial training (Algorithm 1) and of the evaluation (Table 1).
+PAPER_PGD = PGDSettings(eps=0.5, step_size=0.1, steps=20)
 
-    bn_mode is the batch-norm mode during the *training* attack: "train" (batch statistics; the
-    author's trainer) or "eval" (running statistics). Validation always attacks the model in eval mode.
-    """
 
-    eps: float = 0.5
-    step_size: float = 0.1
-    steps: int = 20
-    norm: Literal["l2", "linf"] = "l2"
-    random_start: bool = False  # the trainer used for the paper started from x
-    bn_mode: Literal["train", "eval"] = "train"
-
-    def __post_init__(self):
-        check(self.eps > 0 and math.isfinite(self.eps), f"pgd.eps must be > 0, got {self.eps}")
-        check(self.step_size > 0 and math.isfinite(self.step_size), f"pgd.step_size must be > 0, got {self.step_size}")
-        check(self.steps >= 1, f"pgd.steps must be >= 1, got {self.steps}")
-        super().__post_init__()
+def flat_record(config: Any) -> dict[str, Any]:
+    """A config that holds a PGD budget (`pgd`) as results record it: the budget's keys (eps, step_size,
+    steps, norm) beside the config's own, one flat mapping, as before the budget was a field."""
+    own = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "pgd"}
+    return {**dataclasses.asdict(config.pgd), **own}
 
 
 @dataclass(frozen=True)
@@ -141,10 +128,14 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 128
     adversarial: bool = False
-    pgd: PGDConfig = field(default_factory=PGDConfig)
-    val_pgd: PGDConfig | None = (
-        None  # the per-epoch validation attack; None: the same as pgd (sweeps use a cheaper one)
-    )
+    pgd: PGDSettings = PAPER_PGD  # the training attack (with adversarial) and the validation attack
+    # The per-epoch validation attack's budget, from x (no random start; sweeps set a cheaper one); None:
+    # the training attack, pgd with pgd_random_start.
+    val_pgd: PGDSettings | None = None
+    pgd_random_start: bool = False  # PGD from a random point of the ball; the trainer of the paper's models: from x
+    # Batch norm during the *training* attack: "train" (batch statistics; the author's trainer) or "eval"
+    # (running statistics). Validation always attacks the model in eval mode.
+    pgd_bn_mode: Literal["train", "eval"] = "train"
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval_batch_size: int = 256  # validation / test batch per worker
@@ -170,6 +161,12 @@ class TrainConfig:
     # weights file that `robint eval --weights` reads (.safetensors, a torch state dict, the akamaster
     # format), a path or a storage URI. A resumed run continues its own checkpoint instead.
     init: str | None = None
+
+    # Keys of earlier versions and where they live now (an old file's key is an error naming the new one).
+    MOVED: ClassVar[dict[str, str]] = {
+        "pgd.random_start": "pgd_random_start",
+        "pgd.bn_mode": "pgd_bn_mode",
+    }
 
     def __post_init__(self):
         check(
@@ -204,7 +201,7 @@ class TrainConfig:
 
     def override(self, sets: Mapping[str, Any] | Iterable[str]) -> "TrainConfig":
         """A copy with dotted keys replaced: {"optim.lr": 0.1} or ["optim.lr=0.1", ...] (values as YAML)."""
-        return TrainConfig.from_dict(apply_overrides(self.to_dict(), sets))
+        return TrainConfig.from_dict(apply_overrides(self.to_dict(), sets, moved_keys(TrainConfig)))
 
 
 # --- loading and checking --------------------------------------------------------------------------
@@ -215,7 +212,35 @@ def _fields(cls) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _coerce(value: Any, kind: Any, key: str) -> Any:
+def _config_class(kind: Any) -> Any:
+    """The config dataclass of a field type (X or X | None), else None."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        inner = [o for o in typing.get_args(kind) if o is not type(None)]
+        kind = inner[0] if len(inner) == 1 else None
+    return kind if dataclasses.is_dataclass(kind) else None
+
+
+def moved_keys(cls, prefix: str = "") -> dict[str, str]:
+    """Every key of earlier versions of the config `cls` (its own and its sections' `MOVED`), dotted from
+    its top, and where it lives now: {"evaluation.eps": "evaluation.pgd.eps", ...}."""
+    out = {prefix + old: prefix + new for old, new in getattr(cls, "MOVED", {}).items()}
+    for name, kind in _fields(cls).items():
+        inner = _config_class(kind)
+        if inner is not None:
+            out.update(moved_keys(inner, f"{prefix}{name}."))
+    return out
+
+
+def _moved_error(key: str, new: str) -> InputError:
+    """The error for an old key: config key 'evaluation.eps' moved: write it as evaluation: {pgd: {eps: ...}}."""
+    *sections, leaf = new.split(".")
+    where = f"{leaf}: ..."
+    for section in reversed(sections):
+        where = f"{section}: {{{where}}}"
+    return InputError(f"config key '{key}' moved: write it as {where}")
+
+
+def _coerce(value: Any, kind: Any, key: str, moved: Mapping[str, str]) -> Any:
     """value as type `kind` (int, float, bool, str, Literal[...], X | None, a config dataclass)."""
     origin = typing.get_origin(kind)
     if origin in (typing.Union, types.UnionType):
@@ -223,17 +248,17 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if value is None and type(None) in options:
             return None
         (inner,) = [o for o in options if o is not type(None)]
-        return _coerce(value, inner, key)
+        return _coerce(value, inner, key, moved)
     if dataclasses.is_dataclass(kind):
         check(
             isinstance(value, Mapping),
             f"config key '{key}' must be a mapping of {kind.__name__} settings, got {value!r}",
         )
-        return _build(kind, value, key + ".")
+        return _build(kind, value, key + ".", moved)
     if origin is tuple:  # tuple[X, ...]: a YAML list
         check(isinstance(value, (list, tuple)), f"config key '{key}' must be a list, got {value!r}")
         (inner, _) = typing.get_args(kind)
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(v, inner, f"{key}[{i}]", moved) for i, v in enumerate(value))
     if origin is Literal:
         choices = typing.get_args(kind)
         check(value in choices, f"config key '{key}' must be one of {', '.join(map(repr, choices))}; got {value!r}")
@@ -264,15 +289,30 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     raise TypeError(f"unsupported config field type {kind!r} for {key}")
 
 
-def _build(cls, data: Mapping[str, Any], prefix: str):
+def _build(cls, data: Mapping[str, Any], prefix: str, moved: Mapping[str, str] | None = None):
+    """cls from a mapping: every key known (a key of an earlier version is an error naming its new
+    place, `moved_keys`), every required one given, each value of its field's type."""
     check(
         isinstance(data, Mapping), f"config section '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {data!r}"
     )
+    moved = moved_keys(cls, prefix) if moved is None else moved
     known = _fields(cls)
     for key in data:
+        if prefix + key in moved:
+            raise _moved_error(prefix + key, moved[prefix + key])
         if key not in known:
             raise InputError(f"unknown config key '{prefix}{key}'; known keys here: {', '.join(known)}")
-    return cls(**{k: _coerce(v, known[k], prefix + k) for k, v in data.items()})
+    required = [f.name for f in dataclasses.fields(cls) if f.default is f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    section = prefix.rstrip(".")
+    check(not missing, f"config section '{section or '<top>'}' lacks {', '.join(missing)}")
+    values = {k: _coerce(v, known[k], prefix + k, moved) for k, v in data.items()}
+    try:
+        return cls(**values)
+    except InputError as err:  # a section's own check: say which section, where it does not
+        if not section or str(err).startswith(section):
+            raise
+        raise InputError(f"{section}: {err}") from None
 
 
 def _parse_set(item: str) -> tuple[str, Any]:
@@ -289,12 +329,17 @@ def _parse_set(item: str) -> tuple[str, Any]:
     return key, value
 
 
-def apply_overrides(data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
+def apply_overrides(
+    data: Mapping[str, Any], sets: Mapping[str, Any] | Iterable[str], moved: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """A deep copy of the config dict `data` with dotted keys replaced. Every key must exist (a
-    misspelt key is an error naming it); the result still needs TrainConfig.from_dict to be checked."""
+    misspelt key is an error naming it, a key of `moved` one naming its new place); the result still
+    needs TrainConfig.from_dict to be checked."""
     out = copy.deepcopy(dict(data))
     pairs = sets.items() if isinstance(sets, Mapping) else (_parse_set(s) for s in sets)
     for dotted, value in pairs:
+        if moved and dotted in moved:
+            raise _moved_error(dotted, moved[dotted])
         node, parts = out, dotted.split(".")
         for depth, part in enumerate(parts):
             check(
@@ -330,7 +375,7 @@ def load_config(path: str | Path | None, sets: Iterable[str] | Mapping[str, Any]
         check(isinstance(data, dict), f"{path}: a config file must be a mapping of keys to values")
     try:
         base = TrainConfig.from_dict(data).to_dict()
-        cfg = TrainConfig.from_dict(apply_overrides(base, sets))
+        cfg = TrainConfig.from_dict(apply_overrides(base, sets, moved_keys(TrainConfig)))
     except InputError as err:
         raise InputError(f"{path}: {err}" if path is not None else str(err)) from err
     if path is not None and cfg.init is not None and "://" not in cfg.init:

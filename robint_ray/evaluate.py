@@ -9,7 +9,7 @@ honest figure, reported beside it.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .attacks import misclassified_then_ce, pgd
-from .config import PGDSettings
+from .config import PAPER_PGD, PGDSettings, flat_record
 from .errors import check
 from .models import in_mode, on_cpu
 from .shards import Shard, consecutive_shards
@@ -26,17 +26,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class AttackConfig(PGDSettings):
-    """kind: "pgd", "autoattack" or "none" (AutoAttack takes the norm and eps alone). For PGD, keep="last"
-    is torchattacks' convention (the paper does not say; its author's code keeps the iterate of highest
-    batch-mean loss); keep="best" returns per example the first iterate that fools the model (else the
-    one of highest loss), which is never weaker."""
+class AttackConfig:
+    """kind: "pgd", "autoattack" or "none"; pgd: the budget (default: the paper's CIFAR-10 PGD-20;
+    AutoAttack takes its norm and eps alone). For PGD, keep="last" is torchattacks' convention (the
+    paper does not say; its author's code keeps the iterate of highest batch-mean loss); keep="best"
+    returns per example the first iterate that fools the model (else the one of highest loss), which is
+    never weaker."""
 
-    eps: float = 0.5
-    step_size: float = 0.1
-    steps: int = 20
-    norm: Literal["l2", "linf"] = "l2"
     kind: Literal["pgd", "autoattack", "none"] = "pgd"
+    pgd: PGDSettings = PAPER_PGD
     random_start: bool = False
     restarts: int = 1
     keep: Literal["last", "best"] = "last"
@@ -46,7 +44,6 @@ class AttackConfig(PGDSettings):
 
     def __post_init__(self):
         check(self.kind in ("pgd", "autoattack", "none"), f"unknown attack {self.kind!r}; use pgd, autoattack or none")
-        super().__post_init__()  # norm, eps, step size, steps
         check(
             (self.autoattack_version == "custom") == bool(self.autoattack_attacks),
             "AutoAttack: give the attacks (e.g. apgd-ce,apgd-t) exactly when the version is custom",
@@ -60,7 +57,7 @@ class AttackConfig(PGDSettings):
 
 def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: AttackConfig) -> torch.Tensor:
     """Adversarial images for one batch under `attack` (the model in eval mode)."""
-    if attack.kind == "none" or attack.eps == 0:
+    if attack.kind == "none" or attack.pgd.eps == 0:
         return x
     if attack.kind == "pgd":
         generator = torch.Generator(device=x.device).manual_seed(attack.seed)
@@ -68,8 +65,8 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
             model,
             x,
             y,
-            threat=attack.threat,
-            steps=attack.steps,
+            threat=attack.pgd.threat,
+            steps=attack.pgd.steps,
             random_start=attack.random_start,
             restarts=attack.restarts,
             keep=attack.keep,
@@ -80,8 +77,8 @@ def attack_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Att
 
     adversary = AutoAttack(
         model,
-        norm={"l2": "L2", "linf": "Linf"}[attack.norm],
-        eps=attack.eps,
+        norm={"l2": "L2", "linf": "Linf"}[attack.pgd.norm],
+        eps=attack.pgd.eps,
         version=attack.autoattack_version,
         device=x.device,
         seed=attack.seed,
@@ -238,5 +235,5 @@ def evaluate(
         "adversarial_correct": robust,
         "clean_accuracy": clean / n,
         "adversarial_accuracy": robust / n if attack.kind != "none" else None,
-        "attack": asdict(attack),
+        "attack": flat_record(attack),
     }

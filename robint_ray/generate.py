@@ -104,11 +104,6 @@ def to_uint8(x: torch.Tensor, *, rounding: str = "round") -> np.ndarray:
     return quantize(x.detach().cpu(), rounding=rounding).permute(0, 2, 3, 1).contiguous().numpy()
 
 
-def from_uint8(images: np.ndarray) -> torch.Tensor:
-    """(N, H, W, C) uint8 -> (N, C, H, W) float32 in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
-
-
 # --- class seeds from a dataset ------------------------------------------------------------------
 
 

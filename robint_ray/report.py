@@ -13,10 +13,7 @@ import io
 import json
 import os
 import platform
-import re
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -180,79 +177,3 @@ def write_report(
     page.write_text("\n".join(parts))
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
     return page
-
-
-def _chromium(chromium: str | None) -> str:
-    browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
-    if browser is None:
-        raise FileNotFoundError("no chromium on PATH")
-    return browser
-
-
-# Headless Chromium that reaches nothing outside the page (the report has no external files).
-_HEADLESS = (
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--hide-scrollbars",
-)
-
-
-def screenshot(
-    page: str | Path, png: str | Path, *, size: tuple[int, int] = (1280, 3200), chromium: str | None = None
-) -> Path:
-    """A PNG of the top `size` (width, height px) of a report as headless Chromium draws it."""
-    png = Path(png).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                _chromium(chromium),
-                *_HEADLESS,
-                f"--user-data-dir={tmp}/profile",
-                f"--window-size={size[0]},{size[1]}",
-                "--virtual-time-budget=10000",
-                f"--screenshot={png}",
-                Path(page).resolve().as_uri(),
-            ],
-            capture_output=True,
-            timeout=120,
-            check=True,
-        )
-    return png
-
-
-def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
-    """Open a report in headless Chromium and count its tables, its figures and the figures that
-    decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
-    browser = _chromium(chromium)
-    probe = (
-        "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
-        "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
-        "+ imgs.filter(i => i.complete && i.naturalWidth > 0).length; });</script>"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        copy = Path(tmp) / "page.html"
-        copy.write_text(Path(page).read_text().replace("</body>", probe + "</body>"))
-        out = subprocess.run(
-            [
-                browser,
-                *_HEADLESS,
-                f"--user-data-dir={tmp}/profile",
-                "--virtual-time-budget=10000",
-                "--dump-dom",
-                copy.as_uri(),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        ).stdout
-    match = re.search(r"<title>CHECK (\d+) (\d+) (\d+)</title>", out)
-    if match is None:
-        raise RuntimeError("the page did not load in Chromium")
-    tables, images, loaded = map(int, match.groups())
-    return {"tables": tables, "images": images, "images_loaded": loaded}

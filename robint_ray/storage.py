@@ -36,7 +36,6 @@ filesystem client.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -387,22 +386,6 @@ class Location:
         with tempfile.TemporaryDirectory(prefix="robint-download-") as tmp:
             yield self.download(Path(tmp) / (self.name or "root"))
 
-    def open_write(self) -> "_AtomicWriter":
-        """A binary file-like object; the file appears here, whole, when it is closed without error."""
-        return _AtomicWriter(self)
-
-
-class _AtomicWriter(io.BytesIO):
-    def __init__(self, target: Location):
-        super().__init__()
-        self._target = target
-
-    def __exit__(self, kind, value, tb):
-        if kind is None:
-            self._target.write_bytes(self.getvalue())
-        self.close()
-        return False
-
 
 def local_input(where: str | os.PathLike) -> Path:
     """A local path for an input that may live in storage (a dataset, a weights file, an image source):
@@ -441,9 +424,3 @@ def local_input(where: str | os.PathLike) -> Path:
                 raise
     log.info("%s: downloaded to %s", source, target)
     return target
-
-
-def copy_tree(source: Location, target: Location) -> None:
-    """Copy a folder between any two locations (each file atomically)."""
-    with source.local_copy() as local:
-        target.upload(local)

@@ -13,11 +13,11 @@ import csv
 import io
 import itertools
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from .config import TrainConfig, apply_overrides, build_dataclass, dump_config, load_config, read_yaml
+from .config import TrainConfig, build_dataclass, dump_config, load_config, read_yaml
 from .errors import InputError, check
 from .storage import Location
 
@@ -180,16 +180,8 @@ def trial_config(
         cfg = cfg.override({"pgd.step_size": params["pgd.step_rel"] * cfg.pgd.eps / cfg.pgd.steps})
     if val_attack is None:
         return cfg
-    return cfg.override(
-        {
-            "val_pgd": {
-                **asdict(cfg.pgd),
-                "steps": val_attack.steps,
-                "random_start": False,
-                "step_size": val_attack.step_rel * cfg.pgd.eps / val_attack.steps,
-            }
-        }
-    )
+    step_size = val_attack.step_rel * cfg.pgd.eps / val_attack.steps
+    return replace(cfg, val_pgd=cfg.pgd.given(steps=val_attack.steps, step_size=step_size))
 
 
 def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
@@ -207,7 +199,7 @@ def parse_sweep(data: Mapping[str, Any], *, root: Path = Path(".")) -> Sweep:
         base = TrainConfig.from_dict(base_spec)
     check(isinstance(overrides, Mapping), f"'overrides' must be a mapping of dotted keys to values, got {overrides!r}")
     try:
-        trial = TrainConfig.from_dict(apply_overrides(base.to_dict(), overrides))
+        trial = base.override(overrides)
     except InputError as err:
         raise InputError(f"overrides: {err}") from err
     trial = trial.override({"test": False})  # a sweep selects on validation; the test split waits for best.yaml
@@ -285,10 +277,6 @@ def write_table(path: str | Path | Location, rows: list[dict[str, Any]]) -> None
     writer.writeheader()
     writer.writerows(rows)
     Location(path).write_text(text.getvalue())
-
-
-def read_table(path: str | Path | Location) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(Location(path).read_text(), newline="")))
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:

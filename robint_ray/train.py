@@ -61,7 +61,7 @@ from .allocator import tune_allocator
 from .attacks import pgd
 from .checkpoint import META, WEIGHTS, initial_weights, load_checkpoint, read_meta, save_checkpoint
 from .cluster import Job, WorkerRequest, storage_preflight, wait_for_room
-from .config import OptimConfig, PGDConfig, TrainConfig, dump_config
+from .config import OptimConfig, PGDSettings, TrainConfig, dump_config
 from .data import load_split
 from .distributed import init_ray
 from .errors import check
@@ -109,18 +109,25 @@ def configure_cudnn(deterministic: bool) -> None:
 
 
 def adversarial_batch(
-    module: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: PGDConfig, *, generator: torch.Generator | None = None
+    module: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pgd_cfg: PGDSettings,
+    *,
+    random_start: bool = False,
+    bn_mode: str = "train",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """The PGD images of the training attack (Algorithm 1, lines 4-7), computed on `module` (never a
-    DDP wrapper) with batch norm in cfg.bn_mode. Parameter gradients are left untouched."""
+    """The PGD images of the training attack (Algorithm 1, lines 4-7) under the budget pgd_cfg, computed
+    on `module` (never a DDP wrapper) with batch norm in bn_mode. Parameter gradients are left untouched."""
     return pgd(
         module,
         x,
         y,
-        threat=cfg.threat,
-        steps=cfg.steps,
-        random_start=cfg.random_start,
-        model_mode=cfg.bn_mode,
+        threat=pgd_cfg.threat,
+        steps=pgd_cfg.steps,
+        random_start=random_start,
+        model_mode=bn_mode,
         generator=generator,
     )
 
@@ -131,7 +138,9 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     attack_model: nn.Module | None = None,
-    pgd_cfg: PGDConfig | None = None,
+    pgd_cfg: PGDSettings | None = None,
+    random_start: bool = False,
+    bn_mode: str = "train",
     device: torch.device,
     bf16: bool = False,
     channels_last: bool = False,
@@ -140,7 +149,8 @@ def train_epoch(
     on_batch: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> dict[str, float]:
     """One pass of SGD over `loader`; with pgd_cfg, on the PGD images of each batch (attack on
-    attack_model, the module inside `model`'s DDP wrapper, or `model` itself); with grad_clip, every
+    attack_model, the module inside `model`'s DDP wrapper, or `model` itself; from a random start and
+    with batch norm in bn_mode as `adversarial_batch`); with grad_clip, every
     gradient value is clipped to [-grad_clip, grad_clip] before each step (torch's clip_grad_value_, as the
     authors' trainers; under DDP after the gradients are averaged over workers).
 
@@ -159,7 +169,13 @@ def train_epoch(
         if pgd_cfg is not None:
             with autocast(device, bf16):
                 x = adversarial_batch(
-                    attack_model if attack_model is not None else model, x, y, pgd_cfg, generator=generator
+                    attack_model if attack_model is not None else model,
+                    x,
+                    y,
+                    pgd_cfg,
+                    random_start=random_start,
+                    bn_mode=bn_mode,
+                    generator=generator,
                 )
         with autocast(device, bf16):
             logits = model(x)  # (B, classes)
@@ -309,17 +325,18 @@ def _broadcast_state(module: nn.Module) -> None:
 def evaluate_sharded(
     module: nn.Module,
     dataset,
-    pgd_cfg: PGDConfig,
+    pgd_cfg: PGDSettings,
     *,
+    random_start: bool,
     rank: int,
     world: int,
     batch_size: int,
     device: torch.device,
     bf16: bool,
 ) -> dict[str, float]:
-    """Clean and PGD accuracy over `dataset`, each worker taking every world-th item, summed over
-    workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
-    attack = AttackConfig(kind="pgd", random_start=pgd_cfg.random_start, **asdict(pgd_cfg.budget()))
+    """Clean and PGD accuracy (the budget pgd_cfg) over `dataset`, each worker taking every world-th item,
+    summed over workers. Uses the foundation's evaluator (model in eval mode, last PGD iterate)."""
+    attack = AttackConfig(kind="pgd", pgd=pgd_cfg, random_start=random_start)
     positions = np.arange(rank, len(dataset), world)
     counts = [0.0, 0.0, 0.0]
     if len(positions):
@@ -592,6 +609,8 @@ def _run_epoch(
         net.optimizer,
         attack_model=net.module,
         pgd_cfg=cfg.pgd if cfg.adversarial else None,
+        random_start=cfg.pgd_random_start,
+        bn_mode=cfg.pgd_bn_mode,
         device=worker.device,
         bf16=worker.bf16,
         channels_last=worker.channels_last,
@@ -610,6 +629,7 @@ def _run_epoch(
         net.module,
         val,
         cfg.val_pgd or cfg.pgd,
+        random_start=cfg.pgd_random_start and cfg.val_pgd is None,  # a val_pgd starts at x
         rank=worker.rank,
         world=worker.world,
         batch_size=cfg.eval_batch_size,
@@ -748,6 +768,7 @@ def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classe
         module,
         test,
         cfg.pgd,
+        random_start=cfg.pgd_random_start,
         rank=rank,
         world=worker.world,
         batch_size=cfg.eval_batch_size,
@@ -768,7 +789,8 @@ def _final_test(worker: _Worker, module: nn.Module, state: TrainState, *, classe
             figures["test_adversarial_accuracy"],
             result["n"],
         )
-        (run_dir / "test.json").write_json({**figures, "attack": asdict(cfg.pgd)})
+        attack = {**asdict(cfg.pgd), "random_start": cfg.pgd_random_start, "bn_mode": cfg.pgd_bn_mode}
+        (run_dir / "test.json").write_json({**figures, "attack": attack})
         save_checkpoint(
             run_dir / "best", module, classes=classes, config=cfg.to_dict(), metrics={**meta["metrics"], **figures}
         )

@@ -114,9 +114,10 @@ def _append_line(target: Location, line: str) -> None:
 def _placement_group_recorder(path: Location):
     """A Ray Train callback (run by the Train controller) that appends the id of every worker group's
     placement group to `path`. When ASHA stops a trial, Tune kills the trial's actor and with it the
-    controller and the workers it owns; their placement group, though, lives as long as the job and
-    Ray's own cleaner for it needs the dashboard's state API (absent from our local Ray), so the sweep
-    driver removes the recorded groups itself (`remove_placement_groups`)."""
+    controller and the workers it owns; their placement group, though, outlives them until Ray's own
+    cleaner (a detached actor that polls the controller through the dashboard's state API, which a local
+    Ray of ours serves on 127.0.0.1) sees the controller gone. The sweep driver removes the recorded
+    groups itself, at once (`remove_placement_groups`), so that the next trial never waits on that poll."""
     # No public API: ray.train.UserCallback (Ray 2.60) has only after_report and after_exception, no hook
     # when a worker group, and so its placement group, starts. tests/test_tune.py pins the Ray version.
     from ray.train.v2._internal.execution.callback import WorkerGroupCallback

@@ -217,12 +217,6 @@ class ClassSeeds:
     def num_classes(self) -> int:
         return self.mean.shape[0]
 
-    def covariance(self, c: int) -> torch.Tensor:
-        """Class c's covariance, (d, d) float64 (for checks; a 3,072-d one is 75 MB)."""
-        scale = self.scale[c].double()
-        eye = torch.eye(scale.shape[0], dtype=torch.float64)
-        return scale @ scale.T + float(self.noise_sd[c]) ** 2 * eye
-
 
 def fit_class_seeds(
     pooled: torch.Tensor,

@@ -4,6 +4,10 @@ ResNet-20, the tiny model, a command-line runner, and one local Ray instance for
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -154,7 +158,6 @@ def run_in_namespaces(shell: str, folder: Path, **env: str):
     """Runs `bash -c SHELL` in private network, PID and mount namespaces (every process it starts ends
     with them) with token authentication (the token in folder), this Python's folder first on PATH, no
     RAY_ADDRESS and env's extra variables; asserts that it exits 0 and returns the CompletedProcess."""
-    import subprocess
     import sys
 
     env = {
@@ -177,13 +180,15 @@ def run_in_namespaces(shell: str, folder: Path, **env: str):
 
 def live_actors(classes: tuple[str, ...]) -> dict[str, str]:
     """Actor id -> class name of the actors of these classes not (yet) dead in the connected Ray
-    instance. From the GCS actor table through Ray's private `ray._private.state.actors`: the public
-    reader, ray.util.state.list_actors, needs the dashboard, which the tests' Ray instance runs without."""
-    from ray._private.state import actors
+    instance, through Ray's public state API (served by the dashboard, which init_ray's local Ray runs
+    on 127.0.0.1), asked at the connected instance's address: with none, it looks for a Ray on this
+    machine and fails where it finds several (other test runs, a study)."""
+    import ray
+    from ray.util.state import list_actors
 
-    return {
-        i: a["ActorClassName"] for i, a in actors().items() if a["State"] != "DEAD" and a["ActorClassName"] in classes
-    }
+    address = ray.get_runtime_context().gcs_address
+    alive = list_actors(address=address, filters=[("state", "!=", "DEAD")], limit=10_000)
+    return {a.actor_id: a.class_name for a in alive if a.class_name in classes}
 
 
 @pytest.fixture(scope="session")
@@ -204,7 +209,6 @@ def s3_server():
     credentials and AWS_ENDPOINT_URL set for this process and its children (Ray workers started after
     it). Yields a function that creates a fresh bucket and returns its s3:// URI."""
     import socket
-    import subprocess
     import sys
     import time
     import uuid
@@ -258,3 +262,82 @@ def s3_server():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- the report in headless Chromium ---------------------------------------------------------------
+
+
+def _chromium(chromium: str | None) -> str:
+    browser = chromium or shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        raise FileNotFoundError("no chromium on PATH")
+    return browser
+
+
+# Headless Chromium that reaches nothing outside the page (the report has no external files).
+_HEADLESS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def screenshot(
+    page: str | Path, png: str | Path, *, size: tuple[int, int] = (1280, 3200), chromium: str | None = None
+) -> Path:
+    """A PNG of the top `size` (width, height px) of a report as headless Chromium draws it."""
+    png = Path(png).resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [
+                _chromium(chromium),
+                *_HEADLESS,
+                f"--user-data-dir={tmp}/profile",
+                f"--window-size={size[0]},{size[1]}",
+                "--virtual-time-budget=10000",
+                f"--screenshot={png}",
+                Path(page).resolve().as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+            check=True,
+        )
+    return png
+
+
+def check_in_browser(page: str | Path, *, chromium: str | None = None, timeout: float = 120) -> dict[str, int]:
+    """Open a report in headless Chromium and count its tables, its figures and the figures that
+    decoded (naturalWidth > 0). A copy of the page with a small script is opened, never the report."""
+    browser = _chromium(chromium)
+    probe = (
+        "<script>window.addEventListener('load', () => { const imgs = [...document.images]; "
+        "document.title = 'CHECK ' + document.querySelectorAll('table').length + ' ' + imgs.length + ' ' "
+        "+ imgs.filter(i => i.complete && i.naturalWidth > 0).length; });</script>"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = Path(tmp) / "page.html"
+        copy.write_text(Path(page).read_text().replace("</body>", probe + "</body>"))
+        out = subprocess.run(
+            [
+                browser,
+                *_HEADLESS,
+                f"--user-data-dir={tmp}/profile",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                copy.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        ).stdout
+    match = re.search(r"<title>CHECK (\d+) (\d+) (\d+)</title>", out)
+    if match is None:
+        raise RuntimeError("the page did not load in Chromium")
+    tables, images, loaded = map(int, match.groups())
+    return {"tables": tables, "images": images, "images_loaded": loaded}

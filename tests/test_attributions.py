@@ -256,13 +256,6 @@ def test_expected_gradients_on_a_linear_model():
     torch.testing.assert_close(phi, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_image_plot_layout():
-    maps, images = torch.rand(5, 3, 8, 7), torch.rand(5, 3, 8, 7)
-    values, pixels = attr.to_image_plot(maps, images)
-    assert len(values) == 1 and values[0].shape == (5, 8, 7, 3) and pixels.shape == (5, 8, 7, 3)
-    assert values[0][2, 4, 1, 0] == maps[2, 0, 4, 1].item()
-
-
 # --- metrics --------------------------------------------------------------------------------------
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 
 from robint_ray.checkpoint import save_checkpoint
 from robint_ray.models import build_model
@@ -180,6 +182,24 @@ def test_the_console_script_exits_2_without_traceback(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "eps must be >= 0" in proc.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bad input is a GPU this machine lacks")
+def test_a_command_that_started_ray_says_its_error_in_one_line(resnet20_path):
+    """A local Ray started (--workers 1), then an error only the cluster can tell (a GPU per task on a
+    machine without one): stderr is that one line. Ray's own warning that token authentication is on
+    came first before robint_ray stated the setting (its __init__, RAY_AUTH_MODE)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+    argv = eval_args(resnet20_path, "sample", "--n", "4", "--steps", "1", "--workers", "1", "--gpus-per-task", "1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "robint_ray", *argv], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr.splitlines() == [
+        "robint eval: error: each task asks for 1 GPU, but the Ray cluster has no GPU and no node type with one: "
+        "use --gpus-per-task 0 (or --device cpu)"
+    ]
 
 
 # --- the acceptance figures on all 1,017 exact test images (minutes on 2 cores) -------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from robint_ray.config import PGDConfig, TrainConfig, apply_overrides, dump_config, load_config
+from robint_ray.config import PGDSettings, TrainConfig, apply_overrides, dump_config, load_config
 from robint_ray.errors import InputError
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -18,7 +18,8 @@ def test_defaults_are_the_papers_cifar10_settings():
     assert (cfg.arch, cfg.epochs, cfg.batch_size) == ("cifar_resnet18", 100, 128)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ("sgd", 0.01, 0.9, 5e-4)
     assert (cfg.optim.schedule, cfg.optim.t_max) == ("cosine", 200)
-    assert cfg.pgd == PGDConfig(norm="l2", eps=0.5, step_size=0.1, steps=20, random_start=False, bn_mode="train")
+    assert cfg.pgd == PGDSettings(norm="l2", eps=0.5, step_size=0.1, steps=20) and cfg.val_pgd is None
+    assert (cfg.pgd_random_start, cfg.pgd_bn_mode) == (False, "train")
 
 
 @pytest.mark.parametrize(
@@ -52,7 +53,7 @@ def test_the_four_paper_runs(name, adversarial):
         )
         assert (cfg.optim.schedule, cfg.optim.t_max) == ("cosine", 200)  # the author's notebook
         assert (cfg.pgd.eps, cfg.pgd.steps) == (1.5, 20) and cfg.pgd.step_size == pytest.approx(2.5 * 1.5 / 20)
-    assert cfg.pgd.norm == "l2" and not cfg.pgd.random_start and cfg.pgd.bn_mode == "train"
+    assert cfg.pgd.norm == "l2" and not cfg.pgd_random_start and cfg.pgd_bn_mode == "train"
     smoke = load_config(EXPERIMENTS / "smoke" / f"{name}.yaml")
     assert smoke.adversarial is adversarial and smoke.pgd.eps == cfg.pgd.eps and smoke.optim.name == cfg.optim.name
 
@@ -106,7 +107,10 @@ def test_sets_are_typed_and_dotted():
         ("adversarial=yes please", "'adversarial' must be true or false"),
         ("pgd.norm=l3", "'pgd.norm' must be one of"),
         ("optim.lr=-1", "optim.lr must be > 0"),
-        ("pgd.steps=0", "pgd.steps must be >= 1"),
+        ("pgd.steps=0", "pgd: steps must be an integer >= 1"),
+        ("pgd.eps=-0.5", "pgd: eps must be >= 0"),
+        ("pgd.step_size=0", "pgd: step size must be > 0"),
+        ("pgd=null", "'pgd' must be a mapping"),
         ("optim=3", "'optim' must be a mapping"),
         ("lr", "key=value"),
     ],
@@ -114,6 +118,23 @@ def test_sets_are_typed_and_dotted():
 def test_bad_values_are_input_errors(setting, message):
     with pytest.raises(InputError, match=message):
         load_config(None, [setting])
+
+
+def test_the_pgd_budget_is_one_nested_mapping_set_by_dotted_keys(tmp_path):
+    """pgd: {eps, step_size, steps, norm} (a PGDSettings, checked once, whole: a key left out is an
+    error); --set reaches into it; a key of the flat layout before names where it lives now."""
+    cfg = load_config(EXPERIMENTS / "smoke" / "cifar10_robust_l2.yaml", ["pgd.eps=0.25", "pgd_random_start=true"])
+    assert cfg.pgd == PGDSettings(eps=0.25, step_size=0.1, steps=5) and cfg.pgd_random_start is True
+    assert cfg.override(["val_pgd={eps: 0.25, step_size: 0.05, steps: 2}"]).val_pgd == PGDSettings(0.25, 0.05, 2)
+    path = tmp_path / "old.yaml"
+    path.write_text("pgd: {norm: l2, eps: 0.5, step_size: 0.1, steps: 20, random_start: false, bn_mode: train}\n")
+    with pytest.raises(InputError, match="key 'pgd.random_start' moved: write it as pgd_random_start: ..."):
+        load_config(path)
+    with pytest.raises(InputError, match="key 'pgd.bn_mode' moved: write it as pgd_bn_mode"):
+        load_config(None, ["pgd.bn_mode=eval"])
+    path.write_text("pgd: {eps: 0.5, steps: 20}\n")
+    with pytest.raises(InputError, match="config section 'pgd' lacks step_size"):
+        load_config(path)
 
 
 def test_selection_rule_follows_the_authors_trainers():

@@ -51,7 +51,7 @@ def test_the_committed_results_hold_no_path_of_the_machine_that_ran_them(run):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_the_committed_report_shows_every_table_and_figure_in_headless_chromium(run):
-    from robint_ray.report import check_in_browser, screenshot
+    from conftest import check_in_browser, screenshot
 
     html = (run / "report.html").read_text()
     shown = check_in_browser(run / "report.html")

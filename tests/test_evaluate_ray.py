@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from robint_ray.config import PGDSettings
 from robint_ray.evaluate import AttackConfig, correctness, evaluate
 
 pytestmark = pytest.mark.ray
+
+BUDGET = PGDSettings(norm="l2", eps=0.1, step_size=0.025, steps=10)  # AutoAttack: its norm and eps
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +24,14 @@ def images(cifar_exact):
 @pytest.mark.parametrize(
     "attack",
     [
-        AttackConfig(kind="pgd", norm="l2", eps=0.1, step_size=0.025, steps=10),
+        AttackConfig(kind="pgd", pgd=BUDGET),
         AttackConfig(
-            kind="autoattack", norm="l2", eps=0.1, autoattack_version="custom", autoattack_attacks=("apgd-ce",), seed=3
+            kind="autoattack", pgd=BUDGET, autoattack_version="custom", autoattack_attacks=("apgd-ce",), seed=3
         ),
         pytest.param(
             AttackConfig(
                 kind="autoattack",
-                norm="l2",
-                eps=0.1,
+                pgd=BUDGET,
                 autoattack_version="custom",
                 autoattack_attacks=("apgd-ce", "apgd-t"),
                 seed=3,
@@ -65,7 +67,7 @@ def test_results_come_back_in_input_order(ray_local, resnet20, images):
     x = torch.stack([images[i][0] for i in range(len(images))])
     y = torch.tensor([images[i][1] for i in range(len(images))])
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    attack = AttackConfig(kind="pgd", norm="l2", eps=0.1, step_size=0.025, steps=5)
+    attack = AttackConfig(kind="pgd", pgd=BUDGET.given(steps=5))
     straight = correctness(resnet20, torch.utils.data.TensorDataset(x, y), attack=attack, batch_size=40)
     shuffled = correctness(
         resnet20,

@@ -57,8 +57,10 @@ import ray
 from ray.util.state import list_tasks
 
 from robint_ray import inception
+from robint_ray.config import PAPER_PGD
 from robint_ray.distributed import init_ray
 from robint_ray.models import build_model
+from robint_ray.visualize import FEATURE_VIS, GENERATION, INVERSION
 from robint_ray.study import (STAGES, AttributionStage, EvalStage, FeatureStage, GenerationStage, InversionStage,
                               ModelSource, Study, StudyConfig)
 
@@ -84,12 +86,13 @@ inception.load_fid_inception = lambda *a, **k: StandIn()
 init_ray("local", num_cpus=2, num_gpus=1)
 config = StudyConfig(
     data="sample", workers=2, standard=ModelSource(checkpoint="unused"), robust=ModelSource(checkpoint="unused"),
-    evaluation=EvalStage(n=8, steps=2, autoattack_n=4, autoattack_version="custom", autoattack_attacks=("apgd-ce",),
-                         batch_size=4),
+    evaluation=EvalStage(n=8, pgd=PAPER_PGD.given(steps=2), autoattack_n=4, autoattack_version="custom",
+                         autoattack_attacks=("apgd-ce",), batch_size=4),
     attributions=AttributionStage(n=2, overlays=1, ig_steps=2, ig_baselines=1, shap_nsamples=2, shap_background=2),
-    generation=GenerationStage(per_class=1, steps=1, shard_size=5, fid_dims=64, real_per_class=2),
-    inversion=InversionStage(runs=1, steps=2),
-    features=FeatureStage(features=((1,),), starts=1, top=2, steps=2))
+    generation=GenerationStage(per_class=1, pgd=GENERATION[32].given(steps=1), shard_size=5, fid_dims=64,
+                               real_per_class=2),
+    inversion=InversionStage(runs=1, pgd=INVERSION.given(steps=2)),
+    features=FeatureStage(features=((1,),), starts=1, top=2, pgd=FEATURE_VIS.given(steps=2)))
 study = Study(config, sys.argv[1])
 torch.manual_seed(0)
 study.models = {name: build_model("cifar_resnet8").eval() for name in ("standard", "robust")}

@@ -86,6 +86,47 @@ def test_a_uri_robint_cannot_use_is_one_line_before_anything_starts(command, out
     assert time.monotonic() - started < 10  # (gs:// once hung `robint train` for minutes)
 
 
+BAD_SETTINGS = {  # a setting of the command's own that is wrong, and what its one line says
+    "eval": (["--workers", "2", "--attack", "pgd", "--eps", "-1"], "eps must be >= 0"),
+    "explain": (["--workers", "2", "--steps", "0"], "ig.steps must be an integer >= 1"),
+    "invert": (["--workers", "2", "--step-size", "0"], "step size must be > 0"),
+    "featvis": (["--workers", "2", "--norm", "l3"], "unknown norm"),
+    "generate": (["--steps", "0"], "steps must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("command", list(BAD_SETTINGS))
+def test_bad_settings_are_one_line_before_ray_starts(command, checkpoint, tmp_path, run_cli, no_ray):
+    extra, message = BAD_SETTINGS[command]
+    code, stdout, err = run_cli(_argv(command, checkpoint, str(tmp_path / "out")) + extra)
+    assert code == 2 and err.startswith(f"robint {command}: error: ") and stdout == "", err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
+OLD_KEYS = {  # a config of the layout before the PGD budget became one `pgd` mapping, and its one line
+    "train": ("train", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),
+    "study's training config": ("study", "config key 'pgd.random_start' moved: write it as pgd_random_start: ..."),
+    "study": ("study", "config key 'evaluation.eps' moved: write it as evaluation: {pgd: {eps: ...}}"),
+}
+
+
+@pytest.mark.parametrize("case", list(OLD_KEYS))
+def test_a_key_of_the_old_layout_is_one_line_naming_the_new_one_before_ray_starts(case, tmp_path, run_cli, no_ray):
+    command, message = OLD_KEYS[case]
+    train = (ROOT / "experiments" / "smoke" / "cifar10_standard.yaml").read_text()
+    if case != "study":
+        budget = "pgd: {norm: l2, eps: 0.5, step_size: 0.1, steps: 5}"
+        assert budget in train
+        train = train.replace(budget, budget[:-1] + ", random_start: false}")
+    (tmp_path / "standard.yaml").write_text(train)
+    study = "standard: {train: standard.yaml}\nrobust: {checkpoint: /nowhere}\n"
+    (tmp_path / "study.yaml").write_text(study + ("evaluation: {eps: 0.25}\n" if case == "study" else ""))
+    config = tmp_path / ("standard.yaml" if command == "train" else "study.yaml")
+    code, stdout, err = run_cli([command, config, "--out", tmp_path / "out"])
+    assert code == 2 and stdout == "" and err.startswith(f"robint {command}: error: "), err
+    assert len(err.strip().splitlines()) == 1 and message in err, err
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("command", list(WRITES))
 def test_file_uris_are_the_local_folder(command, checkpoint, tmp_path, run_cli, ray_local, stand_in):
@@ -103,12 +144,11 @@ def test_s3_outputs_land_in_the_bucket_and_inputs_come_from_it(
     """In process (--workers 0: the session's Ray workers do not know the moto endpoint): the model is
     read from the bucket, eval's data too, and every file is written there, none here."""
     from robint_ray.data import sample_path
-    from robint_ray.storage import copy_tree
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBINT_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     bucket = Location(s3_server())
-    copy_tree(Location(checkpoint), bucket / "ckpt")
+    (bucket / "ckpt").upload(checkpoint)
     argv = _argv(command, (bucket / "ckpt").uri, (bucket / "out").uri)
     if command == "eval":
         (bucket / "data" / "sample.npz").upload(sample_path())

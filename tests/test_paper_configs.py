@@ -22,8 +22,8 @@ STUDY_COMMON = {
     "workers": (4, "ours: 4 GPU workers (cluster.yaml)"),
     "gpus_per_worker": (1, "ours"),
     "evaluation.n": (None, "author: the whole test set"),
-    "evaluation.norm": ("l2", "paper: Tables 1 / 4"),
-    "evaluation.steps": (20, "paper: Tables 1 / 4, PGD-20"),
+    "evaluation.pgd.norm": ("l2", "paper: Tables 1 / 4"),
+    "evaluation.pgd.steps": (20, "paper: Tables 1 / 4, PGD-20"),
     "evaluation.autoattack_n": (1000, "ours: AutoAttack is not in the paper"),
     "attributions.n": (24, "paper: Figs. 10, 13, 16, 17 (8 x 3)"),
     "attributions.overlays": (3, "paper: Figs. 2 / 6"),
@@ -37,14 +37,14 @@ STUDY_COMMON = {
     "inversion.runs": (2, "paper: Tables 3 / 6, Inv. 1 and Inv. 2"),
     "inversion.image_sources": (2, "author: notebooks"),
     "inversion.noise": (1, "author: notebooks"),
-    "inversion.eps": (1000, "paper: Figs. 4 / 8"),
-    "inversion.step_size": (1, "paper: Figs. 4 / 8"),
-    "inversion.steps": (10000, "paper: Figs. 4 / 8"),
+    "inversion.pgd.eps": (1000, "paper: Figs. 4 / 8"),
+    "inversion.pgd.step_size": (1, "paper: Figs. 4 / 8"),
+    "inversion.pgd.steps": (10000, "paper: Figs. 4 / 8"),
     "features.starts": (4, "ours: the author starts from one grey image"),
     "features.top": (8, "ours: the author shows 3"),
-    "features.eps": (1000, "paper: Figs. 5 / 9"),
-    "features.step_size": (1, "paper: Figs. 5 / 9"),
-    "features.steps": (400, "paper: Figs. 5 / 9"),
+    "features.pgd.eps": (1000, "paper: Figs. 5 / 9"),
+    "features.pgd.step_size": (1, "paper: Figs. 5 / 9"),
+    "features.pgd.steps": (400, "paper: Figs. 5 / 9"),
 }
 STUDIES = {
     "cifar10": {
@@ -54,8 +54,8 @@ STUDIES = {
         "data": ("/mnt/shared/data/cifar10", "ours"),
         "standard.train": ("../cifar10_standard.yaml", "ours"),
         "robust.train": ("../cifar10_robust_l2.yaml", "ours"),
-        "evaluation.eps": (0.5, "paper: Table 1"),
-        "evaluation.step_size": (0.1, "paper: Table 1"),
+        "evaluation.pgd.eps": (0.5, "paper: Table 1"),
+        "evaluation.pgd.step_size": (0.1, "paper: Table 1"),
         "generation.per_class": (1000, "author: notebook; paper: Table 2"),
         "generation.real_per_class": (1000, "author: notebook"),
         "features.features": ([[130], [435]], "paper: Fig. 5 (130); 435 a seeded draw for Fig. 12"),
@@ -67,8 +67,8 @@ STUDIES = {
         "data": ("/mnt/shared/data/small-imagenet-150", "ours"),
         "standard.train": ("../smallimagenet150_standard.yaml", "ours"),
         "robust.train": ("../smallimagenet150_robust_l2.yaml", "ours"),
-        "evaluation.eps": (1.5, "paper: Table 4"),
-        "evaluation.step_size": (2.5 * 1.5 / 20, "paper: Table 4"),
+        "evaluation.pgd.eps": (1.5, "paper: Table 4"),
+        "evaluation.pgd.step_size": (2.5 * 1.5 / 20, "paper: Table 4"),
         "generation.per_class": (60, "paper: Table 5, 9,000 images of 150 classes"),
         "generation.real_per_class": (60, "ours: as the generated side"),
         "features.features": ([[492], [1742]], "paper: Fig. 9 (492); 1742 a seeded draw for Fig. 15"),
@@ -81,8 +81,8 @@ TRAINING_COMMON = {
     "epochs": (100, "paper: section 3.1; author: notebooks"),
     "pgd.norm": ("l2", "paper"),
     "pgd.steps": (20, "paper"),
-    "pgd.random_start": (False, "author: trainer (Algorithm 1 draws one)"),
-    "pgd.bn_mode": ("train", "author: trainer"),
+    "pgd_random_start": (False, "author: trainer (Algorithm 1 draws one)"),
+    "pgd_bn_mode": ("train", "author: trainer"),
     "precision": ("fp32", "author: fp32 on one GPU"),
     "channels_last": (False, "ours: the fp32 benchmarked"),
     "data.augment": (True, "author: notebooks"),
@@ -158,21 +158,21 @@ def test_the_papers_settings_in_the_report_are_what_the_configs_set(dataset):
         "epochs": standard.epochs,
         "batch size": standard.batch_size,
         "robust training PGD": robust.pgd.describe(),
-        "evaluation PGD": study.evaluation.describe(),
+        "evaluation PGD": study.evaluation.pgd.describe(),
         "explained images": a.n,
         "explained class": a.target,
         "IG baselines x steps": f"{a.ig_baselines} x {a.ig_steps}",
         "SHAP samples, background": f"{a.shap_nsamples}, {a.shap_background}",
         "generated images a class": study.generation.per_class,
-        "generation PGD": GENERATION[size].describe(),  # generation.eps / step_size / steps unset: these
-        "inversion PGD": study.inversion.describe(),
+        "generation PGD": GENERATION[size].describe(),  # generation.pgd unset: the paper's for the size
+        "inversion PGD": study.inversion.pgd.describe(),
         "inversion runs": study.inversion.runs,
-        "feature visualisation PGD": study.features.describe(),
+        "feature visualisation PGD": study.features.pgd.describe(),
     }
-    assert (study.generation.eps, study.generation.step_size, study.generation.steps) == (None, None, None)
+    assert study.generation.pgd is None
     assert {key: paper[key] for key in configured} == configured
     assert (standard.arch, standard.epochs, standard.batch_size) == (robust.arch, robust.epochs, robust.batch_size)
-    assert study.evaluation.describe() == robust.pgd.describe()  # the training attack is the evaluation's
+    assert study.evaluation.pgd == robust.pgd  # the training attack is the evaluation's
 
 
 def test_the_papers_pgd_budgets_are_its_captions():

@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from robint_ray.errors import InputError
-from robint_ray.storage import Location, copy_tree
+from robint_ray.storage import Location
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -48,19 +48,6 @@ def test_local_dir_uploads_and_local_copy_downloads(root, tmp_path):
     assert (root / "figs" / "sub" / "p.png").read_bytes() == b"png"
     with (root / "figs").local_copy() as local:
         assert (local / "sub" / "p.png").read_bytes() == b"png" and (local / "q.txt").read_text() == "q"
-    copy_tree(root / "figs", Location(tmp_path / "copy"))
-    assert (tmp_path / "copy" / "sub" / "p.png").read_bytes() == b"png"
-
-
-def test_a_failed_block_uploads_nothing(root):
-    with pytest.raises(ZeroDivisionError):
-        with (root / "w.bin").open_write() as f:
-            f.write(b"half")
-            1 / 0
-    assert not (root / "w.bin").exists()
-    with (root / "w.bin").open_write() as f:
-        f.write(b"whole")
-    assert (root / "w.bin").read_bytes() == b"whole"
 
 
 def test_paths_and_uris(tmp_path):

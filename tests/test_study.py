@@ -65,9 +65,8 @@ def test_report_is_self_contained(tmp_path):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_tables_and_figures_show_in_headless_chromium(tmp_path):
+    from conftest import check_in_browser
     from PIL import Image
-
-    from robint_ray.report import check_in_browser
 
     for i in range(3):
         Image.new("RGB", (40, 30), (i * 80, 20, 200)).save(tmp_path / f"{i}.png")

@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model
 
 from robint_ray import explain as ex
+from robint_ray.config import PGDSettings
 from robint_ray.data import load_split, spread_over_classes, stack
 from robint_ray.generate import grey_noise, inversion_run_images, per_class_sample, plan_inversion_run
 from robint_ray.study import (
@@ -111,7 +112,7 @@ def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch, preprocess
     monkeypatch.setattr(fid, "inception_distance", distance)
     s = study(
         tmp_path,
-        inversion=InversionStage(steps=3, step_size=0.5),
+        inversion=InversionStage(pgd=PGDSettings(eps=1000, step_size=0.5, steps=3)),
         generation=GenerationStage(fid_preprocess=preprocessing),
     )
     out = inversion.run(s, tmp_path / "inversion")

@@ -289,7 +289,8 @@ def test_batch_norm_mode_of_the_training_attack(bn_mode, changes):
     torch.manual_seed(0)
     model = build_model("cifar_resnet8", 10).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    x_adv = adversarial_batch(model, x, y, tiny(**{"pgd.bn_mode": bn_mode, "pgd.steps": 2}).pgd)
+    cfg = tiny(**{"pgd_bn_mode": bn_mode, "pgd.steps": 2})
+    x_adv = adversarial_batch(model, x, y, cfg.pgd, bn_mode=cfg.pgd_bn_mode)
     assert model.training and not torch.equal(x_adv, x)
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert bool(moved) is changes, moved

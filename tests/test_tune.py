@@ -16,6 +16,7 @@ together on 2 idle cores (the smoke sweep about 2 of them).
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -29,11 +30,17 @@ from conftest import live_actors
 
 from robint_ray.config import TrainConfig, load_config
 from robint_ray.errors import InputError
-from robint_ray.sweep import load_sweep, pareto_front, parse_sweep, read_table, trial_config
+from robint_ray.sweep import load_sweep, pareto_front, parse_sweep, trial_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "experiments" / "smoke" / "sweep_cifar10_l2.yaml"
 REAL = ROOT / "experiments" / "sweep_cifar10_l2.yaml"
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """The rows of a sweep's results.csv."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def smoke_data(**changes) -> dict:

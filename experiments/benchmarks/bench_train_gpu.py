@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from robint_ray.config import PGDConfig  # noqa: E402
+from robint_ray.config import PGDSettings  # noqa: E402
 from robint_ray.models import build_model  # noqa: E402
 from robint_ray.train import configure_cudnn, train_epoch  # noqa: E402
 
@@ -45,13 +45,7 @@ def images_per_s(args, *, adversarial: bool, bf16: bool, channels_last: bool, co
         module = module.to(memory_format=torch.channels_last)
     model = torch.compile(module) if compiled else module
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    pgd = (
-        PGDConfig(
-            norm="l2", eps=args.eps, step_size=args.eps / 5, steps=args.steps, random_start=False, bn_mode="train"
-        )
-        if adversarial
-        else None
-    )
+    pgd = PGDSettings(norm="l2", eps=args.eps, step_size=args.eps / 5, steps=args.steps) if adversarial else None
     generator = torch.Generator(device=device).manual_seed(0)
     batches = [
         (

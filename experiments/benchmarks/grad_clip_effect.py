@@ -28,7 +28,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from robint_ray.checkpoint import load_checkpoint
-    from robint_ray.config import load_config
+    from robint_ray.config import PAPER_PGD, load_config
     from robint_ray.data import load_split
     from robint_ray.distributed import init_ray
     from robint_ray.evaluate import AttackConfig, evaluate
@@ -36,7 +36,7 @@ def main() -> None:
 
     init_ray("local", num_cpus=2)
     test = load_split(DATA, "test")
-    attack = AttackConfig(kind="pgd", norm="l2", eps=0.5, step_size=0.1, steps=20)
+    attack = AttackConfig(kind="pgd", pgd=PAPER_PGD)  # L2 eps 0.5, step 0.1, 20 steps
     rows = []
     for clip in (0.1, None):
         cfg = load_config(

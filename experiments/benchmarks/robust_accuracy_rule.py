@@ -56,19 +56,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from robint_ray.checkpoint import load_checkpoint, load_weights
+    from robint_ray.config import PAPER_PGD
     from robint_ray.data import load_split, stack, take
     from robint_ray.evaluate import AttackConfig
 
     data = str(CIFAR_EXACT) if CIFAR_EXACT.exists() else "sample"
     x, y = stack(take(load_split(data, "test"), args.n))
-    attack = AttackConfig(eps=0.5, step_size=0.1, steps=20)
+    attack = AttackConfig(pgd=PAPER_PGD)  # L2 eps 0.5, step 0.1, 20 steps
     models = {}
     if RESNET20.exists():
         models["pretrained ResNet-20 (standard)"] = load_weights("cifar_resnet20", RESNET20)
     for path in args.checkpoint:
         models[path] = load_checkpoint(path)[0]
-    result = {"data": data, "attack": attack.describe(), "models": {}}
-    print(f"images: the first {len(x)} test images of {data}; PGD: {attack.describe()}, no random start, last iterate")
+    result = {"data": data, "attack": attack.pgd.describe(), "models": {}}
+    print(f"images: the first {len(x)} test images of {data}; PGD: {result['attack']}, no random start, last iterate")
     for name, model in models.items():
         c = counts(model, x, y, attack, args.batch_size)
         result["models"][name] = c

@@ -1,15 +1,17 @@
-"""What several `robint` commands share: the model arguments and how they load a model, the Ray task
-resources arguments and the block their fan-outs run in, the output folder and the --json file. The
-commands import this module, never robint_ray.cli (which imports them)."""
+"""What several `robint` commands share: the model arguments and how they load a model, the PGD budget
+arguments and the budget they make, the Ray task resources arguments and the block their fan-outs run
+in, the output folder and the --json file. The commands import this module, never robint_ray.cli (which
+imports them)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import InputError
+from ..errors import InputError, check
 from ..storage import Location
 
 
@@ -44,17 +46,20 @@ def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def task_resources_of(args: argparse.Namespace, *, device: str | None = None):
-    """A `distributed.task_resources` block with the command's --gpus-per-task / --cpus-per-task: its Ray
-    tasks ask for these and run on their own device. Without --gpus-per-task: 1 where `device` (the
-    user's --device) names cuda, 0 where it names cpu, else 1 on a cluster with GPUs (Ray's resource
-    table, not this process's CUDA: the driver may sit on a CPU-only head)."""
-    from ..distributed import default_gpus_per_task, task_resources
+def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """--norm / --eps / --step-size / --steps: the command's PGD budget, each where given in place of the
+    command's default budget (described by `default`); `pgd_settings` makes the budget."""
+    group = parser.add_argument_group(f"PGD budget (default: {default})")
+    group.add_argument("--norm", default=None, help="l2 or linf")
+    group.add_argument("--eps", type=float, default=None, help="radius of the ball, in pixels of [0, 1] images")
+    group.add_argument("--step-size", type=float, default=None, help="length of one ascent step")
+    group.add_argument("--steps", type=int, default=None, help="ascent steps")
 
-    gpus = args.gpus_per_task
-    if gpus is None and device is not None:
-        gpus = 1.0 if str(device).startswith("cuda") else 0.0
-    return task_resources(gpus_per_task=default_gpus_per_task(gpus), cpus_per_task=args.cpus_per_task)
+
+def pgd_settings(args: argparse.Namespace, default):
+    """The command's PGD budget (a `config.PGDSettings`, checked): `default` with --norm / --eps /
+    --step-size / --steps where given."""
+    return default.given(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
 def resolve_device(name: str | None):
@@ -95,18 +100,30 @@ def load_driver_model(args: argparse.Namespace, *, fanned: bool, prefix: str = "
 
 
 @contextlib.contextmanager
-def ray_tasks(args: argparse.Namespace, workers: int | None, *, device: str | None = None) -> Iterator[None]:
-    """The block a command's fan-outs run in: with workers, Ray (the running cluster, else a local
-    instance of `workers` CPUs) and the tasks' resources from --gpus-per-task / --cpus-per-task
-    (`task_resources_of`, with the --device asked for); without, nothing (the work stays in process)."""
-    if not workers:
-        yield
+def ray_tasks(
+    args: argparse.Namespace, workers: int | None, *, device: str | None = None, fanned: bool | None = None
+) -> Iterator[dict | None]:
+    """The block every command's fan-outs run in. Fanned out (`fanned`, default: where workers is given
+    and not 0): Ray (the running cluster, else a local instance of workers x --cpus-per-task CPUs, or
+    the machine's where workers is None) and its tasks' resources, yielded as {"num_cpus", "num_gpus"}:
+    --cpus-per-task (default 1) and --gpus-per-task, else 1 GPU where `device` (the user's --device)
+    names cuda, 0 where it names cpu, else 1 on a cluster with GPUs (Ray's resource table, not this
+    process's CUDA: the driver may sit on a CPU-only head). Else nothing: the work stays in process
+    (None)."""
+    if not (bool(workers) if fanned is None else fanned):
+        yield None
         return
-    from ..distributed import init_ray
+    from ..distributed import default_gpus_per_task, init_ray, task_resources
 
-    init_ray(num_cpus=workers)
-    with task_resources_of(args, device=device):
-        yield
+    cpus = args.cpus_per_task if args.cpus_per_task is not None else 1.0
+    check(cpus > 0, f"--cpus-per-task must be > 0, got {cpus}")
+    init_ray(num_cpus=None if workers is None else max(1, math.ceil(workers * cpus)))
+    gpus = args.gpus_per_task
+    if gpus is None and device is not None:
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+    gpus = default_gpus_per_task(gpus)
+    with task_resources(gpus_per_task=gpus, cpus_per_task=cpus):
+        yield {"num_cpus": cpus, "num_gpus": gpus}
 
 
 def add_wait_argument(parser: argparse.ArgumentParser) -> None:
@@ -135,7 +152,8 @@ def in_output_folder(args: argparse.Namespace, run: Callable[[argparse.Namespace
         return run(args, out, where)
 
 
-def write_json(where: Location | None, result: dict) -> None:
-    """--json: the command's result as JSON at `where` (nothing where the option was not given)."""
+def write_json(where: Location | Path | None, result: dict) -> None:
+    """--json, or a command's summary.json: its result as JSON at `where`, a Location or a local path
+    (nothing where None: the option was not given)."""
     if where is not None:
-        where.write_json(result)
+        Location(where).write_json(result)

@@ -16,9 +16,11 @@ import argparse
 
 from .common import (
     add_model_arguments,
+    add_pgd_arguments,
     add_resource_arguments,
     load_driver_model,
     output_location,
+    pgd_settings,
     ray_tasks,
     resolve_device,
     write_json,
@@ -31,10 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="train, test, fit or val (default: test)")
     parser.add_argument("--n", type=int, default=None, help="evaluate N images, drawn seeded across the classes")
     parser.add_argument("--attack", default="pgd", help="pgd, autoattack or none (default: pgd)")
-    parser.add_argument("--norm", default="l2", help="l2 or linf (default: l2)")
-    parser.add_argument("--eps", type=float, default=0.5, help="radius of the ball (default: 0.5)")
-    parser.add_argument("--step-size", type=float, default=0.1, help="PGD step size (default: 0.1)")
-    parser.add_argument("--steps", type=int, default=20, help="PGD steps (default: 20)")
+    add_pgd_arguments(parser, "the paper's CIFAR-10 PGD-20, L2 eps 0.5, step 0.1, 20 steps; AutoAttack: norm, eps")
     parser.add_argument("--random-start", action="store_true", help="PGD from a random point of the ball")
     parser.add_argument("--restarts", type=int, default=1, help="PGD restarts (default: 1)")
     parser.add_argument("--keep", default="last", help="PGD iterate to keep: last (default) or best")
@@ -56,16 +55,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..config import PAPER_PGD
     from ..data import draw, load_split
     from ..errors import check
     from ..evaluate import AttackConfig, evaluate
 
     attack = AttackConfig(
         kind=args.attack,
-        norm=args.norm,
-        eps=args.eps,
-        step_size=args.step_size,
-        steps=args.steps,
+        pgd=pgd_settings(args, PAPER_PGD),
         random_start=args.random_start,
         restarts=args.restarts,
         keep=args.keep,
@@ -88,15 +85,15 @@ def run(args: argparse.Namespace) -> int:
         result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, progress=True, **where)
     result.update(model=source, data=str(args.data), split=args.split, batch_size=args.batch_size)
 
-    adv = result["adversarial_accuracy"]
+    adv, budget = result["adversarial_accuracy"], attack.pgd
     print(f"{'images':>22} {result['n']}")
     print(f"{'clean accuracy':>22} {result['clean_accuracy']:.4f}  ({result['clean_correct']}/{result['n']})")
     if adv is not None:
         label = f"{args.attack} accuracy"
         print(
             f"{label:>22} {adv:.4f}  ({result['adversarial_correct']}/{result['n']})"
-            f"  [{args.norm} eps {args.eps}"
-            + (f", step {args.step_size}, {args.steps} steps, keep {args.keep}]" if args.attack == "pgd" else "]")
+            f"  [{budget.norm} eps {budget.eps}"
+            + (f", step {budget.step_size}, {budget.steps} steps, keep {args.keep}]" if args.attack == "pgd" else "]")
         )
     write_json(json_at, result)
     return 0

@@ -17,13 +17,13 @@ probability; SHAP with 176 background images (from the training split), 200 samp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model
+from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,14 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     if args.method == "shap":
         background = ex.choose_background(load_split(args.data, args.background_split), args.background, seed=args.seed)
     results, timing, indices = {}, {}, np.asarray(dataset.indices)
-    for name, (model, _source) in zip(names, models):
-        start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
-        results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
-        timing[name] = time.perf_counter() - start
-        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], len(images) / timing[name])
+    with ray_tasks(args, args.workers, device=args.device) as resources:
+        config = dataclasses.replace(config, **(resources or {}))  # the Ray tasks' CPUs and GPUs
+        for name, (model, _source) in zip(names, models):
+            start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
+            results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
+            timing[name] = time.perf_counter() - start
+            rate = len(images) / timing[name]
+            log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], rate)
 
     classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
     extra = {
@@ -156,17 +159,11 @@ def _check_fits(model, source: dict, images, labels) -> None:
 
 
 def _explain_config(args: argparse.Namespace):
-    """The ExplainConfig of the command line; with Ray, the tasks' CPUs and GPUs (the default GPUs come
-    from the cluster's resources, not this process's CUDA)."""
+    """The ExplainConfig of the command line, checked before any Ray starts (the Ray tasks' CPUs and
+    GPUs are put in by the Ray block, `ray_tasks`)."""
     from .. import explain as ex
 
     output = args.output or ("probability" if args.method == "ig" else "logit")
-    cpus, gpus = args.cpus_per_task or 1.0, 0.0
-    if args.workers > 0:
-        from ..distributed import default_gpus_per_task, init_ray
-
-        init_ray(num_cpus=max(1, int(math.ceil(args.workers * cpus))))
-        gpus = default_gpus_per_task(args.gpus_per_task)
     k = args.baselines if args.baselines is not None else (10 if args.baseline == "uniform" else 1)
     return ex.ExplainConfig(
         method=args.method,
@@ -175,8 +172,6 @@ def _explain_config(args: argparse.Namespace):
         memory_mb=args.memory_mb,
         metric_steps=args.metric_steps,
         workers=args.workers,
-        num_cpus=cpus,
-        num_gpus=gpus,
         ig=ex.IGConfig(steps=args.steps, baseline=args.baseline, num_baselines=k, output=output, seed=args.seed),
         shap=ex.ShapConfig(
             nsamples=args.nsamples,

@@ -16,13 +16,20 @@ and OUT/featvis.png.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
-from .generate import add_pgd_arguments, pgd_settings
+from .common import (
+    add_model_arguments,
+    add_pgd_arguments,
+    add_resource_arguments,
+    in_output_folder,
+    load_driver_model,
+    pgd_settings,
+    ray_tasks,
+    write_json,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -49,7 +56,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise starts and of random features")
-    add_pgd_arguments(parser, "1000; step 1, 400 steps")
+    add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 400 steps")
 
 
 def parse_features(items: list[str] | None, k: int, n_random: int, seed: int) -> list[list[int]]:
@@ -105,7 +112,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         out / "featvis.png",
         result,
         _shown_images(dataset, result),
-        title=f"direct feature visualisation ({settings.steps} steps, L2 eps {settings.eps:g})",
+        title=f"direct feature visualisation ({settings.steps} steps, {settings.norm.upper()} eps {settings.eps:g})",
     )
     path = _write_arrays(out / "featvis.npz", result, starts, dataset.labels)
     for g, z in enumerate(groups):
@@ -124,7 +131,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         path=str(where / path.name),
         figure=str(where / figure.name),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"-> {summary['path']}; figure: {summary['figure']}")
     return 0
 

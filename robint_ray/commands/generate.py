@@ -19,23 +19,14 @@ from pathlib import Path
 from ..storage import Location
 from .common import (
     add_model_arguments,
+    add_pgd_arguments,
     add_resource_arguments,
     in_output_folder,
-    load_model,
-    task_resources_of,
+    load_driver_model,
+    pgd_settings,
+    ray_tasks,
     write_json,
 )
-
-
-def add_pgd_arguments(parser: argparse.ArgumentParser, default: str) -> None:
-    parser.add_argument("--eps", type=float, default=None, help=f"L2 radius (default: {default})")
-    parser.add_argument("--step-size", type=float, default=None, help="PGD step size (default: the paper's)")
-    parser.add_argument("--steps", type=int, default=None, help="PGD steps (default: the paper's)")
-
-
-def pgd_settings(args: argparse.Namespace, default):
-    """The default PGD budget with --eps / --step-size / --steps where given."""
-    return default.given(eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few",
     )
-    add_pgd_arguments(parser, "30 at 32 px, 40 at 128 px")
+    add_pgd_arguments(parser, "the paper's: L2 eps 30, step 0.5, 60 steps at 32 px; eps 40, step 1 at 128 px")
     add_resource_arguments(parser)
 
 
@@ -69,16 +60,13 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     """Shards straight to --out (`where`), so that a rerun finds them; figures and summary.json into the
     local folder `out`, which ends up there too."""
     from ..data import load_split
-    from ..distributed import init_ray
     from ..errors import check
     from ..generate import GenerationConfig, fit_seeds, generate, sample_images, save_generation_figures
     from ..visualize import generation_settings
 
     check(args.workers is None or args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
-    # The driver's copy stays on the CPU (it may sit on a CPU-only head); each Ray task moves the model to
-    # its own device, a GPU where --device cuda or --gpus-per-task asks for one.
-    wish, args.device = args.device, "cpu"
-    model, source = load_model(args)
+    # Always Ray tasks: the driver's copy stays on the CPU, each task moves the model to its own device.
+    model, source, wish = load_driver_model(args, fanned=True)
     dataset = load_split(args.data, args.split)
     seeds = fit_seeds(dataset, num_classes=model.num_classes)
     names = source["classes"] or list(dataset.classes)
@@ -90,8 +78,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         batch_size=args.batch_size,
         settings=pgd_settings(args, generation_settings(model.input_size)),
     )
-    init_ray(num_cpus=args.workers)
-    with task_resources_of(args, device=wish):
+    with ray_tasks(args, args.workers, device=wish, fanned=True):  # --workers None: the machine's CPUs
         summary = generate(
             model,
             seeds,
@@ -119,7 +106,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         figures=[(where / p.name).uri for p in figures],
         config=config.plan(),
     )
-    write_json(Location(out / "summary.json"), summary)
+    write_json(out / "summary.json", summary)
     print(
         f"{summary['images']} images ({summary['computed']} of {summary['shards']} shards computed now) -> "
         f"{summary['path'] or where / 'shards'}"

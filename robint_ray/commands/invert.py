@@ -13,13 +13,20 @@ OUT/inversions.npz (`images` uint8 (N, H, W, C), `labels` = target classes, `tar
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
-from .generate import add_pgd_arguments, pgd_settings
+from .common import (
+    add_model_arguments,
+    add_pgd_arguments,
+    add_resource_arguments,
+    in_output_folder,
+    load_driver_model,
+    pgd_settings,
+    ray_tasks,
+    write_json,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -37,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise sources")
-    add_pgd_arguments(parser, "1000; step 1, 10,000 steps")
+    add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 10,000 steps")
 
 
 def per_class_positions(labels, n: int, num_classes: int, offset: int = 0) -> list[int]:
@@ -100,7 +107,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         distance_before=arrays["distance_before"].tolist(),
         distance_after=arrays["distance_after"].tolist(),
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"-> {summary['path']}; figures: {', '.join(summary['figures'])}")
     return 0
 
@@ -137,5 +144,5 @@ def _figure(path: Path, arrays: dict, kind: str, settings) -> Path:
         arrays["images"],
         distance_after=after.tolist(),
         title=f"representation inversion from {kind} ({settings.steps} steps, "
-        f"L2 eps {settings.eps:g}, step {settings.step_size:g})",
+        f"{settings.norm.upper()} eps {settings.eps:g}, step {settings.step_size:g})",
     )

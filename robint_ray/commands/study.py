@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     for key in ("gpus_per_task", "cpus_per_task"):
         if getattr(args, key) is not None:  # StudyConfig checks the values
             config = dataclasses.replace(config, **{key: getattr(args, key)})
-    page = Study(config, out, wait_s=args.wait_timeout).run()
+    study = Study(config, out, wait_s=args.wait_timeout)
+    for name in ("standard", "robust"):  # a bad training config is one line before Ray starts
+        if getattr(config, name).train is not None:
+            study.train_config(name)
+    page = study.run()
     print(f"report: {page}")
     print(f"numbers: {page.parent / 'report.json'}")
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from ..config import PGDSettings, build_dataclass, read_yaml
+from ..config import PAPER_PGD, PGDSettings, build_dataclass, read_yaml
 from ..errors import check
 from ..inception import PREPROCESSING
 from ..visualize import FEATURE_VIS, GENERATION, INVERSION
@@ -31,7 +31,7 @@ COMMON_SETTINGS = {
     "feature visualisation PGD": FEATURE_VIS.describe(),
 }
 # CIFAR-10's adversarial training and evaluation PGD, and Small ImageNet's (Tables 1 and 4).
-CIFAR_PGD = PGDSettings(eps=0.5, step_size=0.1, steps=20).describe()
+CIFAR_PGD = PAPER_PGD.describe()
 FOLDER128_PGD = PGDSettings(eps=1.5, step_size=2.5 * 1.5 / 20, steps=20).describe()
 
 # The paper's figures, shown beside ours in the report (Tables 1-6); where each of its tables and figures
@@ -117,20 +117,23 @@ class ModelSource:
     set: tuple[str, ...] = ()  # overrides of the training config, as `robint train --set`: ["epochs=20"]
 
 
-@dataclass(frozen=True)
-class EvalStage(PGDSettings):
-    """The PGD of Tables 1 / 4 (its budget) on n test images, and AutoAttack beside it on autoattack_n:
-    seeded draws spread over the classes (`data.draw`)."""
+# Where the PGD budget of a stage lived before it became the stage's `pgd` mapping.
+BUDGET_MOVED = {key: f"pgd.{key}" for key in ("eps", "step_size", "steps", "norm")}
 
-    eps: float = 0.5
-    step_size: float = 0.1
-    steps: int = 20
-    norm: Literal["l2", "linf"] = "l2"
+
+@dataclass(frozen=True)
+class EvalStage:
+    """The PGD of Tables 1 / 4 (its budget, `pgd`) on n test images, and AutoAttack beside it (the same
+    norm and eps) on autoattack_n: seeded draws spread over the classes (`data.draw`)."""
+
+    pgd: PGDSettings = PAPER_PGD
     n: int | None = None  # test images (None: all)
     autoattack_n: int = 100  # AutoAttack is slow: this many test images (0: skip)
     autoattack_version: str = "standard"  # or "custom" with autoattack_attacks, e.g. [apgd-ce, apgd-t]
     autoattack_attacks: tuple[str, ...] = ()
     batch_size: int = 128
+
+    MOVED: ClassVar[dict[str, str]] = BUDGET_MOVED
 
 
 @dataclass(frozen=True)
@@ -156,9 +159,7 @@ class AttributionStage:
 @dataclass(frozen=True)
 class GenerationStage:
     per_class: int = 1000
-    eps: float | None = None  # None: the paper's for the input size
-    step_size: float | None = None
-    steps: int | None = None
+    pgd: PGDSettings | None = None  # None: the paper's for the model's input size (visualize.GENERATION)
     shard_size: int = 100
     fid_dims: int = 2048
     # Training images per class in the real-data FID (train vs test), drawn seeded (the authors: 1,000
@@ -173,6 +174,8 @@ class GenerationStage:
     # per_class / fid_draws images of every class; shard_size must divide that); 0: none.
     fid_draws: int = 0
 
+    MOVED: ClassVar[dict[str, str]] = BUDGET_MOVED
+
     def __post_init__(self):
         check(
             self.fid_preprocess in PREPROCESSING,
@@ -181,32 +184,31 @@ class GenerationStage:
 
 
 @dataclass(frozen=True)
-class InversionStage(PGDSettings):
+class InversionStage:
     """The authors' protocol: each run inverts one test image from `image_sources` test images of
     other classes and `noise` grey-noise images (0.5 + U/20); run 1 is the paper's Inv. 1 (Figs. 4 / 8),
-    run 2 its Inv. 2 (Figs. 11 / 18), each with its own draw. The PGD budget: visualize.INVERSION."""
+    run 2 its Inv. 2 (Figs. 11 / 18), each with its own draw. The PGD budget `pgd`: the paper's,
+    visualize.INVERSION."""
 
-    eps: float = INVERSION.eps
-    step_size: float = INVERSION.step_size
-    steps: int = INVERSION.steps
-    norm: Literal["l2", "linf"] = "l2"
+    pgd: PGDSettings = INVERSION
     runs: int = 2
     image_sources: int = 2
     noise: int = 1
 
+    MOVED: ClassVar[dict[str, str]] = BUDGET_MOVED
+
 
 @dataclass(frozen=True)
-class FeatureStage(PGDSettings):
+class FeatureStage:
     """Feature visualisation from `starts` uniform-noise images, with the `top` test images that
-    activate each feature most and least. The PGD budget: visualize.FEATURE_VIS."""
+    activate each feature most and least. The PGD budget `pgd`: the paper's, visualize.FEATURE_VIS."""
 
-    eps: float = FEATURE_VIS.eps
-    step_size: float = FEATURE_VIS.step_size
-    steps: int = FEATURE_VIS.steps
-    norm: Literal["l2", "linf"] = "l2"
+    pgd: PGDSettings = FEATURE_VIS
     features: tuple[tuple[int, ...], ...] = ((130,), (492,))  # the paper's Figs. 5 and 9
     starts: int = 4
     top: int = 8
+
+    MOVED: ClassVar[dict[str, str]] = BUDGET_MOVED
 
 
 # How many Ray tasks of each stage share one GPU by default (gpus_per_task None, a cluster with GPUs):

@@ -3,7 +3,6 @@ test images drawn across the classes (the honest robust figure, not in the paper
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,13 +26,13 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     subsets = {"pgd": draw(test, c.n, seed=seed)}
     if c.autoattack_n:
         subsets["autoattack"] = draw(test, c.autoattack_n, seed=seed)
-    pgd = AttackConfig(kind="pgd", **asdict(c.budget()))
+    pgd = AttackConfig(kind="pgd", pgd=c.pgd)
     autoattack = c.autoattack_n and AttackConfig(
         kind="autoattack",
+        pgd=c.pgd,  # AutoAttack takes the norm and eps
         seed=study.config.seed,
         autoattack_version=c.autoattack_version,
         autoattack_attacks=c.autoattack_attacks,
-        **asdict(c.budget()),  # AutoAttack takes the norm and eps
     )
     out: dict[str, Any] = {"images": {kind: class_counts(subset) for kind, subset in subsets.items()}}
     for name in MODELS:
@@ -87,16 +86,18 @@ def sections(study: Study, results: dict[str, Any], paper: dict[str, Any]) -> li
     header = ["model", "n", "clean (ours)", "clean (paper)", "ours - paper", "PGD (ours)", "PGD (paper)"]
     header += ["ours - paper", "AutoAttack (ours)", "AutoAttack n"]
     c, e = study.config, study.config.evaluation
+    budget = e.pgd
     attacks = f": {', '.join(e.autoattack_attacks)}" if e.autoattack_attacks else ""
     images = results[NAME].get("images", {})
     drawn = {kind: f"{sum(counts.values())} images of {len(counts)} classes" for kind, counts in images.items()}
     return [
         Section(
             f"Accuracy ({paper['numbers']['accuracy']})",
-            f"Test split of {study.shown(c.data)} ({drawn.get('pgd', 'all images')}). PGD: {e.norm.upper()}, "
-            f"eps {e.eps}, step {e.step_size}, {e.steps} steps, no random start, last iterate (as torchattacks). "
-            f"AutoAttack ({e.autoattack_version}{attacks}) on {drawn.get('autoattack', 'a seeded draw')} (drawn seeded "
-            "across the classes), the honest robust figure (not in the paper).",
+            f"Test split of {study.shown(c.data)} ({drawn.get('pgd', 'all images')}). PGD: {budget.norm.upper()}, "
+            f"eps {budget.eps}, step {budget.step_size}, {budget.steps} steps, no random start, last iterate (as "
+            f"torchattacks). AutoAttack ({e.autoattack_version}{attacks}) on "
+            f"{drawn.get('autoattack', 'a seeded draw')} (drawn seeded across the classes), the honest robust figure "
+            "(not in the paper).",
             [Table("Accuracy (%)", header, rows)],
         )
     ]

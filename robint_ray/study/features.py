@@ -36,7 +36,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             starts,
             groups,
             dataset_representation(model, test),
-            settings=c.budget(),
+            settings=c.pgd,
             top=c.top,
             workers=study.config.workers,
             chunk=1,

@@ -50,7 +50,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     draw_stats: dict[str, list] = {}
     for name in MODELS:
         model = study.model(name)
-        settings = generation_settings(model.input_size).given(eps=c.eps, step_size=c.step_size, steps=c.steps)
+        settings = c.pgd or generation_settings(model.input_size)
         config = GenerationConfig(
             per_class=c.per_class,
             classes=tuple(range(model.num_classes)),

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import fid, inception
+from ..config import flat_record
 from ..generate import inversion_run_images, inversions, plan_inversion_run, save_inversion_figure, to_uint8
 from ..report import Section, Table, difference
 from ..storage import Location
@@ -27,12 +28,12 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     Inception's input is made as generation.fid_preprocess says ("author": the author's truncation to
     uint8 and resize on uint8, as his Inception-192 cell), recorded in out["preprocessing"]."""
     c, test = study.config.inversion, study.test_split()
-    settings = c.budget()
+    settings = c.pgd
     extractor = inception.load_fid_inception()
     preprocessing = study.config.generation.fid_preprocess  # one Inception input for FID and this distance
     out: dict[str, Any] = {
         "settings": asdict(settings),
-        "protocol": asdict(c),
+        "protocol": flat_record(c),
         "preprocessing": preprocessing,
         "resize": inception.PREPROCESSING[preprocessing],
     }

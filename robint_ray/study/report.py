@@ -192,7 +192,7 @@ def run_settings(study: Study, results: dict[str, Any], images: dict[str, Any]) 
         "batch norm over": per_model(lambda name: train_value(name, batch_norm)),
         "robust training PGD": robust.pgd.describe() if robust else f"checkpoint ({c.robust.checkpoint})",
         "test images (clean, PGD)": part_of(test["evaluated"], test["split"]),
-        "evaluation PGD": c.evaluation.describe(),
+        "evaluation PGD": c.evaluation.pgd.describe(),
         "AutoAttack images": (results["evaluation"]["robust"].get("autoattack") or {}).get("n", 0),
         "explained images": a.n,
         "explained class": a.target,
@@ -204,9 +204,9 @@ def run_settings(study: Study, results: dict[str, Any], images: dict[str, Any]) 
         "class seeds pooled by": g["robust"]["seed_pool"],
         "real-data FID images (train vs test)": f"{g['n']['train']} vs {g['n']['test']}",
         "generated-image FID images (generated vs test)": f"{g['n']['robust']} vs {g['n']['test']}",
-        "inversion PGD": c.inversion.describe(),
+        "inversion PGD": c.inversion.pgd.describe(),
         "inversion runs": c.inversion.runs,
-        "feature visualisation PGD": c.features.describe(),
+        "feature visualisation PGD": c.features.pgd.describe(),
     }
 
 
