@@ -1,23 +1,25 @@
 """Ray at the edge: start or join a cluster, and fan a pure function out over shards.
 
-The math modules (attacks, attributions, visualisation, FID) know nothing about Ray; this module runs
-them as Ray tasks. Large shared objects (a model, a background set) go into the object store once;
-results come back in shard order (`fan_out`) or as they finish (`fan_out_iter`, for results merged on
-the fly); a task whose worker dies is retried alone; a bounded window of tasks is in flight; a
-progress bar counts images, also those a task reports before it ends (`report_progress`). Each task
-asks for `num_gpus` (fractions allowed) and `num_cpus` and runs on its own device (`task_device`: the
-GPU Ray gave it, else the CPU); the driver never touches CUDA. A task that Ray gave a GPU on a node where
-torch sees no CUDA device fails, in one line that names the node (a ClusterError): it would otherwise
-hold the GPU at CPU speed. Tests that simulate GPU nodes on a CPU machine (`ray start --num-gpus 1`) say
-so with ROBINT_SIMULATED_GPUS=1 in the driver's environment: such tasks then run on the CPU. A real run
-never sets it.
+The math modules (attacks, attributions, visualisation, FID) know nothing about Ray. `fan_out` (in
+shard order) and `fan_out_iter` (as shards finish, for results merged on the fly) run fn(shard,
+**shared) over shards, in this process or as Ray tasks: `Tasks` says which, and what each task asks
+for; it is the one place where that is decided. On Ray, large shared objects (a model, a background
+set) go into the object store once; a task whose worker dies is retried alone; a bounded window of
+tasks is in flight; each task asks for the CPUs and GPUs (fractions allowed) its caller gave and runs
+on its own device (the GPU Ray gave it, else the CPU); the driver never touches CUDA. Either way a
+progress bar counts images, also those a shard reports before it ends (`report_progress`). A task that
+Ray gave a GPU on a node where torch sees no CUDA device fails, in one line that names the node (a
+ClusterError): it would otherwise hold the GPU at CPU speed. Tests that simulate GPU nodes on a CPU
+machine (`ray start --num-gpus 1`) say so with ROBINT_SIMULATED_GPUS=1 in the driver's environment:
+such tasks then run on the CPU. A real run never sets it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from contextlib import contextmanager
+from dataclasses import dataclass, fields, is_dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from .cluster import cluster_nodes
@@ -84,28 +86,40 @@ def devices_used() -> list[str]:
     return sorted(_DEVICES_USED)
 
 
-# --- resources per task ----------------------------------------------------------------------------
-
-# The resources a fan_out task asks for where its caller names none: set for a block by
-# `task_resources` (the study sets them per stage, so that stages whose math modules know nothing of
-# GPUs still run their tasks on them).
-_DEFAULTS = {"num_cpus": 1.0, "num_gpus": 0.0}
+# --- where a fan-out runs --------------------------------------------------------------------------
 
 
-@contextmanager
-def task_resources(*, gpus_per_task: float | None = None, cpus_per_task: float | None = None) -> Iterator[None]:
-    """Within the block, fan_out tasks whose caller gives no num_gpus / num_cpus ask for these."""
-    saved = dict(_DEFAULTS)
-    if gpus_per_task is not None:
-        check(gpus_per_task >= 0, f"gpus_per_task must be >= 0, got {gpus_per_task}")
-        _DEFAULTS["num_gpus"] = float(gpus_per_task)
-    if cpus_per_task is not None:
-        check(cpus_per_task > 0, f"cpus_per_task must be > 0, got {cpus_per_task}")
-        _DEFAULTS["num_cpus"] = float(cpus_per_task)
-    try:
-        yield
-    finally:
-        _DEFAULTS.update(saved)
+@dataclass(frozen=True)
+class Tasks:
+    """Where `fan_out` runs its shards, and what each Ray task asks for.
+
+    workers = 0: in this process, one shard after another, each on the values as given (fn runs on the
+    device of the model it is handed). workers >= 1: as Ray tasks, at most `workers` in flight, each
+    asking Ray for `cpus` CPUs (torch in the task uses int(cpus) threads) and `gpus` GPUs (fractions
+    allowed: 0.25 lets four tasks share one), and running on its own device (the GPU Ray gave it, else
+    the CPU). The caller states the resources (a command from its --cpus-per-task / --gpus-per-task, the
+    study from its settings per stage): Ray tasks without them are an error, never a silent default."""
+
+    workers: int = 0
+    cpus: float | None = None
+    gpus: float | None = None
+
+    def __post_init__(self):
+        check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        if self.workers:
+            check(
+                self.cpus is not None and self.gpus is not None,
+                f"{self.workers} Ray task(s) at a time need their resources: give cpus and gpus per task",
+            )
+            check(self.cpus > 0, f"cpus per task must be > 0, got {self.cpus}")
+            check(self.gpus >= 0, f"gpus per task must be >= 0, got {self.gpus}")
+
+    @property
+    def on_ray(self) -> bool:
+        return self.workers >= 1
+
+
+IN_PROCESS = Tasks()
 
 
 def cluster_has_gpus(*, unknown: bool = False) -> bool:
@@ -128,16 +142,8 @@ def default_gpus_per_task(gpus_per_task: float | None) -> float:
 
 # --- inside a task -----------------------------------------------------------------------------------
 
-_TASK: dict[str, Any] = {"device": None, "progress": None, "index": None}
-
-
-def task_device(default: str | torch.device = "cpu") -> torch.device:
-    """The device of the running fan_out task: cuda where Ray gave it a GPU, else cpu (a GPU torch
-    cannot see fails the task, see the module docstring). Outside a task: `default`."""
-    import torch
-
-    device = _TASK["device"]
-    return torch.device(default) if device is None else device
+# How report_progress reaches the driver's bar from the shard now running: None outside a fan-out.
+_REPORT: dict[str, Callable[[int], None] | None] = {"to": None}
 
 
 def simulated_gpus() -> bool:
@@ -167,14 +173,11 @@ def _device_of_this_task(simulated: bool) -> torch.device:
 
 
 def report_progress(count: int) -> None:
-    """Inside a fan_out task: `count` more images (or units) done, shown by the driver's progress bar
-    before the task ends. Outside a task: nothing."""
-    actor = _TASK["progress"]
-    if actor is not None and count:
-        try:
-            actor.add.remote(_TASK["index"], int(count))
-        except Exception:  # noqa: BLE001 (progress is best effort: a lost counter must not fail the task)
-            _TASK["progress"] = None
+    """Inside a fan_out shard (in this process or a Ray task): `count` more images (or units) done,
+    shown by the driver's progress bar before the shard ends. Outside a fan-out: nothing."""
+    report = _REPORT["to"]
+    if report is not None and count:
+        report(int(count))
 
 
 class _ProgressCounter:
@@ -214,6 +217,18 @@ def _taken(counter) -> dict[int, int] | None:
         return None
 
 
+def _to_counter(counter, index: int) -> Callable[[int], None]:
+    """report_progress inside Ray task `index`: to the driver's counter actor, best effort."""
+
+    def report(count: int) -> None:
+        try:
+            counter.add.remote(index, count)
+        except Exception:  # noqa: BLE001 (progress is best effort: a lost counter must not fail the task)
+            _REPORT["to"] = None
+
+    return report
+
+
 def _move(value: Any, device) -> Any:
     """Modules and tensors (also inside tuples, lists, dicts) on `device`; other values as they are."""
     import torch
@@ -224,6 +239,25 @@ def _move(value: Any, device) -> Any:
         return type(value)(_move(v, device) for v in value)
     if isinstance(value, dict):
         return {k: _move(v, device) for k, v in value.items()}
+    return value
+
+
+def _for_transport(value: Any) -> Any:
+    """A shared value as it travels to Ray tasks: a torch module or tensor on a GPU as a CPU copy (the
+    caller's stays where it is: `models.on_cpu`), also a module held by a dataclass (generation's
+    FIDFeatures); other values as they are."""
+    import torch
+
+    from .models import on_cpu
+
+    if isinstance(value, torch.nn.Module):
+        return on_cpu(value)
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if is_dataclass(value) and not isinstance(value, type):
+        held = {f.name: getattr(value, f.name) for f in fields(value) if f.init}
+        moved = {k: on_cpu(v) for k, v in held.items() if isinstance(v, torch.nn.Module)}
+        return replace(value, **moved) if moved else value
     return value
 
 
@@ -267,72 +301,116 @@ def _run_shard(
     torch.set_num_threads(threads)  # one task = its CPUs' worth of threads, no oversubscription
     tune_allocator()
     device = _device_of_this_task(simulated)
-    _TASK.update(device=device, progress=progress, index=index)
+    _REPORT["to"] = None if progress is None else _to_counter(progress, index)
     try:
         result = fn(_move(shard, device), **dict(zip(names, _shared_values(refs, device))))
     finally:
-        _TASK.update(device=None, progress=None, index=None)
+        _REPORT["to"] = None
     return _move(result, "cpu"), ray.get_runtime_context().get_node_id(), str(device)
 
 
 def default_window() -> int:
-    """Tasks in flight at once by default: twice what the cluster's CPUs could run (so a finished
-    task's successor is already queued), at least 2."""
+    """Twice what the cluster's CPUs could run (so a finished task's successor is already queued), at
+    least 2: Ray tasks in flight where a command is given no --workers."""
     import ray
 
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+
+
+# --- the fan-out -------------------------------------------------------------------------------------
 
 
 def fan_out_iter(
     fn: Callable[..., Any],
     shards: Sequence[Any],
     *,
+    tasks: Tasks,
     shared: dict[str, Any] | None = None,
-    num_cpus: float | None = None,
-    num_gpus: float | None = None,
-    max_retries: int = 3,
     sizes: Sequence[int] | None = None,
     desc: str = "",
     unit: str = "img",
     progress: bool = True,
-    max_in_flight: int | None = None,
+    max_retries: int = 3,
 ) -> Iterator[tuple[int, Any]]:
-    """(i, fn(shards[i], **shared)) for every shard, each call a Ray task, yielded as tasks finish
-    (not in shard order). The driver holds only the results it has not yet yielded.
+    """(i, fn(shards[i], **shared)) for every shard, yielded as each finishes: in shard order in this
+    process, in the order the tasks end on Ray. Where it runs is `tasks` (see `Tasks`), and nothing
+    else: the caller's function and its numbers are the same either way. The driver holds only the
+    results it has not yet yielded.
 
-    shared: keyword arguments common to every call (a model, say); each is put into the object store
-    once; a torch module among them is moved to the task's device (`task_device()`: cuda where Ray gave
-    the task a GPU, else cpu), as are the tensors of the shard; result tensors come
-    back on the CPU. num_cpus / num_gpus: resources per task (fractions allowed; torch in the task uses
-    int(num_cpus) threads); None: those of the enclosing `task_resources` block, else 1 CPU, no GPU.
-    max_retries: how often a task lost with its worker (process killed, node gone) is run again, alone;
-    an exception raised by fn itself is not retried and propagates. sizes: what each shard counts for in
-    the progress bar (images); by default 1 per shard; tasks may report progress before they end
-    (`report_progress`). max_in_flight: at most this many tasks submitted at once (default
-    `default_window()`); the driver waits on that window only, so its work per result does not grow
-    with the number of shards.
+    shared: keyword arguments common to every call (a model, say). On Ray each is put into the object
+    store once (a module on a GPU as a CPU copy) and fetched once per worker; a torch module among
+    them is moved to the task's device (cuda where Ray gave the task a GPU, else cpu), as are the
+    tensors of the shard; result tensors come back on the CPU. In this process the values are passed
+    as they are. sizes: what each shard counts for in the progress bar (images; by default 1 per
+    shard); a shard may report progress before it ends (`report_progress`). max_retries (Ray): how
+    often a task lost with its worker (process killed, node gone) is run again, alone; an exception
+    raised by fn itself is not retried and propagates. The driver waits on the window of tasks in
+    flight only, so its work per result does not grow with the number of shards.
     """
+    sizes = list(sizes) if sizes is not None else [1] * len(shards)
+    make_bar = partial(_Progress, sizes, desc=desc, unit=unit, shown=progress)
+    if tasks.on_ray:
+        return _on_ray(fn, shards, tasks, shared or {}, make_bar, max_retries=max_retries)
+    return _in_process(fn, shards, shared or {}, make_bar)
+
+
+def fan_out(fn: Callable[..., Any], shards: Sequence[Any], *, tasks: Tasks, **options: Any) -> list[Any]:
+    """[fn(shard, **shared) for shard in shards], in this process or as Ray tasks (`tasks`; see
+    `fan_out_iter` for the options), results in shard order."""
+    results: list[Any] = [None] * len(shards)
+    for i, result in fan_out_iter(fn, shards, tasks=tasks, **options):
+        results[i] = result
+    return results
+
+
+def _in_process(
+    fn: Callable[..., Any], shards: Sequence[Any], shared: dict[str, Any], make_bar: Callable[..., _Progress]
+) -> Iterator[tuple[int, Any]]:
+    """fan_out_iter's shards one after another in this process; report_progress moves the bar."""
+    bar = make_bar(in_tasks=False)
+    try:
+        for i, shard in enumerate(shards):
+            bar.started(i)
+            saved, _REPORT["to"] = _REPORT["to"], lambda count, i=i: bar.add(i, count)
+            try:
+                result = fn(shard, **shared)
+            finally:
+                _REPORT["to"] = saved
+            bar.finished(i)
+            yield i, result
+            del result
+    finally:
+        bar.close()
+
+
+def _on_ray(
+    fn: Callable[..., Any],
+    shards: Sequence[Any],
+    tasks: Tasks,
+    shared: dict[str, Any],
+    make_bar: Callable[..., _Progress],
+    *,
+    max_retries: int,
+) -> Iterator[tuple[int, Any]]:
+    """fan_out_iter's shards as Ray tasks, at most tasks.workers in flight."""
     import ray
 
     init_ray()
-    num_cpus, num_gpus = _resources_per_task(num_cpus, num_gpus)
-    if max_in_flight is not None and max_in_flight < 1:
-        raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-    window = default_window() if max_in_flight is None else max_in_flight
-    names = tuple((shared or {}).keys())
+    _check_gpus(tasks)
+    names = tuple(shared)
     # Passed inside a list, the refs reach the task unresolved: _shared_values fetches each once per worker.
-    refs = [ray.put(value) for value in (shared or {}).values()]
-    remote = _remote_shard(fn, num_cpus=num_cpus, num_gpus=num_gpus, max_retries=max_retries)
-    threads = max(1, int(num_cpus))
+    refs = [ray.put(_for_transport(value)) for value in shared.values()]
+    remote = _remote_shard(fn, tasks, max_retries=max_retries)
+    threads = max(1, int(tasks.cpus))
     simulated = simulated_gpus()
-    bar = _Progress(list(sizes) if sizes is not None else [1] * len(shards), desc=desc, unit=unit, shown=progress)
-    pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than `window`
+    bar = make_bar(in_tasks=True)
+    pending: dict[Any, int] = {}  # in flight: ref -> shard index; never more than tasks.workers
     devices: dict[str, int] = {}
     nodes: set[str] = set()
     next_shard = 0
     try:
         while next_shard < len(shards) or pending:
-            while next_shard < len(shards) and len(pending) < window:
+            while next_shard < len(shards) and len(pending) < tasks.workers:
                 call = remote.remote(fn, shards[next_shard], next_shard, threads, names, refs, bar.counter, simulated)
                 pending[call] = next_shard
                 bar.started(next_shard)
@@ -352,7 +430,7 @@ def fan_out_iter(
         bar.close()
         _NODES_USED.update(nodes)
         _DEVICES_USED.update(devices)
-        _log_placement(desc or fn.__name__, nodes, devices, num_cpus=num_cpus, num_gpus=num_gpus)
+        _log_placement(bar.desc or getattr(fn, "__name__", "fan_out"), nodes, devices, tasks)
 
 
 def _result(ref, pending: dict) -> tuple[Any, str, str]:
@@ -370,28 +448,25 @@ def _result(ref, pending: dict) -> tuple[Any, str, str]:
         raise err.cause from None
 
 
-def _resources_per_task(num_cpus: float | None, num_gpus: float | None) -> tuple[float, float]:
-    """(CPUs, GPUs) per task: those given, else the enclosing task_resources block's. Asking for GPUs
-    on a cluster with none is an InputError (Ray would wait for a GPU forever)."""
-    num_cpus = _DEFAULTS["num_cpus"] if num_cpus is None else num_cpus
-    num_gpus = _DEFAULTS["num_gpus"] if num_gpus is None else num_gpus
-    if num_gpus > 0 and not cluster_has_gpus(unknown=True):
+def _check_gpus(tasks: Tasks) -> None:
+    """Asking for GPUs on a cluster with none is an InputError (Ray would wait for a GPU forever)."""
+    if tasks.gpus > 0 and not cluster_has_gpus(unknown=True):
         raise InputError(
-            f"each task asks for {num_gpus:g} GPU, but the Ray cluster has no GPU and no node type "
+            f"each task asks for {tasks.gpus:g} GPU, but the Ray cluster has no GPU and no node type "
             "with one: use --gpus-per-task 0 (or --device cpu)"
         )
-    return num_cpus, num_gpus
 
 
-def _remote_shard(fn: Callable[..., Any], *, num_cpus: float, num_gpus: float, max_retries: int):
-    """_run_shard as a Ray task with these resources. SPREAD: shards go to every node of a cluster, not
-    first to fill the driver's node. The task's name is fn's, so that Ray's dashboard and state API tell
-    the stages apart. A task lost with its worker is retried; an exception fn raises is not."""
+def _remote_shard(fn: Callable[..., Any], tasks: Tasks, *, max_retries: int):
+    """_run_shard as a Ray task with the resources of `tasks`. SPREAD: shards go to every node of a
+    cluster, not first to fill the driver's node. The task's name is fn's, so that Ray's dashboard and
+    state API tell the stages apart. A task lost with its worker is retried; an exception fn raises is
+    not."""
     import ray
 
     return ray.remote(_run_shard).options(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
+        num_cpus=tasks.cpus,
+        num_gpus=tasks.gpus,
         max_retries=max_retries,
         retry_exceptions=False,
         scheduling_strategy="SPREAD",
@@ -400,20 +475,27 @@ def _remote_shard(fn: Callable[..., Any], *, num_cpus: float, num_gpus: float, m
 
 
 class _Progress:
-    """The driver's progress bar of one fan-out: `sizes[i]` units for shard i, moved while tasks run by
-    what they report (through a _ProgressCounter actor, `counter`, None when not shown or lost) and,
-    for the rest, when each task ends."""
+    """The driver's progress bar of one fan-out: `sizes[i]` units for shard i, moved while a shard runs
+    by what it reports (in this process directly; from Ray tasks through a _ProgressCounter actor,
+    `counter`, None when not shown or lost) and, for the rest, when the shard ends."""
 
-    def __init__(self, sizes: list[int], *, desc: str, unit: str, shown: bool):
+    def __init__(self, sizes: list[int], *, desc: str, unit: str, shown: bool, in_tasks: bool):
         from tqdm import tqdm
 
-        self.sizes = sizes
-        self.counter = _progress_counter() if shown and sizes else None
+        self.sizes, self.desc = sizes, desc
+        self.counter = _progress_counter() if in_tasks and shown and sizes else None
         self.bar = tqdm(total=sum(sizes), desc=desc, unit=unit, disable=not shown)
-        self.reported: dict[int, int] = {}  # units the running tasks reported so far
+        self.reported: dict[int, int] = {}  # units the running shards reported so far
 
     def started(self, i: int) -> None:
         self.reported[i] = 0
+
+    def add(self, i: int, count: int) -> None:
+        """Shard i reported `count` more units (a late report of a finished shard is dropped)."""
+        if i in self.reported:
+            step = min(count, self.sizes[i] - self.reported[i])
+            self.reported[i] += step
+            self.bar.update(step)
 
     def poll(self) -> None:
         """Move the bar by what the running tasks reported since the last call."""
@@ -424,23 +506,20 @@ class _Progress:
             self.counter = None
             return
         for i, count in taken.items():
-            if i in self.reported:  # not finished yet (a late report of a finished task is dropped)
-                step = min(count, self.sizes[i] - self.reported[i])
-                self.reported[i] += step
-                self.bar.update(step)
+            self.add(i, count)
 
     def finished(self, i: int) -> None:
         self.bar.update(self.sizes[i] - self.reported.pop(i, 0))
 
     def close(self) -> None:
-        import ray
-
         self.bar.close()
         if self.counter is not None:
+            import ray
+
             ray.kill(self.counter)
 
 
-def _log_placement(what: str, nodes: set[str], devices: dict[str, int], *, num_cpus: float, num_gpus: float) -> None:
+def _log_placement(what: str, nodes: set[str], devices: dict[str, int], tasks: Tasks) -> None:
     """One log line: how many tasks ran on which nodes and devices, with their resources."""
     if nodes:
         log.info(
@@ -450,15 +529,6 @@ def _log_placement(what: str, nodes: set[str], devices: dict[str, int], *, num_c
             len(nodes),
             ", ".join(n[:8] for n in sorted(nodes)),
             ", ".join(f"{d} x{k}" for d, k in sorted(devices.items())),
-            num_cpus,
-            num_gpus,
+            tasks.cpus,
+            tasks.gpus,
         )
-
-
-def fan_out(fn: Callable[..., Any], shards: Sequence[Any], **options: Any) -> list[Any]:
-    """[fn(shard, **shared) for shard in shards], each call a Ray task (see `fan_out_iter` for the
-    options), results in shard order."""
-    results: list[Any] = [None] * len(shards)
-    for i, result in fan_out_iter(fn, shards, **options):
-        results[i] = result
-    return results

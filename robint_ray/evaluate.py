@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .attacks import misclassified_then_ce, pgd
 from .config import PAPER_PGD, PGDSettings, flat_record
+from .distributed import IN_PROCESS, Tasks, fan_out, report_progress
 from .errors import check
-from .models import in_mode, on_cpu
+from .models import in_mode
 from .shards import Shard, consecutive_shards
 
 log = logging.getLogger(__name__)
@@ -101,13 +102,9 @@ def correctness(
     *,
     attack: AttackConfig | None = None,
     batch_size: int = 128,
-    device: str | torch.device | None = None,
-    workers: int = 0,
+    tasks: Tasks = IN_PROCESS,
     shard_batches: int = 4,
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
     progress: bool = False,
-    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example of `dataset`, in its order: (clean correct (N,) bool, clean and adversarial correct
     (N,) bool).
@@ -116,108 +113,50 @@ def correctness(
     each batch is attacked alone with the attack's seed, so the answer does not depend on how batches
     are grouped into tasks: PGD's loss is summed per example, and AutoAttack, whose random starts and
     whose choice of which images to attack further depend on the batch, sees the same batches.
-    workers = 0: in this process, on `device` (default: the model's). workers >= 1: shards of
-    shard_batches batches are Ray tasks (at most `workers` in flight, num_gpus / num_cpus each; None:
-    the enclosing `distributed.task_resources`), each on its own device, reporting per batch.
-    on_batch(n): called after each batch of n images (in-process only). The model's mode is restored."""
+    tasks (`distributed.Tasks`): in this process, on the model's device, the dataset as one shard (one
+    pass of one DataLoader); as Ray tasks, shards of shard_batches batches, each task on its own device,
+    reporting per batch. The model's mode is restored."""
     check(batch_size >= 1, f"batch size must be >= 1, got {batch_size}")
-    check(workers >= 0 and shard_batches >= 1, "workers must be >= 0 and shard_batches >= 1")
+    check(shard_batches >= 1, f"shard_batches must be >= 1, got {shard_batches}")
     attack = attack or AttackConfig(kind="none")
     check(len(dataset) > 0, "the dataset is empty")
-    if workers >= 1:
-        return _sharded_correctness(
-            model,
-            dataset,
-            attack=attack,
-            batch_size=batch_size,
-            workers=workers,
-            shard_batches=shard_batches,
-            num_gpus=num_gpus,
-            num_cpus=num_cpus,
-            progress=progress,
-        )
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    clean, robust = [], []
-    n = hits = hits_adv = 0
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(dataset), desc=f"eval ({attack.kind})", unit="img")
-    with in_mode(model):
-        try:
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                ok = _correct(model, x, y)
-                ok_adv = ok & _correct(model, attack_batch(model, x, y, attack), y) if attack.kind != "none" else ok
-                clean.append(ok.cpu())
-                robust.append(ok_adv.cpu())
-                n, hits, hits_adv = n + len(y), hits + int(ok.sum()), hits_adv + int(ok_adv.sum())
-                if on_batch is not None:
-                    on_batch(len(y))
-                if bar is not None:
-                    bar.update(len(y))
-                    bar.set_postfix(clean=f"{hits / n:.4f}", adv=f"{hits_adv / n:.4f}")
-        finally:
-            if bar is not None:
-                bar.close()
-    return torch.cat(clean), torch.cat(robust)
+    shards = consecutive_shards(len(dataset), shard_batches * batch_size if tasks.on_ray else len(dataset))
+    parts = fan_out(
+        _evaluate_shard,
+        shards,
+        tasks=tasks,
+        shared=dict(model=model, dataset=dataset, attack=attack, batch_size=batch_size),
+        sizes=[s.size for s in shards],
+        desc=f"eval ({attack.kind})",
+        progress=progress,
+    )
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _evaluate_shard(
     shard: Shard, *, model: nn.Module, dataset: Dataset, attack: AttackConfig, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One Ray task: correctness of the shard's items on the task's device, reporting per batch."""
-    from torch.utils.data import Subset
-
-    from .distributed import report_progress, task_device
-
-    return correctness(
-        model,
-        Subset(dataset, range(shard.start, shard.stop)),
-        attack=attack,
-        batch_size=batch_size,
-        device=task_device(),
-        on_batch=report_progress,
-    )
-
-
-def _sharded_correctness(
-    model: nn.Module,
-    dataset: Dataset,
-    *,
-    attack: AttackConfig,
-    batch_size: int,
-    workers: int,
-    shard_batches: int,
-    num_gpus: float | None,
-    num_cpus: float | None,
-    progress: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from .distributed import fan_out
-
-    shards = consecutive_shards(len(dataset), shard_batches * batch_size)  # whole batches: as in process
-    parts = fan_out(
-        _evaluate_shard,
-        shards,
-        shared=dict(model=on_cpu(model), dataset=dataset, attack=attack, batch_size=batch_size),
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        sizes=[s.size for s in shards],
-        desc=f"eval ({attack.kind})",
-        progress=progress,
-        max_in_flight=workers,
-    )
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    """One shard: correctness of its items (whole batches) on the model's device, reporting per batch."""
+    device = next(model.parameters()).device
+    clean, robust = [], []
+    loader = DataLoader(Subset(dataset, range(shard.start, shard.stop)), batch_size=batch_size, shuffle=False)
+    with in_mode(model):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            ok = _correct(model, x, y)
+            ok_adv = ok & _correct(model, attack_batch(model, x, y, attack), y) if attack.kind != "none" else ok
+            clean.append(ok.cpu())
+            robust.append(ok_adv.cpu())
+            report_progress(len(y))
+    return torch.cat(clean), torch.cat(robust)
 
 
 def evaluate(
     model: nn.Module, dataset: Dataset, *, attack: AttackConfig | None = None, per_image: bool = False, **options: Any
 ) -> dict:
     """Clean and adversarial accuracy (fractions) of `model` on every item of `dataset`, in this process
-    (workers = 0) or as Ray tasks: options are correctness' (batch_size, device, workers, shard_batches,
-    num_gpus, num_cpus, progress; the same figures either way).
+    or as Ray tasks: options are correctness' (batch_size, tasks, shard_batches, progress; the same
+    figures either way).
 
     Returns {"n", "clean_accuracy", "adversarial_accuracy", "clean_correct", "adversarial_correct",
     "attack": {...}}, with per_image also "per_image": {"clean", "adversarial"}, each item's 0 / 1 in the

@@ -1,13 +1,15 @@
 """Attributions at scale: IG or expected gradients fanned out over Ray, metrics, figures, files.
 
-    config = ExplainConfig(method="ig", workers=2)
-    result = explain(model, images, labels, config=config, indices=indices)       # an Explanation
+    config = ExplainConfig(method="ig")
+    result = explain(model, images, labels, config=config, indices=indices,       # an Explanation
+                     tasks=Tasks(workers=2, cpus=1, gpus=0))
     summary = summarize({"standard": result_a, "robust": result_b})                # means, CIs, differences
     plot_grid(images, {"standard": result_a.attributions, "robust": result_b.attributions}, "grid.png")
 
-The math lives in `attributions.py`; this module shards the images, runs `explain_shard` as Ray tasks
-through `distributed.fan_out` (the model and images go into the object store once, results return in
-input order, a task lost with its worker is retried), and draws the paper's figures with matplotlib.
+The math lives in `attributions.py`; this module shards the images and runs `explain_shard` on them
+through `distributed.fan_out`, in this process or as Ray tasks (then the model and images go into the
+object store once, results return in input order, a task lost with its worker is retried), and draws
+the paper's figures with matplotlib.
 
 Shards start at multiples of `alignment(config)` images, so every forward/backward pass holds the same
 images as in a single-process run: the fan-out returns exactly the single-process attributions.
@@ -29,8 +31,9 @@ from torch import nn
 
 from . import attributions as attr
 from .config import build_dataclass
+from .distributed import IN_PROCESS, Tasks, fan_out
 from .errors import check
-from .models import in_mode, on_cpu
+from .models import in_mode
 from .shards import Shard, consecutive_shards
 
 log = logging.getLogger(__name__)
@@ -79,8 +82,8 @@ class ShapConfig:
 class ExplainConfig:
     """One attribution run. target: explain the "predicted" class (the paper's figures) or the
     "label". batch_size: model evaluations per forward/backward pass, the memory cap (memory_mb, when
-    set, lowers it to what the estimate says fits). workers: parallel Ray tasks (0: in this process);
-    num_cpus / num_gpus: resources per task."""
+    set, lowers it to what the estimate says fits). Where the work runs is `explain`'s `tasks`; with
+    Ray, about tasks.workers x shards_per_worker shards."""
 
     method: Literal["ig", "shap"] = "ig"
     ig: IGConfig = field(default_factory=IGConfig)
@@ -90,11 +93,7 @@ class ExplainConfig:
     memory_mb: float | None = None
     metric_steps: int = 32  # deletion / insertion curve points - 1
     top_fraction: float = 0.05  # for the top-mass concentration metric
-    workers: int = 2
-    num_cpus: float = 1
-    num_gpus: float = 0
-    shards_per_worker: int = 4  # more shards than workers: load balance and a finer progress bar
-    max_retries: int = 3
+    shards_per_worker: int = 4  # more shards than tasks in flight: load balance and a finer progress bar
 
     def __post_init__(self):
         check(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
@@ -103,8 +102,6 @@ class ExplainConfig:
         check(self.memory_mb is None or self.memory_mb > 0, f"memory_mb must be > 0, got {self.memory_mb}")
         check(self.metric_steps >= 1, f"metric_steps must be >= 1, got {self.metric_steps}")
         check(0 < self.top_fraction <= 1, f"top_fraction must lie in (0, 1], got {self.top_fraction}")
-        check(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
-        check(self.num_cpus > 0 and self.num_gpus >= 0, "num_cpus must be > 0 and num_gpus >= 0")
         check(self.shards_per_worker >= 1, f"shards_per_worker must be >= 1, got {self.shards_per_worker}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,15 +249,15 @@ def explain_shard(
     shard: Shard, *, model: nn.Module, images: torch.Tensor, targets: torch.Tensor, indices: np.ndarray, **options: Any
 ) -> dict[str, np.ndarray]:
     """One Ray task: explain_images (options: its config, batch_size, background) on the shard's images,
-    on the model's device (fan_out moved it to the task's: a GPU where the task was given one)."""
+    on the model's device (in a Ray task fan_out moved it to the task's: a GPU where it was given one)."""
     part = slice(shard.start, shard.stop)
     return explain_images(model, images[part], targets[part], indices[part], **options)
 
 
-def plan_shards(n: int, config: ExplainConfig, batch_size: int) -> list[Shard]:
-    """About workers x shards_per_worker shards, each a multiple of alignment."""
+def plan_shards(n: int, config: ExplainConfig, batch_size: int, workers: int) -> list[Shard]:
+    """About workers x shards_per_worker shards (one where workers is 0), each a multiple of alignment."""
     unit = alignment(config, batch_size)
-    wanted = max(1, config.workers * config.shards_per_worker)
+    wanted = max(1, workers * config.shards_per_worker)
     size = max(unit, math.ceil(math.ceil(n / wanted) / unit) * unit)
     return consecutive_shards(n, size)
 
@@ -273,53 +270,43 @@ def explain(
     config: ExplainConfig,
     indices: np.ndarray | None = None,
     background: torch.Tensor | None = None,
+    tasks: Tasks = IN_PROCESS,
     progress: bool = True,
-    task: Callable[..., dict[str, np.ndarray]] = explain_shard,
+    shard_fn: Callable[..., dict[str, np.ndarray]] = explain_shard,
 ) -> Explanation:
     """Attributions of `images` (N, C, H, W) in [0, 1], with metrics, for the class config.target
     names: "predicted" (the default, as the authors' notebooks: each model's own argmax, so a wrongly
     classified image shows why the model chose what it chose) or "label" (the true `labels` (N,)).
 
-    config.workers = 0 runs in this process; otherwise the images are split into aligned shards run as
-    Ray tasks with config.num_cpus / num_gpus each (a local Ray instance with workers x num_cpus CPUs
-    is started unless one is running or $RAY_ADDRESS names a cluster). indices: the images' dataset
-    indices (default 0..N-1); they seed the random baselines and draws. task: the function each Ray
-    task runs (explain_shard; tests wrap it)."""
+    tasks (`distributed.Tasks`): in this process, the images as one shard; as Ray tasks, split into
+    aligned shards (`plan_shards`; the same attributions either way). indices: the images' dataset
+    indices (default 0..N-1); they seed the random baselines and draws. shard_fn: the function each
+    shard runs (explain_shard; tests wrap it)."""
     check(images.dim() == 4 and len(labels) == len(images), "images must be (N, C, H, W) with N labels")
     indices = np.arange(len(images)) if indices is None else np.asarray(indices)
     check(len(indices) == len(images), "indices must hold one index per image")
     labels = torch.as_tensor(labels, dtype=torch.long)
     targets = labels if config.target == "label" else predict(model, images, batch_size=config.batch_size)
     batch_size = resolve_batch_size(model, tuple(images.shape[1:]), config)
-    if config.workers == 0 or len(images) == 0:
-        parts = [
-            explain_images(model, images, targets, indices, config=config, batch_size=batch_size, background=background)
-        ]
-    else:
-        from .distributed import fan_out, init_ray
-
-        init_ray(num_cpus=max(1, int(math.ceil(config.workers * config.num_cpus))))
-        shards = plan_shards(len(images), config, batch_size)
-        parts = fan_out(
-            task,
-            shards,
-            shared=dict(
-                model=on_cpu(model),
-                images=images.cpu(),
-                targets=targets.cpu(),
-                indices=indices,
-                config=config,
-                batch_size=batch_size,
-                background=None if background is None else background.cpu(),
-            ),
-            num_cpus=config.num_cpus,
-            num_gpus=config.num_gpus,
-            max_retries=config.max_retries,
-            sizes=[s.size for s in shards],
-            desc=config.method,
-            progress=progress,
-            max_in_flight=config.workers,
-        )
+    # No images: one empty shard, for the arrays' names and shapes.
+    shards = plan_shards(len(images), config, batch_size, tasks.workers) or [Shard(0, 0, 0)]
+    parts = fan_out(
+        shard_fn,
+        shards,
+        tasks=tasks,
+        shared=dict(
+            model=model,
+            images=images,
+            targets=targets,
+            indices=indices,
+            config=config,
+            batch_size=batch_size,
+            background=background,
+        ),
+        sizes=[s.size for s in shards],
+        desc=config.method,
+        progress=progress,
+    )
     merged = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
     maps = merged.pop("attributions")
     return Explanation(config.method, maps, targets.numpy(), indices, merged, config.to_dict(), labels.numpy())

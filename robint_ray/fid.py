@@ -15,10 +15,10 @@ Image sources (`open_source`): an array file of uint8 images as `robint generate
 `images` (N, H, W, C) and `labels`), a folder of PNG/JPEG files (searched recursively, sorted by path),
 or a split of a dataset (`load_split(path, split)`: the CIFAR .npz, an ImageFolder root, ...).
 
-Ray at the edge (`source_stats`): each source is cut into shards of consecutive images; every shard is
-a Ray task (robint_ray.distributed.fan_out) that reads its own images, runs the Inception and returns
-only its statistics (8 d^2 bytes, 32 MiB at d = 2048); the driver adds them up as they arrive, so it
-holds one sum per source whatever the number of images.
+Ray at the edge (`source_stats`): each source is cut into shards of consecutive images; every shard
+(a Ray task, or a call in this process: robint_ray.distributed.fan_out_iter) reads its own images,
+runs the Inception and returns only its statistics (8 d^2 bytes, 32 MiB at d = 2048); the driver adds
+them up as they arrive, so it holds one sum per source whatever the number of images.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from .data import IMAGE_EXTENSIONS, load_split, sample_path
+from .distributed import IN_PROCESS, Tasks, fan_out_iter, report_progress
 from .errors import InputError, check
 from .inception import PREPROCESSING, RESIZE, FIDInception, inception_features
-from .models import on_cpu
 from .shards import Shard, consecutive_shards
 from .storage import Location, is_uri, local_input
 
@@ -359,8 +359,6 @@ def shard_stats(
 ) -> FeatureStats:
     """Statistics of one piece's images (a shard of an image source), on the model's device (in a Ray
     task: the task's device)."""
-    from .distributed import report_progress
-
     source, shard = piece
     images = read_images(source, shard.start, shard.stop)
     parts = []
@@ -396,9 +394,9 @@ MAX_SHARD = 2048  # images per FID task at most: a lost task costs little, and p
 
 
 def default_shard_size(sources: Sequence[ImageSource], workers: int, batch_size: int) -> int:
-    """A few shards per worker (so that workers finish together), each a whole number of batches, and
-    at most about MAX_SHARD images, whatever the number of images (the driver adds the statistics up as
-    they come, so more shards cost no driver memory)."""
+    """A few shards per task in flight (so that the tasks finish together), each a whole number of
+    batches, and at most about MAX_SHARD images, whatever the number of images (the driver adds the
+    statistics up as they come, so more shards cost no driver memory). workers: `Tasks.workers`."""
     total = sum(s.count for s in sources)
     shards = 3 * max(workers, 1) * len(sources)
     cap = max(batch_size, MAX_SHARD // batch_size * batch_size)
@@ -410,51 +408,35 @@ def source_stats(
     model: FIDInception,
     *,
     dims: int = 2048,
-    workers: int = 2,
+    tasks: Tasks = IN_PROCESS,
     batch_size: int = 32,
     shard_size: int | None = None,
     progress: bool = True,
     preprocessing: str = "robint",
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
 ) -> list[FeatureStats]:
-    """The statistics of each source. workers >= 1: shards are Ray tasks (at most `workers` in flight,
-    num_gpus / num_cpus each; None: the enclosing `distributed.task_resources`, else one CPU) on the
-    running cluster, each on its own device, their statistics added up in the driver as they finish
-    (one (d, d) sum per source held, whatever the number of images); workers = 0: in this process.
+    """The statistics of each source, from shards of its images run in this process or as Ray tasks
+    (`tasks`: `distributed.Tasks`; on Ray each task on its own device), their statistics added up in
+    the driver as they finish (one (d, d) sum per source held, whatever the number of images).
     preprocessing: "robint" or "author" (`inception.preprocess`)."""
-    from .distributed import fan_out_iter
-
     check(all(s.count > 0 for s in sources), "an image source is empty")
     check(
         preprocessing in PREPROCESSING,
         f"preprocessing must be one of {', '.join(PREPROCESSING)}, got {preprocessing!r}",
     )
-    pieces = make_shards(sources, shard_size=shard_size or default_shard_size(sources, workers, batch_size))
-    options = {"dims": dims, "batch_size": batch_size, "preprocessing": preprocessing}
+    pieces = make_shards(sources, shard_size=shard_size or default_shard_size(sources, tasks.workers, batch_size))
     totals: list[FeatureStats | None] = [None] * len(sources)
-
-    def add(i: int, stats: FeatureStats) -> None:  # the statistics of piece i, to its source's
-        owner = pieces[i][0]
-        totals[owner] = stats if totals[owner] is None else totals[owner].merge(stats)
-
     work = [(source, shard) for _, source, shard in pieces]
-    if workers == 0:
-        for i, piece in enumerate(work):
-            add(i, shard_stats(piece, model=model, **options))
-    else:
-        for i, stats in fan_out_iter(
-            shard_stats,
-            work,
-            shared={"model": on_cpu(model), **options},
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
-            sizes=[shard.size for _, shard in work],
-            desc=f"Inception-{dims} features",
-            progress=progress,
-            max_in_flight=workers,
-        ):
-            add(i, stats)
+    for i, stats in fan_out_iter(
+        shard_stats,
+        work,
+        tasks=tasks,
+        shared={"model": model, "dims": dims, "batch_size": batch_size, "preprocessing": preprocessing},
+        sizes=[shard.size for _, shard in work],
+        desc=f"Inception-{dims} features",
+        progress=progress,
+    ):
+        owner = pieces[i][0]  # the statistics of piece i, to its source's
+        totals[owner] = stats if totals[owner] is None else totals[owner].merge(stats)
     return totals
 
 
@@ -469,7 +451,7 @@ def fid(
 ) -> dict:
     """The FID between two image sources, with what is needed to read the figure: n_a, n_b, dims,
     the preprocessing (its name, and in `resize` what it does), the weights' source and hash.
-    options: source_stats' (workers, batch_size, shard_size, progress, num_gpus, num_cpus)."""
+    options: source_stats' (tasks, batch_size, shard_size, progress)."""
     stats_a, stats_b = source_stats([source_a, source_b], model, dims=dims, preprocessing=preprocessing, **options)
     return {
         "fid": fid_from_stats(stats_a, stats_b),

@@ -2,11 +2,12 @@
 
 `generate(model, seeds, config=..., out_dir=...)` makes `per_class` images of every class (the paper:
 1,000 per class, 10,000 for CIFAR-10, for FID). The images are numbered class-major (image j has class
-j // per_class) and cut into shards of `shard_size`; each shard is a Ray task that
+j // per_class) and cut into shards of `shard_size`; each shard is a Ray task (or, with
+`distributed.IN_PROCESS`, a call in this process) that
 - draws its seeds from a torch.Generator seeded from (seed, shard index) only, so a shard's images do
   not depend on which worker runs it, how many workers there are, or which shards ran before;
 - runs the class-logit PGD (`visualize.generate_classes`) on them;
-- runs on the task's device (a GPU where the task asked for one: `distributed.task_resources`);
+- runs on the task's device (a GPU where the task asked for one: `distributed.Tasks`);
 - writes `shards/shard-NNNNN.npz` atomically (storage.Location: a local or shared folder, or an object
   store such as s3://) with byte-identical contents for the same inputs (a zip with fixed timestamps),
   so a rerun skips the shards already done and an interrupted run resumes where it stopped;
@@ -29,7 +30,7 @@ import io
 import json
 import logging
 import zipfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -37,10 +38,11 @@ import numpy as np
 import torch
 
 from .data import spread_over_classes
+from .distributed import IN_PROCESS, Tasks, fan_out, fan_out_iter, report_progress
 from .errors import InputError, check
 from .fid import FeatureStats
 from .inception import inception_features, quantize
-from .models import Classifier, on_cpu
+from .models import Classifier
 from .seeds import seeded_generator
 from .shards import Shard, consecutive_shards
 from .storage import Location
@@ -223,8 +225,6 @@ def make_shard_images(
     """One shard's images, labels and seeds (uint8 (n, H, W, C), int64 (n,), uint8 (n, H, W, C)),
     optimised on the model's device, `config.batch_size` at a time; inside a fan_out task each batch
     is reported to the driver's progress bar."""
-    from .distributed import report_progress
-
     device = next(model.parameters()).device
     classes = shard_classes(config, shard)
     starts = sample_class_seeds(seeds, classes, generator=shard_generator(config.seed, shard.index))  # (n, C, H, W)
@@ -301,20 +301,17 @@ def generate(
     *,
     config: GenerationConfig,
     out_dir: str | Path | Location,
-    workers: int | None = None,
+    tasks: Tasks = IN_PROCESS,
     class_names: Sequence[str] | None = None,
     progress: bool = True,
     shard_fn: Callable[..., Any] = generate_shard,
     fid: FIDFeatures | None = None,
     fid_draws: int = 0,
     merge: bool = True,
-    num_gpus: float | None = None,
-    num_cpus: float | None = None,
 ) -> dict[str, Any]:
-    """Generate config.total images over Ray into out_dir/shards/ (a local folder, or a storage URI
-    every node sees), skipping shards already there; at most `workers` tasks in flight (default:
-    `fan_out`'s window), num_gpus / num_cpus each (None: the enclosing `distributed.task_resources`,
-    else 1 CPU, no GPU); each task runs on its own device.
+    """Generate config.total images into out_dir/shards/ (a local folder, or a storage URI every node
+    sees), skipping shards already there, a shard at a time in this process or as Ray tasks (`tasks`:
+    `distributed.Tasks`; each task on its own device).
 
     fid: generation and FID as one streamed step. Every shard, stored or not, is a task that also
     returns its images' Inception statistics; the driver adds them up as they arrive, so it holds one
@@ -325,8 +322,6 @@ def generate(
     for large runs: `sample_images` reads the few images a figure shows). shard_fn: the per-shard
     function (generate_shard; tests wrap it to kill their worker). Returns {"path" (None without
     merge), "images", "shards", "computed", "stats" (None without fid)}."""
-    from .distributed import fan_out_iter
-
     out_dir = Location(out_dir)
     _check_plan(out_dir / PLAN, config.plan())
     check(seeds.num_classes > max(config.classes), "the seed distributions do not cover every class asked for")
@@ -345,20 +340,18 @@ def generate(
         check(fid is not None, "fid_draws needs fid")
         draw_of_shard(config, shards[0], fid_draws)  # checks that every shard lies in one draw
     if todo:
-        shared = dict(model=on_cpu(model), seeds=seeds, config=config, out_dir=out_dir)
+        shared = dict(model=model, seeds=seeds, config=config, out_dir=out_dir)
         if fid is not None:
-            shared["fid"] = replace(fid, model=on_cpu(fid.model))
+            shared["fid"] = fid
         for i, result in fan_out_iter(
             shard_fn,
             todo,
+            tasks=tasks,
             shared=shared,
-            num_cpus=num_cpus,
-            num_gpus=num_gpus,
             sizes=[s.size for s in todo],
             desc="generate" + (" + FID" if fid else ""),
             unit="img",
             progress=progress,
-            max_in_flight=workers,
         ):
             if fid is not None:
                 total = result if total is None else total.merge(result)
@@ -425,25 +418,13 @@ def sample_images(
 # --- inversion and feature visualisation on a few images ------------------------------------------
 
 
-def _map_chunks(
-    fn: Callable[..., torch.Tensor],
-    tensors: Sequence[torch.Tensor],
-    *,
-    workers: int | None,
-    chunk: int,
-    shared: dict[str, Any],
-    desc: str,
-) -> torch.Tensor:
-    """fn(*[t[i:i+chunk] for t in tensors], **shared) over chunks, concatenated; in process when
-    workers is None or 1, else as Ray tasks (at most `workers` at a time, one thread each)."""
-    pieces = [tuple(t[s.start : s.stop] for t in tensors) for s in consecutive_shards(len(tensors[0]), chunk)]
-    if not workers or workers <= 1:
-        return torch.cat([fn(piece, **shared) for piece in pieces])
-    from .distributed import fan_out
+def _chunks(tensors: Sequence[torch.Tensor], chunk: int) -> list[tuple[torch.Tensor, ...]]:
+    """(t[i:i+chunk] for t in tensors) for consecutive chunks of the tensors' first dimension."""
+    return [tuple(t[s.start : s.stop] for t in tensors) for s in consecutive_shards(len(tensors[0]), chunk)]
 
-    return torch.cat(
-        fan_out(fn, pieces, shared=shared, sizes=[len(p[0]) for p in pieces], desc=desc, max_in_flight=workers)
-    )
+
+def _sizes(pieces: Sequence[tuple[torch.Tensor, ...]]) -> list[int]:
+    return [len(piece[0]) for piece in pieces]
 
 
 def _invert_chunk(piece, *, model, settings):
@@ -462,19 +443,22 @@ def inversions(
     targets: torch.Tensor,
     *,
     settings: PGDSettings = INVERSION,
-    workers: int | None = None,
+    tasks: Tasks = IN_PROCESS,
     chunk: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """Invert R(targets) from sources (eq. 15). Returns {"images", "distance_before", "distance_after"}:
-    the inversions (N, C, H, W) and the normalised representation distances, (N,) each."""
-    images = _map_chunks(
+    """Invert R(targets) from sources (eq. 15), `chunk` images per call, in this process or as Ray tasks
+    (`tasks`). Returns {"images", "distance_before", "distance_after"}: the inversions (N, C, H, W) and
+    the normalised representation distances, (N,) each."""
+    pieces = _chunks((sources, targets), chunk)
+    parts = fan_out(
         _invert_chunk,
-        (sources, targets),
-        workers=workers,
-        chunk=chunk,
+        pieces,
+        tasks=tasks,
         shared=dict(model=model, settings=settings),
+        sizes=_sizes(pieces),
         desc="invert",
     )
+    images = torch.cat(parts)
     rep_target = representation(model, targets)
     return {
         "images": images,
@@ -556,11 +540,12 @@ def feature_visualisations(
     *,
     settings: PGDSettings = FEATURE_VIS,
     top: int = 8,
-    workers: int | None = None,
+    tasks: Tasks = IN_PROCESS,
     chunk: int = 8,
 ) -> dict[str, Any]:
     """For each group z of coordinates (eq. 14; one coordinate: eq. 13), maximise it from every start
-    image, and find the test images that activate it most and least.
+    image (`chunk` starts per call, in this process or as Ray tasks: `tasks`), and find the test images
+    that activate it most and least.
 
     starts: (P, C, H, W), each group is visualised from every start: images (G * P, C, H, W), group by
     group. test_rep: R of the test images, (N, k) (`dataset_representation`). Returns {"images",
@@ -573,13 +558,10 @@ def feature_visualisations(
     tops, bottoms, top_values, bottom_values = [], [], [], []
     for g, z in enumerate(groups):
         zs = torch.tensor(z).view(1, -1).expand(len(starts), -1)  # (P, |z|)
-        out = _map_chunks(
-            _featvis_chunk,
-            (starts, zs),
-            workers=workers,
-            chunk=chunk,
-            shared=dict(model=model, settings=settings),
-            desc=f"featvis {z}",
+        pieces = _chunks((starts, zs), chunk)
+        shared = dict(model=model, settings=settings)
+        out = torch.cat(
+            fan_out(_featvis_chunk, pieces, tasks=tasks, shared=shared, sizes=_sizes(pieces), desc=f"featvis {z}")
         )
         images.append(out)
         before.append(feature_activations(model, starts, z))

@@ -341,7 +341,7 @@ def evaluate_sharded(
     counts = [0.0, 0.0, 0.0]
     if len(positions):
         with autocast(device, bf16):
-            result = evaluate(module, dataset.subset(positions), attack=attack, batch_size=batch_size, device=device)
+            result = evaluate(module, dataset.subset(positions), attack=attack, batch_size=batch_size)
         counts = [result["n"], result["clean_correct"], result["adversarial_correct"]]
     n, clean, robust = _all_sum(counts, device)
     check(n > 0, "the evaluation split is empty")

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from robint_ray.distributed import fan_out
+from robint_ray.distributed import Tasks, fan_out
 
 MIB = 1 << 20
 
@@ -82,4 +82,5 @@ def test_ray_tasks_run_tuned(ray_local):
         exec(PROBE, namespace)  # noqa: S102 - the probe above, defined inside the task's process
         return namespace["mapped_bytes_of_a_64_mib_tensor"]()
 
-    assert all(mapped < MIB for mapped in fan_out(mapped_in_task, [0, 1], progress=False))
+    mapped = fan_out(mapped_in_task, [0, 1], tasks=Tasks(2, cpus=1, gpus=0), progress=False)
+    assert all(m < MIB for m in mapped)

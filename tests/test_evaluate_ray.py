@@ -7,11 +7,13 @@ import pytest
 import torch
 
 from robint_ray.config import PGDSettings
+from robint_ray.distributed import Tasks
 from robint_ray.evaluate import AttackConfig, correctness, evaluate
 
 pytestmark = pytest.mark.ray
 
 BUDGET = PGDSettings(norm="l2", eps=0.1, step_size=0.025, steps=10)  # AutoAttack: its norm and eps
+ONE_CPU = dict(cpus=1, gpus=0)  # per Ray task
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +53,14 @@ def test_sharded_over_two_workers_equals_one_process(ray_local, resnet20, images
     finally:
         torch.set_num_threads(threads)
     # 2 tasks at a time, shards of 2 batches (5 or 2 shards): the batches are those of the single process.
-    sharded = correctness(resnet20, subset, attack=attack, batch_size=4, workers=2, shard_batches=2)
-    one_worker = correctness(resnet20, subset, attack=attack, batch_size=4, workers=1, shard_batches=3)
+    sharded = correctness(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2)
+    one_worker = correctness(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(1, **ONE_CPU), shard_batches=3)
     for got in (sharded, one_worker):
         assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
     clean, robust = int(alone[0].sum()), int(alone[1].sum())
     assert 0 < robust < clean, (clean, robust)  # the attack changes some answers, not all
     assert torch.all(alone[1] <= alone[0])  # robust implies clean
-    figures = evaluate(resnet20, subset, attack=attack, batch_size=4, workers=2, shard_batches=2)
+    figures = evaluate(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2)
     assert (figures["n"], figures["clean_correct"], figures["adversarial_correct"]) == (n, clean, robust)
 
 
@@ -74,7 +76,7 @@ def test_results_come_back_in_input_order(ray_local, resnet20, images):
         torch.utils.data.TensorDataset(x[perm], y[perm]),
         attack=attack,
         batch_size=4,
-        workers=2,
+        tasks=Tasks(2, **ONE_CPU),
         shard_batches=1,
     )
     assert torch.equal(shuffled[0], straight[0][perm]) and torch.equal(shuffled[1], straight[1][perm])

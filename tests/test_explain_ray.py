@@ -14,10 +14,13 @@ import torch
 from conftest import tiny_model
 
 from robint_ray import explain as ex
+from robint_ray.distributed import Tasks
 from robint_ray.errors import InputError
 from robint_ray.models import build_model
 
 pytestmark = pytest.mark.ray
+
+TWO = Tasks(2, cpus=1, gpus=0)  # two Ray tasks at a time, one CPU each
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +29,9 @@ def few(sample_test):
     return x[:7], y[:7], np.arange(100, 107)
 
 
-def config(method="ig", workers=2, **kwargs):
+def config(method="ig", **kwargs):
     return ex.ExplainConfig(
         method=method,
-        workers=workers,
         shards_per_worker=2,
         batch_size=40,
         metric_steps=8,
@@ -51,7 +53,7 @@ def assert_same(a: ex.Explanation, b: ex.Explanation):
 def test_shards_are_aligned_to_whole_passes():
     cfg = config()  # 2 x 9 = 18 points per image: 2 images per pass of 40; metrics 2 x 9 = 18 -> 2
     assert ex.alignment(cfg, 40) == 2
-    shards = ex.plan_shards(7, cfg, 40)
+    shards = ex.plan_shards(7, cfg, 40, 2)
     assert shards[0].start == 0 and shards[-1].stop == 7
     assert all(s.start % 2 == 0 for s in shards)
     assert all(a.stop == b.start for a, b in zip(shards, shards[1:]))
@@ -63,7 +65,6 @@ def test_metric_passes_do_not_widen_the_shards():
     16 images for 2 workers."""
     cfg = ex.ExplainConfig(
         method="ig",
-        workers=2,
         shards_per_worker=1,
         batch_size=204,
         metric_steps=1,
@@ -71,7 +72,7 @@ def test_metric_passes_do_not_widen_the_shards():
     )
     assert ex.alignment(cfg, 204) == 4
     assert ex.metric_batch_size(cfg, 204) == 4 * 4  # 4 images of 2 x 2 points: a divisor of 4 images
-    assert [(s.start, s.stop) for s in ex.plan_shards(16, cfg, 204)] == [(0, 8), (8, 16)]
+    assert [(s.start, s.stop) for s in ex.plan_shards(16, cfg, 204, 2)] == [(0, 8), (8, 16)]
     # Metric points beyond the batch: one image per pass, whatever the alignment.
     assert ex.metric_batch_size(dataclasses.replace(cfg, metric_steps=200), 204) == 204
 
@@ -80,11 +81,11 @@ def test_metric_passes_do_not_widen_the_shards():
 def test_two_workers_equal_one_process(ray_local, tiny, few, sample_test, method):
     x, y, indices = few
     background = sample_test[0][200:210] if method == "shap" else None
-    local = ex.explain(tiny, x, y, config=config(method, workers=0), indices=indices, background=background)
+    local = ex.explain(tiny, x, y, config=config(method), indices=indices, background=background)
     fanned = ex.explain(
-        tiny, x, y, config=config(method, workers=2), indices=indices, background=background, progress=False
+        tiny, x, y, config=config(method), indices=indices, background=background, tasks=TWO, progress=False
     )
-    assert len(ex.plan_shards(len(x), config(method), 40)) > 2  # several tasks, not one
+    assert len(ex.plan_shards(len(x), config(method), 40, TWO.workers)) > 2  # several tasks, not one
     assert fanned.attributions.shape == x.shape
     assert_same(local, fanned)
     if method == "ig":
@@ -102,8 +103,8 @@ def test_a_task_whose_worker_dies_is_retried(ray_local, tiny, few, tmp_path):
             os._exit(1)
         return ex.explain_shard(shard, **shared)
 
-    local = ex.explain(tiny, x, y, config=config(workers=0), indices=indices)
-    fanned = ex.explain(tiny, x, y, config=config(workers=2), indices=indices, progress=False, task=die_once)
+    local = ex.explain(tiny, x, y, config=config(), indices=indices)
+    fanned = ex.explain(tiny, x, y, config=config(), indices=indices, tasks=TWO, progress=False, shard_fn=die_once)
     assert os.path.exists(marker)  # the kill happened, and the task ran again
     assert_same(local, fanned)
 

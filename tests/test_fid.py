@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from robint_ray.distributed import IN_PROCESS, Tasks
 from robint_ray.errors import InputError
 from robint_ray.fid import (
     FeatureStats,
@@ -309,12 +310,13 @@ def test_ray_fid_from_4_shards_equals_single_process(fid_model, two_sources, ray
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # 2 images for 2048 dimensions: rank-deficient, still defined
         # 4 shards of 1 image as Ray tasks of one thread each over the fixture's 2 CPUs ...
-        on_ray = source_stats(sources, fid_model, dims=2048, workers=2, shard_size=1, progress=False)
+        two = Tasks(2, cpus=1, gpus=0)
+        on_ray = source_stats(sources, fid_model, dims=2048, tasks=two, shard_size=1, progress=False)
         # ... and the same images in this process with the same thread count (torch's results depend on it).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            single = source_stats(sources, fid_model, dims=2048, workers=0, shard_size=2)
+            single = source_stats(sources, fid_model, dims=2048, tasks=IN_PROCESS, shard_size=2)
         finally:
             torch.set_num_threads(threads)
         fid_ray, fid_single = fid_from_stats(*on_ray), fid_from_stats(*single)

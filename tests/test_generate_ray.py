@@ -12,11 +12,14 @@ import torch
 from conftest import stand_in_inception
 
 from robint_ray.data import load_split
+from robint_ray.distributed import IN_PROCESS, Tasks
 from robint_ray.errors import InputError
 from robint_ray.generate import GenerationConfig, fit_seeds, generate, generate_shard, plan_shards
 from robint_ray.visualize import PGDSettings
 
 pytestmark = pytest.mark.ray
+
+ONE, TWO = (Tasks(k, cpus=1, gpus=0) for k in (1, 2))  # Ray tasks at a time, one CPU each
 
 # 3 images per class, 10 classes, shards of 8: shards of 8, 8, 8 and 6 images. 3 L2 steps of 1.0 could
 # carry an image up to 3.0 from its seed, so the ball of 2.0 binds and the eps check below tests the
@@ -45,7 +48,7 @@ def _shard_bytes(out: Path) -> dict[str, bytes]:
 def reference(ray_local, tiny, seeds, tmp_path_factory):
     """One run with 2 workers: the images every other run must reproduce."""
     out = tmp_path_factory.mktemp("gen-2workers")
-    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, workers=2, progress=False)
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, tasks=TWO, progress=False)
     return out, summary
 
 
@@ -84,25 +87,32 @@ def test_truncating_generation_is_the_rounded_one_floored(tiny, seeds, tmp_path)
     assert 0.4 < (rounded - truncated).mean() < 0.6
 
 
-def test_one_worker_makes_the_same_bytes_as_two(reference, tiny, seeds, tmp_path):
+def test_one_worker_or_this_process_makes_the_same_bytes_as_two(reference, tiny, seeds, tmp_path):
     out2, _ = reference
-    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=1, progress=False)
-    assert _shard_bytes(tmp_path) == _shard_bytes(out2)
-    assert (tmp_path / "generated.npz").read_bytes() == (out2 / "generated.npz").read_bytes()
+    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path / "one", tasks=ONE, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the tasks (1 CPU each): the same kernels, the same rounding
+    try:
+        generate(tiny, seeds, config=CONFIG, out_dir=tmp_path / "here", tasks=IN_PROCESS, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for out in (tmp_path / "one", tmp_path / "here"):
+        assert _shard_bytes(out) == _shard_bytes(out2)
+        assert (out / "generated.npz").read_bytes() == (out2 / "generated.npz").read_bytes()
 
 
 def test_a_rerun_recomputes_only_the_deleted_shard(reference, tiny, seeds, tmp_path):
     out2, _ = reference
-    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)
+    generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, tasks=TWO, progress=False)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npz")}
     (tmp_path / "shards" / "shard-00002.npz").unlink()
-    summary = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, tasks=TWO, progress=False)
     assert summary["computed"] == 1
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.npz")}
     assert {k for k in stamps if after[k] != stamps[k]} == {"shard-00002.npz"}
     assert _shard_bytes(tmp_path) == _shard_bytes(out2)
     # Nothing left to do: nothing recomputed.
-    assert generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, workers=2, progress=False)["computed"] == 0
+    assert generate(tiny, seeds, config=CONFIG, out_dir=tmp_path, tasks=TWO, progress=False)["computed"] == 0
 
 
 def test_another_seed_gives_other_images_and_a_mismatched_plan_is_refused(reference, tiny, seeds, tmp_path):
@@ -112,7 +122,7 @@ def test_another_seed_gives_other_images_and_a_mismatched_plan_is_refused(refere
     path = generate_shard(shard, model=tiny, seeds=seeds, config=other, out_dir=str(tmp_path))
     assert Path(path).read_bytes() != _shard_bytes(out2)[shard.name]
     with pytest.raises(InputError, match="seed"):
-        generate(tiny, seeds, config=other, out_dir=out2, workers=1, progress=False)
+        generate(tiny, seeds, config=other, out_dir=out2, tasks=ONE, progress=False)
 
 
 def test_a_killed_worker_still_yields_every_shard(reference, tiny, seeds, tmp_path):
@@ -127,7 +137,7 @@ def test_a_killed_worker_still_yields_every_shard(reference, tiny, seeds, tmp_pa
         return generate_shard(shard, **shared)
 
     out = tmp_path / "gen"
-    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, workers=2, progress=False, shard_fn=dies_once)
+    summary = generate(tiny, seeds, config=CONFIG, out_dir=out, tasks=TWO, progress=False, shard_fn=dies_once)
     assert marker.exists() and summary["computed"] == 4
     assert _shard_bytes(out) == _shard_bytes(out2)
 
@@ -202,7 +212,7 @@ def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(
     from robint_ray.inception import inception_features
 
     out2, summary = reference
-    separate = source_stats([open_source(summary["path"])], stand_in, dims=16, workers=2, batch_size=8, progress=False)[
+    separate = source_stats([open_source(summary["path"])], stand_in, dims=16, tasks=TWO, batch_size=8, progress=False)[
         0
     ]
     real = open_source("sample", "test")
@@ -214,7 +224,7 @@ def test_generation_and_fid_in_one_step_equal_generating_merging_and_measuring(
             seeds,
             config=CONFIG,
             out_dir=tmp_path,
-            workers=2,
+            tasks=TWO,
             progress=False,
             merge=False,
             fid=FIDFeatures(stand_in, dims=16, batch_size=8),
@@ -258,7 +268,7 @@ def test_fid_draws_are_disjoint_per_class_sets_whose_statistics_add_up_to_the_wh
         seeds,
         config=config,
         out_dir=tmp_path,
-        workers=2,
+        tasks=TWO,
         progress=False,
         merge=False,
         fid=FIDFeatures(stand_in, dims=16, batch_size=8),

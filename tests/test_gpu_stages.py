@@ -102,12 +102,12 @@ results = {s.NAME: study.stage(s.NAME, functools.partial(s.run, study)) for s in
 import contextlib, io, os
 from robint_ray.checkpoint import save_checkpoint
 from robint_ray.cli import main
-from robint_ray.distributed import fan_out
+from robint_ray.distributed import Tasks, fan_out
 from robint_ray.errors import ClusterError
 
 del os.environ["ROBINT_SIMULATED_GPUS"]
 try:
-    fan_out(torch.neg, [torch.ones(1)], num_gpus=1, progress=False)
+    fan_out(torch.neg, [torch.ones(1)], tasks=Tasks(1, cpus=1, gpus=1), progress=False)
     no_cuda = None
 except ClusterError as err:
     no_cuda = str(err)

@@ -92,8 +92,9 @@ def test_inversion_runs_follow_the_authors_protocol():
     assert abs(float(noise.mean()) - 0.525) < 0.002
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("preprocessing", ["robint", "author"])
-def test_inversion_stage_reports_inv1_and_inv2(tmp_path, monkeypatch, preprocessing):
+def test_inversion_stage_reports_inv1_and_inv2(ray_local, tmp_path, monkeypatch, preprocessing):
     """Both runs, both models: Inception-192 distances under the keys the report reads, and a figure
     per run. The Inception is a stand-in here (its weights are tested in test_fid.py): the images'
     own difference, so the distance must come from the run's own targets and inversions. The

@@ -149,23 +149,16 @@ def main() -> None:
         ]
     # --- Ray fan-out of our IG, workers of one thread each, one shard per worker ---
     if not args.skip_ray:
-        from robint_ray.distributed import init_ray
+        from robint_ray.distributed import Tasks, init_ray
 
         init_ray(num_cpus=2)
         cpu_model, xc, tc = copy.deepcopy(model).cpu(), x.cpu(), target.cpu()
         ig = ex.IGConfig(steps=m, baseline="black", num_baselines=1, output="probability")
 
         def fanned(workers: int):
-            cfg = ex.ExplainConfig(
-                method="ig",
-                ig=ig,
-                workers=workers,
-                shards_per_worker=1,
-                num_cpus=1,
-                batch_size=args.ig_batch,
-                metric_steps=1,
-            )
-            return lambda: ex.explain(cpu_model, xc, tc, config=cfg, progress=False)
+            cfg = ex.ExplainConfig(method="ig", ig=ig, shards_per_worker=1, batch_size=args.ig_batch, metric_steps=1)
+            tasks = Tasks(workers, cpus=1, gpus=0)
+            return lambda: ex.explain(cpu_model, xc, tc, config=cfg, tasks=tasks, progress=False)
 
         one, two = "Ray IG, 1 worker x 1 thread", "Ray IG, 2 workers x 1 thread"
         cases += [(one, fanned(1), ""), (two, fanned(2), one)]
@@ -173,9 +166,8 @@ def main() -> None:
             cpu_model,
             xc[:4],
             tc[:4],
-            config=ex.ExplainConfig(  # warm-up: start both workers
-                method="ig", ig=ig, workers=2, shards_per_worker=1, batch_size=args.ig_batch, metric_steps=1
-            ),
+            config=ex.ExplainConfig(method="ig", ig=ig, shards_per_worker=1, batch_size=args.ig_batch, metric_steps=1),
+            tasks=Tasks(2, cpus=1, gpus=0),  # warm-up: start both workers
             progress=False,
         )
 

@@ -41,7 +41,7 @@ def throughput(n_images: int, shard: int) -> dict:
     import ray
 
     from robint_ray.data import load_split
-    from robint_ray.distributed import fan_out, init_ray
+    from robint_ray.distributed import Tasks, fan_out, init_ray
     from robint_ray.fid import (
         FeatureStats,
         fid_from_stats,
@@ -82,10 +82,12 @@ def throughput(n_images: int, shard: int) -> dict:
             ray.shutdown()
             init_ray(num_cpus=workers)
             warm = [(p, s) for _, p, s in make_shards([source], shard_size=1)[:workers]]  # start the workers
-            fan_out(shard_stats, warm, shared={"model": model, "dims": 64, "batch_size": 1}, progress=False)
+            tasks = Tasks(workers, cpus=1, gpus=0)
+            shared = {"model": model, "dims": 64, "batch_size": 1}
+            fan_out(shard_stats, warm, tasks=tasks, shared=shared, progress=False)
             start = time.perf_counter()
             stats[workers] = source_stats(
-                [source], model, dims=2048, workers=workers, batch_size=shard, shard_size=shard, progress=False
+                [source], model, dims=2048, tasks=tasks, batch_size=shard, shard_size=shard, progress=False
             )[0]
             seconds = time.perf_counter() - start
             out[f"ray_{workers}_workers_s"] = seconds

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from robint_ray.allocator import tuned_malloc_label  # noqa: E402
 from robint_ray.data import load_split  # noqa: E402
-from robint_ray.distributed import init_ray  # noqa: E402
+from robint_ray.distributed import Tasks, init_ray  # noqa: E402
 from robint_ray.generate import GenerationConfig, fit_seeds, generate  # noqa: E402
 from robint_ray.models import build_model  # noqa: E402
 from robint_ray.visualize import GENERATION, PGDSettings, class_logit, sample_class_seeds  # noqa: E402
@@ -91,12 +91,13 @@ def main() -> None:
                 "settings": PGDSettings(eps=30.0, step_size=0.5, steps=1),
             }
         )
-        generate(model, seeds, config=warm, out_dir=Path(tmp) / "warm", workers=2, progress=False)
+        generate(model, seeds, config=warm, out_dir=Path(tmp) / "warm", tasks=Tasks(2, cpus=1, gpus=0), progress=False)
         rates = {}
         for workers in (1, 2):
             start = time.perf_counter()
+            out = Path(tmp) / f"w{workers}"
             summary = generate(
-                model, seeds, config=config, out_dir=Path(tmp) / f"w{workers}", workers=workers, progress=False
+                model, seeds, config=config, out_dir=out, tasks=Tasks(workers, cpus=1, gpus=0), progress=False
             )
             seconds = time.perf_counter() - start
             rates[workers] = summary["images"] / seconds

@@ -95,7 +95,7 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
     import numpy as np
 
     from robint_ray.data import load_split
-    from robint_ray.distributed import init_ray
+    from robint_ray.distributed import Tasks, init_ray
     from robint_ray.fid import FeatureStats, fid_from_stats
     from robint_ray.generate import GenerationConfig, fit_seeds, generate
     from robint_ray.models import build_model
@@ -128,7 +128,7 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
             seeds,
             config=config(2 * shard_size),
             out_dir=Path(tmp) / "warm",
-            workers=workers,
+            tasks=Tasks(workers, cpus=1, gpus=0),
             progress=False,
             merge=False,
             fid=features,
@@ -147,7 +147,7 @@ def one_size(total: int, *, workers: int, shard_size: int, batch_size: int) -> d
             seeds,
             config=config(total),
             out_dir=Path(tmp) / "run",
-            workers=workers,
+            tasks=Tasks(workers, cpus=1, gpus=0),
             progress=False,
             merge=False,
             fid=features,

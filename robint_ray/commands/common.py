@@ -1,15 +1,14 @@
 """What several `robint` commands share: the model arguments and how they load a model, the PGD budget
-arguments and the budget they make, the Ray task resources arguments and the block their fan-outs run
-in, the output folder and the --json file. The commands import this module, never robint_ray.cli (which
-imports them)."""
+arguments and the budget they make, the Ray task resources arguments and where the fan-outs run (the
+one Ray block of every command, `fan_out_tasks`), the output folder and the --json file. The commands
+import this module, never robint_ray.cli (which imports them)."""
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import InputError, check
 from ..storage import Location
@@ -62,6 +61,27 @@ def pgd_settings(args: argparse.Namespace, default):
     return default.given(norm=args.norm, eps=args.eps, step_size=args.step_size, steps=args.steps)
 
 
+def fan_out_tasks(args: argparse.Namespace, workers: int | None, *, device: str | None = None):
+    """Where the command's fan-outs run (a `distributed.Tasks`): workers 0 in this process; else Ray
+    tasks, at most `workers` at a time (None: `distributed.default_window()`), on the running cluster or
+    a local Ray instance with room for them, each asking for --cpus-per-task CPUs (default 1) and
+    --gpus-per-task GPUs. Without --gpus-per-task: 1 where `device` (the user's --device) names cuda, 0
+    where it names cpu, else 1 on a cluster with GPUs (Ray's resource table, not this process's CUDA:
+    the driver may sit on a CPU-only head)."""
+    from ..distributed import IN_PROCESS, Tasks, default_gpus_per_task, default_window, init_ray
+
+    check(workers is None or workers >= 0, f"--workers must be >= 0, got {workers}")
+    if workers == 0:
+        return IN_PROCESS
+    cpus = 1.0 if args.cpus_per_task is None else args.cpus_per_task
+    check(cpus > 0, f"--cpus-per-task must be > 0, got {cpus}")
+    init_ray(num_cpus=None if workers is None else max(1, math.ceil(workers * cpus)))
+    gpus = args.gpus_per_task
+    if gpus is None and device is not None:
+        gpus = 1.0 if str(device).startswith("cuda") else 0.0
+    return Tasks(workers or default_window(), cpus=cpus, gpus=default_gpus_per_task(gpus))
+
+
 def resolve_device(name: str | None):
     import torch
 
@@ -97,33 +117,6 @@ def load_driver_model(args: argparse.Namespace, *, fanned: bool, prefix: str = "
     )
     model, source = load_model(names)
     return model, source, args.device
-
-
-@contextlib.contextmanager
-def ray_tasks(
-    args: argparse.Namespace, workers: int | None, *, device: str | None = None, fanned: bool | None = None
-) -> Iterator[dict | None]:
-    """The block every command's fan-outs run in. Fanned out (`fanned`, default: where workers is given
-    and not 0): Ray (the running cluster, else a local instance of workers x --cpus-per-task CPUs, or
-    the machine's where workers is None) and its tasks' resources, yielded as {"num_cpus", "num_gpus"}:
-    --cpus-per-task (default 1) and --gpus-per-task, else 1 GPU where `device` (the user's --device)
-    names cuda, 0 where it names cpu, else 1 on a cluster with GPUs (Ray's resource table, not this
-    process's CUDA: the driver may sit on a CPU-only head). Else nothing: the work stays in process
-    (None)."""
-    if not (bool(workers) if fanned is None else fanned):
-        yield None
-        return
-    from ..distributed import default_gpus_per_task, init_ray, task_resources
-
-    cpus = args.cpus_per_task if args.cpus_per_task is not None else 1.0
-    check(cpus > 0, f"--cpus-per-task must be > 0, got {cpus}")
-    init_ray(num_cpus=None if workers is None else max(1, math.ceil(workers * cpus)))
-    gpus = args.gpus_per_task
-    if gpus is None and device is not None:
-        gpus = 1.0 if str(device).startswith("cuda") else 0.0
-    gpus = default_gpus_per_task(gpus)
-    with task_resources(gpus_per_task=gpus, cpus_per_task=cpus):
-        yield {"num_cpus": cpus, "num_gpus": gpus}
 
 
 def add_wait_argument(parser: argparse.ArgumentParser) -> None:

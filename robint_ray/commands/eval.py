@@ -18,11 +18,10 @@ from .common import (
     add_model_arguments,
     add_pgd_arguments,
     add_resource_arguments,
+    fan_out_tasks,
     load_driver_model,
     output_location,
     pgd_settings,
-    ray_tasks,
-    resolve_device,
     write_json,
 )
 
@@ -74,15 +73,14 @@ def run(args: argparse.Namespace) -> int:
     json_at = output_location(args.json) if args.json is not None else None
     dataset = draw(load_split(args.data, args.split), args.n, seed=args.seed)
     check(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
-    model, source, wish = load_driver_model(args, fanned=args.workers > 0)
+    model, source, wish = load_driver_model(args, fanned=args.workers > 0)  # (before Ray starts)
     check(
         len(dataset.classes) == model.num_classes,
         f"the data has {len(dataset.classes)} classes, the model {model.num_classes}",
     )
     torch.manual_seed(args.seed)
-    where = {"workers": args.workers} if args.workers else {"device": resolve_device(wish)}
-    with ray_tasks(args, args.workers, device=wish):
-        result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, progress=True, **where)
+    tasks = fan_out_tasks(args, args.workers, device=wish)
+    result = evaluate(model, dataset, attack=attack, batch_size=args.batch_size, tasks=tasks, progress=True)
     result.update(model=source, data=str(args.data), split=args.split, batch_size=args.batch_size)
 
     adv, budget = result["adversarial_accuracy"], attack.pgd

@@ -17,13 +17,12 @@ probability; SHAP with 176 background images (from the training split), 200 samp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 from pathlib import Path
 
 from ..storage import Location
-from .common import add_model_arguments, add_resource_arguments, in_output_folder, load_driver_model, ray_tasks
+from .common import add_model_arguments, add_resource_arguments, fan_out_tasks, in_output_folder, load_driver_model
 
 log = logging.getLogger(__name__)
 
@@ -110,18 +109,18 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     for model, source in models:
         _check_fits(model, source, images, labels)
     config = _explain_config(args)
+    tasks = fan_out_tasks(args, args.workers, device=args.device)
     background = None
     if args.method == "shap":
         background = ex.choose_background(load_split(args.data, args.background_split), args.background, seed=args.seed)
     results, timing, indices = {}, {}, np.asarray(dataset.indices)
-    with ray_tasks(args, args.workers, device=args.device) as resources:
-        config = dataclasses.replace(config, **(resources or {}))  # the Ray tasks' CPUs and GPUs
-        for name, (model, _source) in zip(names, models):
-            start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
-            results[name] = ex.explain(model, images, labels, config=config, indices=indices, background=background)
-            timing[name] = time.perf_counter() - start
-            rate = len(images) / timing[name]
-            log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], rate)
+    for name, (model, _source) in zip(names, models):
+        start = time.perf_counter()  # explain() picks the targets: config.target, the argmax or the labels
+        results[name] = ex.explain(
+            model, images, labels, config=config, indices=indices, background=background, tasks=tasks
+        )
+        timing[name] = time.perf_counter() - start
+        log.info("%s: %d images in %.1f s (%.2f images/s)", name, len(images), timing[name], len(images) / timing[name])
 
     classes = list(getattr(dataset, "classes", [])) or [str(i) for i in range(models[0][0].num_classes)]
     extra = {
@@ -159,8 +158,7 @@ def _check_fits(model, source: dict, images, labels) -> None:
 
 
 def _explain_config(args: argparse.Namespace):
-    """The ExplainConfig of the command line, checked before any Ray starts (the Ray tasks' CPUs and
-    GPUs are put in by the Ray block, `ray_tasks`)."""
+    """The ExplainConfig of the command line, checked before any Ray starts."""
     from .. import explain as ex
 
     output = args.output or ("probability" if args.method == "ig" else "logit")
@@ -171,7 +169,6 @@ def _explain_config(args: argparse.Namespace):
         batch_size=args.batch_size,
         memory_mb=args.memory_mb,
         metric_steps=args.metric_steps,
-        workers=args.workers,
         ig=ex.IGConfig(steps=args.steps, baseline=args.baseline, num_baselines=k, output=output, seed=args.seed),
         shap=ex.ShapConfig(
             nsamples=args.nsamples,

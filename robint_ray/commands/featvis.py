@@ -24,10 +24,10 @@ from .common import (
     add_model_arguments,
     add_pgd_arguments,
     add_resource_arguments,
+    fan_out_tasks,
     in_output_folder,
     load_driver_model,
     pgd_settings,
-    ray_tasks,
     write_json,
 )
 
@@ -54,7 +54,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starts", type=int, default=4, help="start images per feature (default: 4)")
     parser.add_argument("--top", type=int, default=8, help="most and least activating images to show (default: 8)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
+    parser.add_argument("--workers", type=int, default=0, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise starts and of random features")
     add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 400 steps")
 
@@ -93,8 +93,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
 
     check(args.starts >= 1 and args.top >= 1, "--starts and --top must be >= 1")
     settings = pgd_settings(args, FEATURE_VIS)
-    fanned = bool(args.workers and args.workers > 1)
-    model, source, wish = load_driver_model(args, fanned=fanned)
+    model, source, wish = load_driver_model(args, fanned=args.workers != 0)
     model = model.cpu()
     groups = parse_features(args.features, model.representation_dim, args.random_features, args.seed)
     dataset = load_split(args.data, args.split)
@@ -104,10 +103,8 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         starts = torch.rand((args.starts, *shape), generator=torch.Generator().manual_seed(args.seed))
     else:
         starts = torch.stack([dataset[i][0] for i in range(min(args.starts, len(dataset)))])
-    with ray_tasks(args, args.workers if fanned else None, device=wish):
-        result = feature_visualisations(
-            model, starts, groups, test_rep, settings=settings, top=args.top, workers=args.workers
-        )
+    tasks = fan_out_tasks(args, args.workers, device=wish)
+    result = feature_visualisations(model, starts, groups, test_rep, settings=settings, top=args.top, tasks=tasks)
     figure = save_featvis_figure(
         out / "featvis.png",
         result,

@@ -23,7 +23,7 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import add_resource_arguments, output_location, ray_tasks, write_json
+from .common import add_resource_arguments, fan_out_tasks, output_location, write_json
 
 
 class _SplitAction(argparse.Action):
@@ -97,16 +97,16 @@ def run(args: argparse.Namespace) -> int:
     source_b = open_source(args.source_b, args.split_b)
     model = load_fid_inception(args.inception_weights)
     start = time.perf_counter()
-    with ray_tasks(args, workers):
-        result = fid(
-            source_a,
-            source_b,
-            model,
-            dims=args.dims,
-            workers=workers,
-            batch_size=args.batch_size,
-            preprocessing=args.preprocess,
-        )
+    tasks = fan_out_tasks(args, workers)
+    result = fid(
+        source_a,
+        source_b,
+        model,
+        dims=args.dims,
+        tasks=tasks,
+        batch_size=args.batch_size,
+        preprocessing=args.preprocess,
+    )
     result.update(workers=workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
 
     print(

@@ -21,10 +21,10 @@ from .common import (
     add_model_arguments,
     add_pgd_arguments,
     add_resource_arguments,
+    fan_out_tasks,
     in_output_folder,
     load_driver_model,
     pgd_settings,
-    ray_tasks,
     write_json,
 )
 
@@ -38,7 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-class", type=int, default=1000, help="images per class (default: 1000)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
     parser.add_argument(
-        "--workers", type=int, default=None, help="Ray tasks at a time, one thread each (default: every CPU)"
+        "--workers",
+        type=int,
+        default=None,
+        help="Ray tasks at a time, one thread each (default: every CPU); 0 runs in this process",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed; with the shard index it fixes every image")
     parser.add_argument("--shard-size", type=int, default=100, help="images per Ray task and file (default: 100)")
@@ -64,9 +67,10 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     from ..generate import GenerationConfig, fit_seeds, generate, sample_images, save_generation_figures
     from ..visualize import generation_settings
 
-    check(args.workers is None or args.workers >= 1, f"--workers must be >= 1, got {args.workers}")
-    # Always Ray tasks: the driver's copy stays on the CPU, each task moves the model to its own device.
-    model, source, wish = load_driver_model(args, fanned=True)
+    check(args.workers is None or args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
+    # With Ray the driver's copy stays on the CPU (it may sit on a CPU-only head); each Ray task moves the
+    # model to its own device, a GPU where --device cuda or --gpus-per-task asks for one.
+    model, source, wish = load_driver_model(args, fanned=args.workers != 0)
     dataset = load_split(args.data, args.split)
     seeds = fit_seeds(dataset, num_classes=model.num_classes)
     names = source["classes"] or list(dataset.classes)
@@ -78,16 +82,10 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
         batch_size=args.batch_size,
         settings=pgd_settings(args, generation_settings(model.input_size)),
     )
-    with ray_tasks(args, args.workers, device=wish, fanned=True):  # --workers None: the machine's CPUs
-        summary = generate(
-            model,
-            seeds,
-            config=config,
-            out_dir=where,
-            workers=args.workers,
-            class_names=names,
-            merge=not args.no_merge,
-        )
+    tasks = fan_out_tasks(args, args.workers, device=wish)
+    summary = generate(
+        model, seeds, config=config, out_dir=where, tasks=tasks, class_names=names, merge=not args.no_merge
+    )
     summary.pop("stats")
     images, labels, starts = sample_images(where, config, per_class=8)
     figures = save_generation_figures(

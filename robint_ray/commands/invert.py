@@ -21,10 +21,10 @@ from .common import (
     add_model_arguments,
     add_pgd_arguments,
     add_resource_arguments,
+    fan_out_tasks,
     in_output_folder,
     load_driver_model,
     pgd_settings,
-    ray_tasks,
     write_json,
 )
 
@@ -42,7 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="start from an image of another class, from noise, or both (default)",
     )
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument("--workers", type=int, default=None, help="Ray tasks at a time (default: in process)")
+    parser.add_argument("--workers", type=int, default=0, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise sources")
     add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 10,000 steps")
 
@@ -77,8 +77,7 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
 
     check(args.n >= 1, f"--n must be >= 1, got {args.n}")
     settings = pgd_settings(args, INVERSION)
-    fanned = bool(args.workers and args.workers > 1)
-    model, source, wish = load_driver_model(args, fanned=fanned)
+    model, source, wish = load_driver_model(args, fanned=args.workers != 0)
     model = model.cpu()
     dataset = load_split(args.data, args.split)
     targets_at = per_class_positions(dataset.labels, args.n, model.num_classes)
@@ -86,15 +85,15 @@ def _run(args: argparse.Namespace, out: Path, where: Location) -> int:
     check(len(targets_at) == args.n and len(sources_at) == args.n, "the split lacks images of some classes")
     targets = torch.stack([dataset[i][0] for i in targets_at])  # (n, C, H, W)
     runs, figures = [], []
-    with ray_tasks(args, args.workers if fanned else None, device=wish):
-        for kind in ["image", "noise"] if args.source == "both" else [args.source]:
-            if kind == "image":
-                sources = torch.stack([dataset[i][0] for i in sources_at])
-            else:
-                sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
-            result = inversions(model, sources, targets, settings=settings, workers=args.workers)
-            runs.append(_arrays(kind, result, targets, sources, dataset.labels, targets_at))
-            figures.append(_figure(out / f"inversions-{kind}.png", runs[-1], kind, settings))
+    tasks = fan_out_tasks(args, args.workers, device=wish)
+    for kind in ["image", "noise"] if args.source == "both" else [args.source]:
+        if kind == "image":
+            sources = torch.stack([dataset[i][0] for i in sources_at])
+        else:
+            sources = torch.rand(targets.shape, generator=torch.Generator().manual_seed(args.seed))
+        result = inversions(model, sources, targets, settings=settings, tasks=tasks)
+        runs.append(_arrays(kind, result, targets, sources, dataset.labels, targets_at))
+        figures.append(_figure(out / f"inversions-{kind}.png", runs[-1], kind, settings))
     arrays = {key: np.concatenate([run[key] for run in runs]) for key in runs[0]}
     path = write_npz(out / "inversions.npz", **arrays)
     summary = dict(

@@ -56,15 +56,19 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     for method in METHODS:
         config = ExplainConfig(
             method=method,
-            workers=study.config.workers,
             target=c.target,
-            num_cpus=study.config.cpus_per_task,
-            num_gpus=study.gpus_per_task(NAME),
             ig=IGConfig(steps=c.ig_steps, num_baselines=c.ig_baselines, seed=seed),
             shap=ShapConfig(nsamples=c.shap_nsamples, background=c.shap_background, seed=seed),
         )
         explanations = {
-            name: explain(study.model(name), x, y, config=config, background=background if method == "shap" else None)
+            name: explain(
+                study.model(name),
+                x,
+                y,
+                config=config,
+                background=background if method == "shap" else None,
+                tasks=study.tasks(NAME),
+            )
             for name in MODELS
         }
         sub = folder / method

@@ -13,7 +13,7 @@ from ..checkpoint import load_checkpoint
 from ..cluster import Job, WorkerRequest, storage_preflight, wait_for_room
 from ..config import load_config
 from ..data import load_split
-from ..distributed import default_gpus_per_task, devices_used, init_ray, nodes_used, task_resources
+from ..distributed import Tasks, default_gpus_per_task, devices_used, init_ray, nodes_used
 from ..storage import Location
 from . import attributions, evaluation, features, generation, inversion, training
 from .config import TASKS_PER_GPU, ModelSource, StudyConfig
@@ -33,6 +33,7 @@ class Study:
         self.config, self.out, self.wait_s = config, Location(out), wait_s
         self.timings: dict[str, float] = {}
         self.models: dict[str, Any] = {}
+        self._tasks: dict[str, Tasks] = {}
 
     def run(self) -> Location:
         """Every stage not done yet, then the report; returns OUT/report.html."""
@@ -61,19 +62,18 @@ class Study:
             self.timings[name] = result.get("_seconds", 0.0)
             return result
         # Training has its own resources (gpus_per_worker); every other stage's Ray tasks ask for
-        # gpus_per_task (default: 1 on a cluster with GPUs, by Ray's resource table) and cpus_per_task.
-        gpus = 0.0 if name == training.NAME else self.gpus_per_task(name)
+        # what `tasks` says (the stages pass it to their fan-outs).
+        gpus = 0.0 if name == training.NAME else self.tasks(name).gpus
         if name != training.NAME:  # (training waits for its own workers)
             task = WorkerRequest(cpus=self.config.cpus_per_task, gpus=gpus)
             wait_for_room(Job(1, task, what=f"{name} task"), timeout_s=self.wait_s)
         log.info("stage %s: starting (Ray tasks: %s GPU and %s CPU each)", name, gpus, self.config.cpus_per_task)
         start = time.perf_counter()
-        with task_resources(gpus_per_task=gpus, cpus_per_task=self.config.cpus_per_task):
-            if local:
-                with target.local_dir() as folder:
-                    result = _relocated(fn(folder), str(folder), target.uri)
-            else:
-                result = fn(target)
+        if local:
+            with target.local_dir() as folder:
+                result = _relocated(fn(folder), str(folder), target.uri)
+        else:
+            result = fn(target)
         result["_seconds"] = self.timings[name] = round(time.perf_counter() - start, 2)
         result["_nodes"] = nodes_used()  # Ray nodes that ran this process's fan-out tasks so far
         result["_devices"] = devices_used()
@@ -90,12 +90,17 @@ class Study:
         log.info("stage %s: finished in %.1f s", name, result["_seconds"])
         return result
 
-    def gpus_per_task(self, stage: str) -> float:
-        """GPUs per Ray task of a stage after training: the config's, else on a cluster with GPUs
-        1 / TASKS_PER_GPU[stage] (by Ray's resource table: the driver's own CUDA is never asked)."""
-        if self.config.gpus_per_task is not None:
-            return self.config.gpus_per_task
-        return default_gpus_per_task(None) / TASKS_PER_GPU.get(stage, 1)
+    def tasks(self, stage: str) -> Tasks:
+        """Where a stage after training runs its fan-outs: as Ray tasks, `workers` at a time, each with
+        cpus_per_task CPUs and the config's gpus_per_task, else on a cluster with GPUs 1 /
+        TASKS_PER_GPU[stage] of one (by Ray's resource table: the driver's own CUDA is never asked).
+        Decided once per stage."""
+        if stage not in self._tasks:
+            gpus = self.config.gpus_per_task
+            if gpus is None:
+                gpus = default_gpus_per_task(None) / TASKS_PER_GPU.get(stage, 1)
+            self._tasks[stage] = Tasks(self.config.workers, cpus=self.config.cpus_per_task, gpus=gpus)
+        return self._tasks[stage]
 
     def train_config(self, name: str):
         """The TrainConfig a model trained here follows: its file, the study's data and seed, its `set`."""

@@ -21,7 +21,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     """Per model: {"pgd": evaluate's result, "autoattack": the same on autoattack_n images}; "images":
     how many test images each attack saw and how many of each class (seeded draws spread over the
     classes, `data.draw`; all of them where n is None)."""
-    c, workers, seed = study.config.evaluation, study.config.workers, study.config.seed
+    c, tasks, seed = study.config.evaluation, study.tasks(NAME), study.config.seed
     test = study.test_split()
     subsets = {"pgd": draw(test, c.n, seed=seed)}
     if c.autoattack_n:
@@ -43,7 +43,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
                 subsets["pgd"],
                 attack=pgd,
                 batch_size=c.batch_size,
-                workers=workers,
+                tasks=tasks,
                 progress=True,
                 per_image=True,
             )
@@ -54,7 +54,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
                 subsets["autoattack"],
                 attack=autoattack,
                 batch_size=c.batch_size,
-                workers=workers,
+                tasks=tasks,
                 shard_batches=1,
                 progress=True,
                 per_image=True,

@@ -38,7 +38,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             dataset_representation(model, test),
             settings=c.pgd,
             top=c.top,
-            workers=study.config.workers,
+            tasks=study.tasks(NAME),
             chunk=1,
         )
         title = f"{name} model: direct feature visualisation"

@@ -37,11 +37,11 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
     images to OUT/generation/<model>/shards/ (straight to OUT, which every node sees) and returns
     only their Inception statistics, added up in the driver as they arrive; the figures show the
     first images of each class. The real sets' statistics come from their own fan-out."""
-    c, workers = study.config.generation, study.config.workers
+    c, tasks = study.config.generation, study.tasks(NAME)
     extractor = inception.load_fid_inception()
     real = {"test": open_source(study.config.data, "test"), "train": real_images(study)}
     real_stats = source_stats(
-        list(real.values()), extractor, dims=c.fid_dims, workers=workers, preprocessing=c.fid_preprocess
+        list(real.values()), extractor, dims=c.fid_dims, tasks=tasks, preprocessing=c.fid_preprocess
     )
     stats = dict(zip(real, real_stats))
     features = FIDFeatures(extractor, dims=c.fid_dims, preprocessing=c.fid_preprocess)
@@ -67,7 +67,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
             seeds,
             config=config,
             out_dir=shards_at,
-            workers=workers,
+            tasks=tasks,
             class_names=test.classes,
             fid=features,
             fid_draws=c.fid_draws,

@@ -45,7 +45,7 @@ def run(study: Study, folder: Path) -> dict[str, Any]:
         inverted = {}
         for name in ("robust", "standard"):  # the paper's row order
             result = inversions(
-                study.model(name), sources, targets, settings=settings, workers=study.config.workers, chunk=1
+                study.model(name), sources, targets, settings=settings, tasks=study.tasks(NAME), chunk=1
             )
             per_image, batch = fid.inception_distance(extractor, targets, result["images"], preprocessing=preprocessing)
             inverted[name] = to_uint8(result["images"])
