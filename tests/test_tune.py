@@ -225,10 +225,14 @@ def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys, run_c
 
 @pytest.mark.ray
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
-    """`robint tune` joins the session's Ray through RAY_ADDRESS (no second Ray on the machine)."""
-    sweep_dir = tmp_path / "sweep"
+    """`robint tune` joins the session's Ray through RAY_ADDRESS (no second Ray on the machine). The
+    smoke sweep's 4 trials, each smaller (2 epochs of PGD-1 on 128 images, 32 validated): what is
+    checked here is which trials run again, not what they learn (smoke_sweep checks that)."""
+    sweep_dir, sweep = tmp_path / "sweep", tmp_path / "sweep.yaml"
+    overrides = {"epochs": 2, "pgd.steps": 1, "data.train_n": 128, "data.val_n": 32, "log_every": 100}
+    sweep.write_text(yaml.safe_dump(smoke_data(overrides=overrides)))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
-    command = [sys.executable, "-m", "robint_ray", "tune", str(SMOKE), "--out", str(sweep_dir)]
+    command = [sys.executable, "-m", "robint_ray", "tune", str(sweep), "--out", str(sweep_dir)]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 400
     ended: list[dict] = []
