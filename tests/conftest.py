@@ -192,12 +192,18 @@ def live_actors(classes: tuple[str, ...]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """One private local Ray instance (2 CPUs, loopback only) for every Ray test of the session."""
+def ray_local(request):
+    """One private local Ray instance (2 CPUs, loopback only) for every Ray test of the session. It
+    starts after the S3 stand-in (where moto is installed), so that its workers inherit the endpoint and
+    a driver joined to it writes to a bucket as its own local Ray would let it (tests/test_train_ray.py)."""
     import ray
 
     from robint_ray.distributed import init_ray
 
+    try:
+        request.getfixturevalue("s3_server")
+    except pytest.skip.Exception:
+        pass  # no moto: the tests that need S3 skip, the others run
     init_ray("local", num_cpus=2)  # never a cluster that happens to run on this machine
     yield ray
     ray.shutdown()

@@ -141,8 +141,8 @@ def test_file_uris_are_the_local_folder(command, checkpoint, tmp_path, run_cli, 
 def test_s3_outputs_land_in_the_bucket_and_inputs_come_from_it(
     command, checkpoint, tmp_path, run_cli, s3_server, stand_in, monkeypatch
 ):
-    """In process (--workers 0: the session's Ray workers do not know the moto endpoint): the model is
-    read from the bucket, eval's data too, and every file is written there, none here."""
+    """In process (--workers 0 where a command fans out; no Ray): the model is read from the bucket,
+    eval's data too, and every file is written there, none here."""
     from robint_ray.data import sample_path
 
     monkeypatch.chdir(tmp_path)

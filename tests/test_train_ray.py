@@ -347,10 +347,10 @@ def test_deterministic_setting_reaches_cudnn(deterministic):
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved
 
 
-def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp_path, run_cli):
+def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, ray_local, tmp_path, run_cli):
     """`robint train --out s3://...`, then `--resume s3://...` for one more epoch, then `robint eval
     --checkpoint s3://.../best`: every file of the run is in the bucket and nothing else is written. The
-    drivers are subprocesses with their own local Ray, whose workers inherit the S3 endpoint."""
+    drivers are subprocesses joined to the session's Ray, whose workers know the S3 endpoint (conftest)."""
     from robint_ray.checkpoint import read_meta
     from robint_ray.storage import Location
 
@@ -359,7 +359,7 @@ def test_a_run_in_s3_trains_resumes_and_evaluates_from_the_bucket(s3_server, tmp
         dump_config(tiny(epochs=2, test=True, **{"data.train_n": 256, "data.val_n": 64, "data.test_n": 64}))
     )
     run = Location(s3_server()) / "runs" / "standard"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     for args in (["train", str(config), "--out", run.uri], ["train", "--resume", run.uri, "--set", "epochs=3"]):
         proc = subprocess.run(
             [sys.executable, "-m", "robint_ray", *args, "--workers", "2"],
