@@ -53,14 +53,17 @@ def test_sharded_over_two_workers_equals_one_process(ray_local, resnet20, images
     finally:
         torch.set_num_threads(threads)
     # 2 tasks at a time, shards of 2 batches (5 or 2 shards): the batches are those of the single process.
-    sharded = correctness(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2)
+    # evaluate() runs correctness() so and gives its per-example answers and the figures made of them.
+    figures = evaluate(
+        resnet20, subset, attack=attack, per_image=True, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2
+    )
+    sharded = tuple(torch.tensor(figures["per_image"][key], dtype=torch.bool) for key in ("clean", "adversarial"))
     one_worker = correctness(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(1, **ONE_CPU), shard_batches=3)
     for got in (sharded, one_worker):
         assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
     clean, robust = int(alone[0].sum()), int(alone[1].sum())
     assert 0 < robust < clean, (clean, robust)  # the attack changes some answers, not all
     assert torch.all(alone[1] <= alone[0])  # robust implies clean
-    figures = evaluate(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2)
     assert (figures["n"], figures["clean_correct"], figures["adversarial_correct"]) == (n, clean, robust)
 
 
