@@ -90,6 +90,7 @@ def smoke_config(tmp_path: Path, **sizes) -> Path:
     """The smoke study, smaller still (tests must be quick): fewer images and steps."""
     text = SMOKE.read_text()
     for old, new in sizes.items():
+        assert old in text, f"{old!r} is no longer in {SMOKE.name}: the test would run it at full size"
         text = text.replace(old, new)
     for name in ("cifar10_standard.yaml", "cifar10_robust_l2.yaml"):
         shutil.copy(SMOKE.parent / name, tmp_path / name)
