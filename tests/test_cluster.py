@@ -263,7 +263,8 @@ def test_a_study_waiting_for_a_gpu_node_that_never_comes_gives_up_and_resumes(
     config = tmp_path / "study.yaml"
     config.write_text(
         f"data: sample\nworkers: 1\ngpus_per_task: 1\nstandard: {{checkpoint: {checkpoint}}}\n"
-        f"robust: {{checkpoint: {checkpoint}}}\nevaluation: {{n: 8, pgd: {{steps: 2}}, autoattack_n: 0}}\n"
+        f"robust: {{checkpoint: {checkpoint}}}\n"
+        "evaluation: {n: 8, pgd: {norm: l2, eps: 0.5, step_size: 0.1, steps: 2}, autoattack_n: 0}\n"
     )
     monkeypatch.setenv("ROBINT_WAIT_TIMEOUT", "3")
     caplog.set_level(logging.INFO, logger="robint_ray")
