@@ -27,9 +27,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
 
 
-def add_resource_arguments(parser: argparse.ArgumentParser) -> None:
-    """--gpus-per-task / --cpus-per-task: the resources of each Ray task the command runs."""
-    group = parser.add_argument_group("Ray task resources")
+def add_resource_arguments(parser: argparse.ArgumentParser, workers: int | None) -> None:
+    """--workers / --gpus-per-task / --cpus-per-task: where the command's fan-outs run and the resources
+    of each Ray task (read by `fan_out_tasks`); `workers` is the command's default for --workers."""
+    group = parser.add_argument_group("where the work runs: Ray tasks and their resources")
+    default = {None: "twice the cluster's CPUs", 0: "0, in this process"}.get(workers, str(workers))
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=workers,
+        help=f"Ray tasks at a time; 0 runs in this process (default: {default})",
+    )
     group.add_argument(
         "--gpus-per-task",
         type=float,

@@ -44,11 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of random starts and AutoAttack")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128, fits a CPU)")
-    parser.add_argument(
-        "--workers", type=int, default=0, help="Ray tasks at once, each a few batches (default: 0, in this process)"
-    )
     parser.add_argument("--json", default=None, help="write the results as JSON here (a path or a storage URI)")
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=0)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,7 +49,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="explain N images drawn seeded across the classes (default: 24)",
     )
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument("--workers", type=int, default=2, help="parallel Ray tasks (0: in this process; default 2)")
     parser.add_argument(
         "--target",
         default="predicted",
@@ -80,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="model evaluations per pass (default 128)")
     parser.add_argument("--memory-mb", type=float, default=None, help="lower the batch to fit about this memory")
     parser.add_argument("--metric-steps", type=int, default=32, help="deletion/insertion curve steps (default 32)")
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=2)
 
 
 def run(args: argparse.Namespace) -> int:

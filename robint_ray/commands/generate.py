@@ -37,12 +37,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--per-class", type=int, default=1000, help="images per class (default: 1000)")
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=None,
-        help="Ray tasks at a time, one thread each (default: every CPU); 0 runs in this process",
-    )
     parser.add_argument("--seed", type=int, default=0, help="seed; with the shard index it fixes every image")
     parser.add_argument("--shard-size", type=int, default=100, help="images per Ray task and file (default: 100)")
     parser.add_argument("--batch-size", type=int, default=100, help="images optimised at once (default: 100)")
@@ -52,7 +46,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="leave the images in OUT/shards/ (no OUT/generated.npz); the figures read a few",
     )
     add_pgd_arguments(parser, "the paper's: L2 eps 30, step 0.5, 60 steps at 32 px; eps 40, step 1 at 128 px")
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=None)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -31,7 +31,7 @@ from .common import (
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    add_resource_arguments(parser)
+    add_resource_arguments(parser, workers=0)
     parser.add_argument("--data", required=True, help="dataset: .npz, CIFAR-10 folder, ImageFolder root, or 'sample'")
     parser.add_argument("--split", default="test", help="split of the target and source images (default: test)")
     parser.add_argument("--n", type=int, default=8, help="target images, one per class in turn (default: 8)")
@@ -42,7 +42,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="start from an image of another class, from noise, or both (default)",
     )
     parser.add_argument("--out", required=True, help="output folder, a path or a storage URI (s3://...)")
-    parser.add_argument("--workers", type=int, default=0, help="Ray tasks at a time (default: in process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise sources")
     add_pgd_arguments(parser, "the paper's: L2 eps 1000, step 1, 10,000 steps")
 
