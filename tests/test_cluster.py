@@ -355,8 +355,12 @@ doctor() {  # doctor FILE ARGS...: its output and exit status in FILE (its stder
   python -m robint_ray doctor "${@:2}" > "$1" 2> "$1.err" && echo "exit 0" >> "$1" ||
     { echo "exit $?" >> "$1"; cat "$1.err" >&2; }
 }
-doctor /tmp/ray/plain.txt --address 127.0.0.1:6393 --timeout 60
-doctor /tmp/ray/types.txt --address 127.0.0.1:6393 --cluster-config cluster.yaml --timeout 60 --out /tmp/ray/shared-out
+# The two at once (they read the cluster and write nothing the other reads; their CUDA tasks take
+# node2's GPU in turn): each starts a Python process that imports torch and Ray, seconds on 2 cores.
+doctor /tmp/ray/plain.txt --address 127.0.0.1:6393 --timeout 60 &
+doctor /tmp/ray/types.txt --address 127.0.0.1:6393 --cluster-config cluster.yaml --timeout 60 \
+  --out /tmp/ray/shared-out &
+wait
 cat /tmp/ray/plain.txt; echo ====; cat /tmp/ray/types.txt
 """
 

@@ -117,10 +117,17 @@ with contextlib.redirect_stderr(stderr):
     code = main(["eval", "--checkpoint", sys.argv[1] + "-ckpt", "--data", "sample", "--n", "4", "--attack", "none",
                  "--workers", "1", "--gpus-per-task", "1"])
 cli = {"code": code, "stderr": stderr.getvalue()}
-time.sleep(3)  # the state API learns of tasks from events the workers send about every second
-tasks = [{"name": t.name, "state": t.state, "required_resources": t.required_resources}
-         for t in list_tasks(address=ray.get_runtime_context().gcs_address, filters=[("type", "=", "NORMAL_TASK")],
-                            detail=True, limit=10_000, raise_on_missing_output=False)]
+# The state API learns of tasks from events the workers send about every second: ask until it knows of
+# the last task, the command's failed evaluation (at most 30 s; the tasks it lists then are checked).
+deadline = time.monotonic() + 30
+while True:
+    tasks = [{"name": t.name, "state": t.state, "required_resources": t.required_resources}
+             for t in list_tasks(address=ray.get_runtime_context().gcs_address,
+                                 filters=[("type", "=", "NORMAL_TASK")], detail=True, limit=10_000,
+                                 raise_on_missing_output=False)]
+    if any(t["name"] == "_evaluate_shard" and t["state"] == "FAILED" for t in tasks) or time.monotonic() > deadline:
+        break
+    time.sleep(0.5)
 print("RESULT " + json.dumps({"tasks": tasks, "devices": {k: r["_devices"] for k, r in results.items()},
                               "gpus": {k: r["_gpus_per_task"] for k, r in results.items()},
                               "cuda_initialised": torch.cuda.is_initialized(), "no_cuda": no_cuda, "cli": cli,

@@ -142,12 +142,38 @@ EOF
 """
 
 
+# The smoke study smaller still than test_study's TINY: the tests below check where every output lands,
+# on which nodes the tasks ran and that `robint eval` of the robust checkpoint agrees with the report, not
+# what the models learnt, so each model trains 1 epoch on 128 images (Ray Train's checkpoint of that epoch
+# is in the bucket all the same) and the stages after training take a few steps each. Evaluation keeps
+# 40 test images: `robint eval` must give the report's clean accuracy on them. Generation keeps 4
+# images a class (8 shards a model, so that the slow test's shards can be compared byte for byte), and FID
+# the Inception's 64 features (the layers before its first max-pool, half the cost of 192: the real
+# test split's 500 images are the stage's largest part).
+TRAIN_ONE_EPOCH = "epochs=1, data.train_n=128, data.val_n=32, data.test_n=32"
+SIZES = {
+    **TINY,
+    "epochs=15": TRAIN_ONE_EPOCH,
+    "epochs=10": TRAIN_ONE_EPOCH,
+    "step_size: 0.1, steps: 20}": "step_size: 0.1, steps: 3}",  # evaluation's PGD
+    "autoattack_n: 50": "autoattack_n: 2",
+    "n: 24,": "n: 3,",  # attributions: as many as the overlays
+    "ig_steps: 32, ig_baselines: 4, shap_nsamples: 64, shap_background: 64": (
+        "ig_steps: 8, ig_baselines: 2, shap_nsamples: 16, shap_background: 16"
+    ),
+    "steps: 300": "steps: 5",
+    "steps: 150": "steps: 3",
+    "steps: 60": "steps: 2",
+    "fid_dims: 2048": "fid_dims: 64",
+}
+
+
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory, request):
     """The script above, once: every test below reads what it left in RESULTS. Where the slow test is
     selected too, the script goes on to kill the worker node in a second study's generation."""
     tmp = tmp_path_factory.mktemp("two_nodes")
-    config = smoke_config(tmp, **TINY)
+    config = smoke_config(tmp, **SIZES)
     kill = any(item.get_closest_marker("slow") and item.module is request.module for item in request.session.items)
     kill_config = tmp / "from_checkpoints.yaml"
     text = config.read_text()
