@@ -178,8 +178,8 @@ def smoke_sweep(ray_local, tmp_path_factory):
 @pytest.mark.ray
 def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
     sweep_dir, seconds = smoke_sweep
-    print(f"smoke sweep: {seconds:.0f} s")
     rows = read_table(sweep_dir / "results.csv")
+    print(f"smoke sweep: {seconds:.0f} s;", ", ".join(f"{r['trial_id']} {r['status']} {r['val_score']}" for r in rows))
     assert len(rows) == 4
     assert {(float(r["pgd.eps"]), float(r["optim.lr"])) for r in rows} == {
         (0.25, 0.05),
