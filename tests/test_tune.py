@@ -1,17 +1,23 @@
 """Ray Tune sweeps over the PGD budget, for real on Ray: every trial a Ray Train run of cifar_resnet8 on
-the bundled real CIFAR-10 sample (experiments/smoke/sweep_cifar10_l2.yaml: 4 trials, 4 epochs each,
-400 training / 100 validation images, one CPU worker per trial, two trials at a time).
+the bundled real CIFAR-10 sample.
 
-- `smoke_sweep`: the smoke sweep through `robint tune`, in-process on the session's Ray; the tests read
-  its folder (results.csv, tradeoff.png, best.yaml) and the cluster afterwards (no Train actor or
-  placement group left behind by the ASHA-stopped trials).
-- `test_interrupted_sweep_resumes_without_rerunning_finished_trials`: `robint tune` in a
-  subprocess joined to the session's Ray, interrupted (SIGINT, as Ctrl-C) once a trial has ended, then
-  `--resume`d; the ended trial must not start again and the final table must hold every trial.
+- `smoke_sweep`: the smoke sweep (experiments/smoke/sweep_cifar10_l2.yaml: 4 trials of 400 training / 100
+  validation images, PGD-3, one CPU worker per trial, two trials at a time) through `robint tune`,
+  in-process on the session's Ray, with 2 epochs a trial instead of the file's 4; the tests read its folder
+  (results.csv, tradeoff.png, best.yaml) and the cluster afterwards (no Train actor or placement group left
+  behind by the ASHA-stopped trials).
+- `test_interrupted_sweep_resumes_without_rerunning_finished_trials`: a 2-trial sweep, one trial at a
+  time, through `robint tune` in a subprocess joined to the session's Ray, interrupted (SIGINT, as Ctrl-C)
+  once a trial has ended, then `--resume`d in-process; the ended trial must not start again and the final
+  table must hold every trial.
 - bad sweep files fail with an InputError naming the problem, before Ray or any trial starts.
 
-The sweep tests are the issue's acceptance tests and run in the default suite: about 3.5 minutes
-together on 2 idle cores (the smoke sweep about 2 of them).
+Where the time goes: a trial's epochs take seconds, but every trial starts a Tune trial actor and a Ray
+Train run (controller, worker, synchronisation, placement-group cleaner, preemption watcher ...: about 8
+Python processes, each importing Ray and most of them torch), some 15 s of the machine's 2 cores per trial
+on an idle machine, more on a loaded one. So these tests start as few trials as their checks need (4 + 2,
+plus the one training run of best.yaml): together about 3 minutes on 2 idle cores (was 5.5 with a second
+4-trial sweep for the interruption and 4 epochs a smoke trial).
 """
 
 from __future__ import annotations
@@ -148,22 +154,32 @@ def test_ray_version_of_the_private_imports():
 TRAIN_ACTORS = ("RayTrainWorker", "TrainController", "ImplicitFunc")
 
 
+SMOKE_EPOCHS = 2  # the smoke file's 4 less 2: ASHA (grace 1, reduction 2) then decides at epoch 1 only
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(ray_local, tmp_path_factory):
-    """(sweep folder, seconds)."""
+    """(sweep folder, seconds): the smoke sweep with SMOKE_EPOCHS epochs a trial. ASHA still stops the
+    same trials as with 4: the learning rate steps once per epoch, so epoch 1, the only rung, scores the
+    same (seeded: val score 0.1 and 0.125 for the first two trials, 0.085 and 0.095 for the last two), and
+    each of the last two trials, started only when a first one ended, reaches epoch 1 below the median
+    of the first two, whatever order the two concurrent first ones reported in."""
     from robint_ray.cli import main
 
-    sweep_dir = tmp_path_factory.mktemp("sweep")
+    sweep_dir, sweep = tmp_path_factory.mktemp("sweep"), tmp_path_factory.mktemp("config") / "sweep.yaml"
+    data = smoke_data()
+    assert data["overrides"]["epochs"] == 4  # the file's, shortened here
+    sweep.write_text(yaml.safe_dump(smoke_data(overrides={**data["overrides"], "epochs": SMOKE_EPOCHS})))
     started = time.perf_counter()
-    assert main(["tune", str(SMOKE), "--out", str(sweep_dir)]) == 0
+    assert main(["tune", str(sweep), "--out", str(sweep_dir)]) == 0
     return sweep_dir, time.perf_counter() - started
 
 
 @pytest.mark.ray
 def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
     sweep_dir, seconds = smoke_sweep
-    print(f"smoke sweep: {seconds:.0f} s")
     rows = read_table(sweep_dir / "results.csv")
+    print(f"smoke sweep: {seconds:.0f} s;", ", ".join(f"{r['trial_id']} {r['status']} {r['val_score']}" for r in rows))
     assert len(rows) == 4
     assert {(float(r["pgd.eps"]), float(r["optim.lr"])) for r in rows} == {
         (0.25, 0.05),
@@ -174,8 +190,8 @@ def test_smoke_sweep_runs_every_trial_and_asha_stops_some(smoke_sweep):
     assert {r["status"] for r in rows} <= {"completed", "stopped_early"}
     stopped = [r for r in rows if r["status"] == "stopped_early"]
     assert stopped, "ASHA stopped no trial"
-    assert all(int(r["epochs"]) < 4 for r in stopped)
-    assert any(r["status"] == "completed" and int(r["epochs"]) == 4 for r in rows)
+    assert all(int(r["epochs"]) < SMOKE_EPOCHS for r in stopped)
+    assert any(r["status"] == "completed" and int(r["epochs"]) == SMOKE_EPOCHS for r in rows)
     for r in rows:
         assert 0 <= float(r["val_adversarial_accuracy"]) <= float(r["val_clean_accuracy"]) <= 1
         # the trial trained with the resolved step and validated with the cheaper PGD-2
@@ -224,13 +240,17 @@ def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys, run_c
 
 
 @pytest.mark.ray
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
-    """`robint tune` joins the session's Ray through RAY_ADDRESS (no second Ray on the machine). The
-    smoke sweep's 4 trials, each smaller (2 epochs of PGD-1 on 128 images, 32 validated): what is
-    checked here is which trials run again, not what they learn (smoke_sweep checks that)."""
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, tmp_path, run_cli):
+    """`robint tune` joins the session's Ray through RAY_ADDRESS (no second Ray on the machine). Two
+    trials (the smoke sweep's two eps), one at a time, each of 1 epoch of PGD-1 on 64 images, 32
+    validated: what is checked here is which trials run again, not what they learn (smoke_sweep checks
+    that). One at a time, the second trial is still starting (some 15 s of Ray Train start-up) when the
+    first ends and the signal goes, so the interruption always finds an unfinished trial; the resume
+    runs in-process (one Python start-up less than a second subprocess)."""
     sweep_dir, sweep = tmp_path / "sweep", tmp_path / "sweep.yaml"
-    overrides = {"epochs": 2, "pgd.steps": 1, "data.train_n": 128, "data.val_n": 32, "log_every": 100}
-    sweep.write_text(yaml.safe_dump(smoke_data(overrides=overrides)))
+    overrides = {"epochs": 1, "pgd.steps": 1, "data.train_n": 64, "data.val_n": 32, "log_every": 100}
+    space = {"pgd.eps": [0.25, 1.0], "pgd.step_rel": [2.5]}
+    sweep.write_text(yaml.safe_dump(smoke_data(overrides=overrides, space=space, max_concurrent_trials=1)))
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     command = [sys.executable, "-m", "robint_ray", "tune", str(sweep), "--out", str(sweep_dir)]
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -239,7 +259,7 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     while not ended:
         assert first.poll() is None, f"the sweep ended before it was interrupted:\n{first.stdout.read()[-3000:]}"
         assert time.monotonic() < deadline, "no trial ended in time"
-        time.sleep(1)
+        time.sleep(0.2)  # polled: the signal goes within a fraction of a second of the first trial's end
         if (sweep_dir / "results.csv").is_file():
             ended = [r for r in read_table(sweep_dir / "results.csv") if r["status"] in ("completed", "stopped_early")]
     first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
@@ -247,15 +267,15 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(ray_local, 
     assert first.returncode == 1, output[-3000:]
     assert "--resume" in output
     interrupted = read_table(sweep_dir / "results.csv")
-    # Tune creates trials as slots free up, so the interrupted table may not list all 4 yet
-    assert len(interrupted) < 4 or any(r["status"] in ("running", "pending") for r in interrupted)
+    # Tune creates trials as slots free up, so the interrupted table may not list both yet
+    assert len(interrupted) < 2 or any(r["status"] in ("running", "pending") for r in interrupted)
     done = {r["trial_id"]: r for r in interrupted if r["status"] in ("completed", "stopped_early")}
     starts = {t: (sweep_dir / "trials" / t / "starts.jsonl").read_text() for t in done}
 
-    second = subprocess.run(command + ["--resume"], env=env, capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    code, out, err = run_cli(["tune", sweep, "--out", sweep_dir, "--resume"])
+    assert code == 0, out[-3000:] + err[-3000:]
     final = read_table(sweep_dir / "results.csv")
-    assert len(final) == 4 and {r["status"] for r in final} <= {"completed", "stopped_early"}
+    assert len(final) == 2 and {r["status"] for r in final} <= {"completed", "stopped_early"}
     for trial_id, row in done.items():
         assert (sweep_dir / "trials" / trial_id / "starts.jsonl").read_text() == starts[trial_id]  # not run again
         again = next(r for r in final if r["trial_id"] == trial_id)
