@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_model
 from PIL import Image
 
+from robint_ray.config import PAPER_PGD
 from robint_ray.data import draw, load_split, spread_over_classes
 from robint_ray.generate import plan_inversion_run
 from robint_ray.study import AttributionStage, EvalStage, ModelSource, Study, StudyConfig, attributions, evaluation
@@ -73,7 +74,15 @@ def test_explained_background_and_autoattack_images_span_the_classes(ray_local, 
         tmp_path,
         sorted_folder,
         attributions=AttributionStage(n=5, overlays=2, ig_steps=2, ig_baselines=1, shap_nsamples=2, shap_background=5),
-        evaluation=EvalStage(n=None, autoattack_n=10, autoattack_version="custom", autoattack_attacks=("apgd-ce",)),
+        # PGD of 1 step, not the paper's 20: this test checks which images each attack sees, not the attack
+        # (20 steps: 20 forward and backward passes of 2 models over 20 images of 128 x 128 px).
+        evaluation=EvalStage(
+            pgd=PAPER_PGD.given(steps=1),
+            n=None,
+            autoattack_n=10,
+            autoattack_version="custom",
+            autoattack_attacks=("apgd-ce",),
+        ),
     )
     out = attributions.run(s, tmp_path / "attributions")
     images = out["images"]

@@ -44,21 +44,34 @@ def images(cifar_exact):
     ids=["pgd", "autoattack-apgd-ce", "autoattack"],
 )  # apgd-t: 2 minutes on 2 cores
 def test_sharded_over_two_workers_equals_one_process(ray_local, resnet20, images, attack):
-    n = 40 if attack.kind == "pgd" else 16
+    # PGD: 40 images in 10 batches of 4. AutoAttack (100 APGD steps a batch, run three times here): 8
+    # images in 4 batches of 2, the fewest that still leave batches of several images (a shard plan that
+    # cut them elsewhere would change what AutoAttack sees), 2 shards for the 2 tasks and an uneven plan
+    # (3 + 1 batches) for the single task; on these 8 the attack still fools 4 of the 8 correct answers.
+    n, batch_size = (40, 4) if attack.kind == "pgd" else (8, 2)
     subset = torch.utils.data.Subset(images, range(n))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the tasks (1 CPU each): the same kernels, the same rounding
     try:
-        alone = correctness(resnet20, subset, attack=attack, batch_size=4)
+        alone = correctness(resnet20, subset, attack=attack, batch_size=batch_size)
     finally:
         torch.set_num_threads(threads)
     # 2 tasks at a time, shards of 2 batches (5 or 2 shards): the batches are those of the single process.
     # evaluate() runs correctness() so and gives its per-example answers and the figures made of them.
     figures = evaluate(
-        resnet20, subset, attack=attack, per_image=True, batch_size=4, tasks=Tasks(2, **ONE_CPU), shard_batches=2
+        resnet20,
+        subset,
+        attack=attack,
+        per_image=True,
+        batch_size=batch_size,
+        tasks=Tasks(2, **ONE_CPU),
+        shard_batches=2,
     )
     sharded = tuple(torch.tensor(figures["per_image"][key], dtype=torch.bool) for key in ("clean", "adversarial"))
-    one_worker = correctness(resnet20, subset, attack=attack, batch_size=4, tasks=Tasks(1, **ONE_CPU), shard_batches=3)
+    # 1 task at a time, shards of 3 batches (4 or 2 shards, the last one shorter)
+    one_worker = correctness(
+        resnet20, subset, attack=attack, batch_size=batch_size, tasks=Tasks(1, **ONE_CPU), shard_batches=3
+    )
     for got in (sharded, one_worker):
         assert torch.equal(got[0], alone[0]) and torch.equal(got[1], alone[1])
     clean, robust = int(alone[0].sum()), int(alone[1].sum())
