@@ -3,13 +3,15 @@ CIFAR-10 sample (800 fit / 200 val images). Each run costs Ray's worker start-up
 epochs, so the runs are module fixtures that several tests read:
 
 - `standard_run`: 3 uninterrupted epochs of standard training;
-- `faulty_robust_run`: 3 epochs of adversarial training, a training worker killed by pid after epoch 1,
-  max_failures=1;
-- `test_stop_and_resume`: the standard run again, its driver stopped (Ctrl-C) after epoch 1 and the run
-  continued with `robint train --resume`; it must reproduce `standard_run` epoch for epoch.
+- `faulty_robust_run`: 3 epochs of adversarial training (PGD-2), a training worker killed by pid after
+  epoch 1, max_failures=1;
+- `interrupted_s3_run`: the standard run again into an S3 bucket, its driver stopped (Ctrl-C) after
+  epoch 1 and the run continued with `robint train --resume`; the stop-and-resume test asks that it
+  reproduce `standard_run` epoch for epoch, the S3 test that it lives in the bucket.
 
-The threat here is Linf 8/255 (PGD-5): a larger ball than the paper's L2 0.5, so that 3 epochs on 800
-images separate the robust from the standard model clearly.
+The threat here is Linf 8/255 (validated with PGD-5): a larger ball than the paper's L2 0.5, so that 3
+epochs on 800 images separate the robust from the standard model clearly (robust accuracy 0.14 against
+0.035 with the robust run trained on PGD-2, 0.16 with PGD-5; the test asks for a 0.03 lead).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -88,7 +91,13 @@ def faulty_robust_run(ray_local, tmp_path_factory):
 
     killer = threading.Thread(target=kill_rank1_after_epoch1, daemon=True)
     killer.start()
-    run(tiny(adversarial=True, max_failures=1), run_dir, workers=2)
+    # Trained on PGD-2 with twice the step (the same 8/255 ball, half the passes of PGD-5), validated by
+    # standard_run's attack (PGD-5, 2/255, from x), so the two runs' robust accuracies compare as before.
+    cfg = tiny(
+        adversarial=True, max_failures=1, **{"pgd.steps": 2, "pgd.step_size": 4 / 255, "val_pgd": asdict(tiny().pgd)}
+    )
+    assert cfg.val_pgd == tiny().pgd
+    run(cfg, run_dir, workers=2)
     killer.join(timeout=1)
     return run_dir, killed
 
