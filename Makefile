@@ -1,5 +1,5 @@
 # make demo: the main job end to end on the bundled sample (local Ray, no network).
-# make test: ruff (lint, format) and the test suite (under 20 minutes on 2 CPU cores). Both create or reuse .venv.
+# make test: ruff (lint, format) and the test suite (23 minutes on 2 idle CPU cores, see docs/development.md). Both create or reuse .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
