@@ -916,17 +916,18 @@ def run(
         workers,
         run_dir,
     )
-    with _sigint_handler_restored():
+    with sigint_handler_restored():
         result = make_trainer(cfg, run_dir, workers=workers, gpus_per_worker=gpus_per_worker).fit()
     return dict(result.metrics or {})
 
 
 @contextlib.contextmanager
-def _sigint_handler_restored():
-    """Ray Train's fit() installs a SIGINT handler (Ctrl-C aborts the run) and leaves it installed: it
-    holds the controller actor's handle, so the TrainController and its DatasetManager outlived every
-    run of the process, and a later Ctrl-C (in a study, while it explains or generates) only asked the
-    finished controller to abort, and was swallowed. The handler from before comes back after fit()."""
+def sigint_handler_restored():
+    """Ray Train's fit() (and Ray Tune's: `tune.run_sweep` uses this too) installs a SIGINT handler
+    (Ctrl-C aborts the run) and leaves it installed: it holds the controller actor's handle, so the
+    TrainController and its DatasetManager outlived every run of the process, and a later Ctrl-C (in a
+    study, while it explains or generates) only asked the finished controller to abort, and was
+    swallowed. The handler from before comes back after fit()."""
     previous = signal.getsignal(signal.SIGINT)
     try:
         yield

@@ -57,7 +57,7 @@ from .sweep import (
     write_best_config,
     write_table,
 )
-from .train import make_trainer, preflight, resolve_paths
+from .train import make_trainer, preflight, resolve_paths, sigint_handler_restored
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,8 @@ def run_sweep(
     sweep = _prepare(sweep, sweep_dir, resume=resume, wait_s=wait_s)
     tuner = _restored_tuner(sweep, sweep_dir) if resume else _new_tuner(sweep, sweep_dir)
     log.info("sweeping %s into %s", ", ".join(d.name for d in sweep.space), sweep_dir)
-    tuner.fit()
+    with sigint_handler_restored():  # Tune's handler would outlive the sweep and swallow a later Ctrl-C
+        tuner.fit()
     rows = _final_rows(sweep, sweep_dir)
     plot_tradeoff(rows, sweep_dir / "tradeoff.png")
     write_best_config(sweep, rows, sweep_dir)

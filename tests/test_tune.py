@@ -216,6 +216,13 @@ def test_stopped_trials_leave_no_train_actors_or_placement_groups(smoke_sweep, r
     assert ray_local.available_resources().get("CPU") == ray_local.cluster_resources()["CPU"]
 
 
+def test_a_finished_sweep_hands_ctrl_c_back(smoke_sweep):
+    """Tune's fit() leaves its SIGINT handler installed (a later Ctrl-C in the same process would only
+    ask the finished sweep to stop); run_sweep puts the one from before back, as train.run does."""
+    handler = signal.getsignal(signal.SIGINT)
+    assert not (getattr(handler, "__module__", None) or "").startswith("ray"), handler
+
+
 @pytest.mark.ray
 def test_best_yaml_trains_with_robint_train(smoke_sweep, tmp_path, capsys, run_cli):
     sweep_dir, _ = smoke_sweep
