@@ -1,5 +1,5 @@
 # make demo: the main job end to end on the bundled sample (local Ray, no network).
-# make test: ruff (lint, format) and the test suite (23 minutes on 2 idle CPU cores, see docs/development.md). Both create or reuse .venv.
+# make test: ruff (lint, format) and the test suite (14 minutes on 2 idle CPU cores, see docs/development.md). Both create or reuse .venv.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +7,7 @@ STAMP := $(VENV)/.robint-installed
 UV := uv==0.13.10
 # --compile-bytecode: uv writes no .pyc files by default, and the processes Ray starts did not write them
 # either (a fresh clone's .venv held 444 after a Ray Train test, an older pip-made one 19,523): every Ray
-# worker compiled torch and Ray anew, and the suite took 1,376 s instead of about 820 s.
+# worker compiled torch and Ray anew: a fresh clone's make test took 1,402 s, 858 s with it.
 UV_INSTALL := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python
 
 .PHONY: install demo test test-slow format lock bench clean
